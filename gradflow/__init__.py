@@ -1,0 +1,11 @@
+"""gradflow: how signals and gradients travel through the depth of residual networks.
+
+Built around He et al. 2016, "Identity Mappings in Deep Residual Networks".
+"""
+from .errors import GradflowError
+from .registry import create_model, list_models, model_options, register_model
+
+__version__ = "0.1.0"
+
+__all__ = ["create_model", "list_models", "model_options", "register_model", "GradflowError",
+           "__version__"]

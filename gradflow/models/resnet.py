@@ -1,0 +1,133 @@
+"""The CIFAR ResNet built from residual units, and the registered zoo.
+
+Depths follow the paper: basic-block nets have 6n + 2 layers (resnet20 ...
+resnet1202), bottleneck nets 9n + 2 (resnet164, resnet1001). The default unit is
+full pre-activation built as the official code builds it (PAPER.md section 4):
+a stem conv with no BN-ReLU after it, a shared pre-activation at projection
+units, a final BN-ReLU before pooling, He fan-out init, no conv biases.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import GradflowError
+from ..registry import register_model
+from .units import PREACT_TYPES, ResidualUnit, UnitSpec, conv3x3
+
+
+class CifarResNet(nn.Module):
+    """A ResNet for 32x32 inputs: stem, stages of residual units, head.
+
+    ``model.units()`` lists the residual units in order (input to output); the
+    head's input is x_L, the output of the last unit.
+    """
+
+    def __init__(self, spec: UnitSpec, units_per_stage: Sequence[int], widths: Sequence[int],
+                 strides: Sequence[int] | None = None, stem_width: int = 16,
+                 num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if num_classes < 1:
+            raise GradflowError(f"num_classes={num_classes!r} must be >= 1 (10 for CIFAR-10, 100 for CIFAR-100)")
+        strides = list(strides) if strides is not None else [1] + [2] * (len(widths) - 1)
+        self.spec = spec
+        stem: list[nn.Module] = [conv3x3(in_channels, stem_width)]
+        if spec.unit not in PREACT_TYPES:
+            stem += [nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True)]
+        elif spec.unit == "relu_only_preact":
+            stem += [nn.BatchNorm2d(stem_width)]
+        self.stem = nn.Sequential(*stem)
+        stages, ch = [], stem_width
+        for s, (n, width, stride) in enumerate(zip(units_per_stage, widths, strides)):
+            units = [ResidualUnit(spec, ch if i == 0 else width, width, stride if i == 0 else 1, stage=s)
+                     for i in range(n)]
+            stages.append(nn.Sequential(*units))
+            ch = width
+        self.stages = nn.Sequential(*stages)
+        # The extra activation after the last addition (pre-activation nets only).
+        if spec.unit == "full_preact":
+            self.head_act = nn.Sequential(nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
+        elif spec.unit == "relu_only_preact":
+            self.head_act = nn.ReLU(inplace=True)
+        else:
+            self.head_act = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(ch, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He fan-out init for convs (N(0, sqrt(2 / (k*k*c_out)))), BN gamma 1 and beta 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / n))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for u in self.units():  # the gate's bias b_g survives the conv init
+            if hasattr(u.combine, "conv"):
+                nn.init.constant_(u.combine.conv.bias, u.spec.gate_bias)
+
+    def units(self) -> list[ResidualUnit]:
+        return [u for stage in self.stages for u in stage]
+
+    def forward_features(self, x: Tensor) -> Tensor:  # [B, 3, 32, 32] -> x_L [B, C, 8, 8]
+        return self.stages(self.stem(x))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> logits [B, num_classes]
+        x = self.head_act(self.forward_features(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _units_for_depth(depth: int, block: str) -> int:
+    per = 6 if block == "basic" else 9
+    if depth < per + 2 or (depth - 2) % per:
+        ok = "6n+2 (20, 32, 44, 56, 110, 1202)" if block == "basic" else "9n+2 (164, 1001)"
+        raise GradflowError(f"depth={depth!r} does not fit {block} blocks: use {ok}")
+    return (depth - 2) // per
+
+
+def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, unit: str = "full_preact",
+                 shortcut: str = "identity", scale: float = 0.5, scale_branch: bool = False,
+                 gate_bias: float = -6.0, dropout: float = 0.5,
+                 downsample: str = "projection") -> CifarResNet:
+    """A CIFAR ResNet of any valid depth. Basic nets: widths 16/32/64; bottleneck: 64/128/256."""
+    spec = UnitSpec(unit=unit, shortcut=shortcut, block=block, scale=scale, scale_branch=scale_branch,
+                    gate_bias=gate_bias, dropout=dropout, downsample=downsample)
+    n = _units_for_depth(depth, block)
+    widths = (16, 32, 64) if block == "basic" else (64, 128, 256)
+    return CifarResNet(spec, (n, n, n), widths, num_classes=num_classes)
+
+
+def _entry(name: str, depth: int, block: str):
+    def fn(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
+           scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
+           dropout: float = 0.5, downsample: str = "projection") -> CifarResNet:
+        return cifar_resnet(depth, block, num_classes, unit, shortcut, scale, scale_branch,
+                            gate_bias, dropout, downsample)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (PAPER.md section 4)."
+    fn.depth = depth
+    return register_model(fn)
+
+
+for _depth in (20, 32, 44, 56, 110, 1202):
+    _entry(f"resnet{_depth}", _depth, "basic")
+for _depth in (164, 1001):
+    _entry(f"resnet{_depth}", _depth, "bottleneck")
+
+
+@register_model
+def preact_resnet18(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
+                    scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
+                    dropout: float = 0.5, downsample: str = "projection") -> CifarResNet:
+    """The seed's 4-stage PreActResNet-18 for 32x32 input: widths 64-512, 2 units a stage."""
+    spec = UnitSpec(unit=unit, shortcut=shortcut, block="basic", scale=scale, scale_branch=scale_branch,
+                    gate_bias=gate_bias, dropout=dropout, downsample=downsample)
+    return CifarResNet(spec, (2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem_width=64,
+                       num_classes=num_classes)
