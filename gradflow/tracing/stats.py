@@ -1,0 +1,32 @@
+"""Per-sample statistics, computed on the device without copies.
+
+All reductions run over every dimension but the batch one, in float32, and work
+on channels_last and bf16 tensors as they are. Shapes: ``[B, ...] -> [B]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.ndim))
+
+
+def norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm."""
+    return torch.linalg.vector_norm(t.detach(), dim=_dims(t), dtype=torch.float32)
+
+
+def mean(t: Tensor) -> Tensor:
+    """Per-sample mean of the elements."""
+    return t.detach().mean(dim=_dims(t), dtype=torch.float32)
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product."""
+    return (a.detach() * b.detach()).sum(dim=_dims(a), dtype=torch.float32)
+
+
+def numel_per_sample(t: Tensor) -> int:
+    return t[0].numel() if t.ndim else 1
