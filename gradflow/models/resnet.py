@@ -52,7 +52,7 @@ class CifarResNet(nn.Module):
         if spec.unit == "full_preact":
             self.head_act = nn.Sequential(nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
         elif spec.unit == "relu_only_preact":
-            self.head_act = nn.ReLU(inplace=True)
+            self.head_act = nn.ReLU()  # not in place: x_L, the last unit's output, stays intact
         else:
             self.head_act = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -7,7 +7,6 @@ whose code torch.fx can trace, the modules in which a residual addition happens.
 """
 from __future__ import annotations
 
-import fnmatch
 import operator
 import re
 from dataclasses import dataclass
@@ -88,8 +87,8 @@ def _declared_parts(m: nn.Module, spec: PartsSpec) -> Optional[Callable[[], Part
 def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None) -> list[UnitInfo]:
     """The residual units of ``model``, in module order, each with name, stage and parts.
 
-    ``units``: None (find them), a shell-style pattern on module names
-    (``"layer*.*"``), a list of modules, or ``"fx"`` (find residual additions by
+    ``units``: None (find them), a pattern on module names (``"layer*.*"``;
+    ``*`` stays within one dotted segment, ``**`` crosses them), a list of modules, or ``"fx"`` (find residual additions by
     tracing the code with torch.fx). ``parts``: for declared units, a dict of
     submodule names (``{"shortcut": "downsample", "branch": "residual"}``) or a
     function ``module -> Parts``.
@@ -106,7 +105,8 @@ def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = Non
         found = _find_fx(model)
     else:
         if isinstance(units, str):
-            chosen = [(n, m) for n, m in named if n and fnmatch.fnmatch(n, units)]
+            rx = _pattern(units)
+            chosen = [(n, m) for n, m in named if n and rx.fullmatch(n)]
             if not chosen:
                 raise GradflowError(f"units={units!r} matches no module name; names look like "
                                     f"{[n for n, _ in named[1:6]]}")
@@ -127,6 +127,25 @@ def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = Non
             "parts={'shortcut': ..., 'branch': ...} for the direct/residual split")
     _assign_stages(found)
     return found
+
+
+def _pattern(pattern: str) -> "re.Pattern":
+    """Module-path pattern: ``*`` within one path segment, ``**`` across segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _find_known(named) -> list[UnitInfo]:

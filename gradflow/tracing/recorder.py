@@ -74,6 +74,7 @@ class _Call:
     ref: Optional[Tensor] = None        # the same with every h-coefficient set to 1
     link_edges: Optional[tuple] = None  # (x_edge, previous out_edge) when ops sit between units
     x_shape: str = ""
+    scalars: dict = field(default_factory=dict)  # batch-level numbers (Jacobian spectra)
     out_shape: str = ""
 
 
@@ -97,11 +98,15 @@ class Tracer:
     cancel_tol
         A sample counts as "residual cancels direct" when
         ||dE/dx_l|| < cancel_tol * ||direct_l||.
+    spectra
+        Also estimate, per unit and recorded step, the top singular value of
+        the unit's Jacobian and of its branch's, and ||J - I||_2
+        (:mod:`gradflow.theory.jacobian`). Dear: off by default.
     """
 
     def __init__(self, model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
                  split: bool = True, schedule=None, keep: Sequence[str] = (),
-                 cancel_tol: float = 0.1):
+                 cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20):
         bad = set(keep) - {"x", "grad", "direct"}
         if bad:
             raise GradflowError(f"keep={sorted(bad)!r}: choose from 'x', 'grad', 'direct'")
@@ -111,6 +116,7 @@ class Tracer:
         self.schedule = as_schedule(schedule)
         self.keep = tuple(keep)
         self.cancel_tol = cancel_tol
+        self.spectra, self.spectra_iters = spectra, spectra_iters
         self.step = -1              # index of the current step (forward call of the model)
         self.tensors: dict = {}     # (step, unit) -> {name: CPU tensor}, when keep= is set
         self._rows: list[dict] = []
@@ -193,6 +199,9 @@ class Tracer:
             args = (x,) + tuple(args[1:])
         call = _Call(info, len(self._calls))
         if parts is not None and not kwargs and len(args) == 1:
+            if self.spectra:
+                from ..theory.jacobian import unit_spectra
+                call.scalars = unit_spectra(info.module, parts, x, self.spectra_iters)
             out = run_parts(parts, x, tap=lambda **t: self._tap(call, grad, **t))
             call.identity_shortcut = parts.shortcut is None
             call.has_post = parts.post is not None
@@ -344,6 +353,7 @@ class Tracer:
         for c, vals in zip(calls, per_call):
             d = {k: next(it).numpy() for k, v in zip(keys, vals) if v is not None}
             rows.append(self._row(c.index, c.info, d, B))
+            rows[-1].update(c.scalars)
             rows[-1]["x_shape"] = c.x_shape
             samples.append(self._sample_frame(c.index, d, B))
         if top is not None:

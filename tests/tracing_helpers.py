@@ -1,0 +1,87 @@
+"""Independent computations the tracer is checked against: plain autograd only."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradflow.models.units import Gate, ScaledSum
+
+
+def unit_inputs_and_grads(model, units, x, y, seed=0):
+    """Run model on x with plain forward pre-hooks; return unit inputs, x_L and their gradients."""
+    xs, last = [], []
+    hs = [u.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for u in units]
+    hs.append(units[-1].register_forward_hook(lambda m, a, o: last.append(o)))
+    try:
+        torch.manual_seed(seed)
+        loss = F.cross_entropy(model(x), y)
+    finally:
+        for h in hs:
+            h.remove()
+    grads = torch.autograd.grad(loss, xs + last)
+    return xs + last, list(grads)
+
+
+def per_sample_norm(t):
+    return t.detach().flatten(1).norm(dim=1)
+
+
+def zoo_direct(model, x, y, seed=0):
+    """Direct terms of a zoo CifarResNet by a forward in which every residual branch
+    (and every gate) is detached: the gradient then flows through shortcuts and
+    after-addition activations only."""
+    torch.manual_seed(seed)
+    loss_inputs = []
+    # dE/dx_L from a plain run
+    _, grads = unit_inputs_and_grads(model, model.units(), x, y, seed)
+    g_top = grads[-1]
+    torch.manual_seed(seed)
+    h = model.stem(x)
+    xs = []
+    for u in model.units():
+        h = h.detach().requires_grad_()
+        xs.append(h)
+        z = u.preact(h)
+        s = u.shortcut(z if u.shortcut_preact else h)
+        r = u.branch(z).detach()
+        c = u.combine
+        if isinstance(c, ScaledSum):
+            y_ = c.scale * s + c.branch_scale * r
+        elif isinstance(c, Gate):
+            g = torch.sigmoid(c.conv(h)).detach()
+            y_ = (1 - g) * s + (g * r if c.exclusive else r)
+        else:
+            y_ = s + r
+        out = u.post(y_)
+        loss_inputs.append(out)
+        h = out
+    # chain rule piece by piece: direct_l = J_l^T direct_{l+1}
+    directs = [None] * len(xs)
+    v = g_top
+    for i in reversed(range(len(xs))):
+        (v,) = torch.autograd.grad(loss_inputs[i], xs[i], v, retain_graph=True)
+        directs[i] = v
+    return directs, g_top
+
+
+def torchvision_direct(model, x, y, blocks):
+    """Direct terms for a torchvision ResNet by a re-run with detached branches."""
+    _, grads = unit_inputs_and_grads(model, blocks, x, y)
+    g_top = grads[-1]
+    m = model
+    h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    xs, outs = [], []
+    for b in blocks:
+        h = h.detach().requires_grad_()
+        xs.append(h)
+        identity = b.downsample(h) if b.downsample is not None else h
+        if hasattr(b, "conv3"):
+            r = b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(h))))))))
+        else:
+            r = b.bn2(b.conv2(b.relu(b.bn1(b.conv1(h)))))
+        h = torch.relu(identity + r.detach())
+        outs.append(h)
+    directs, v = [None] * len(xs), g_top
+    for i in reversed(range(len(xs))):
+        (v,) = torch.autograd.grad(outs[i], xs[i], v, retain_graph=True)
+        directs[i] = v
+    return directs, g_top
