@@ -4,7 +4,7 @@ Built around He et al. 2016, "Identity Mappings in Deep Residual Networks".
 """
 from .errors import GradflowError
 from .registry import create_model, list_models, model_options, register_model
-from . import theory
+from . import theory  # noqa: F401  (gradflow.theory.* without a second import)
 from .tracing import Tracer, find_units, trace
 
 __version__ = "0.1.0"

@@ -1,6 +1,5 @@
 """Independent computations the tracer is checked against: plain autograd only."""
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from gradflow.models.units import Gate, ScaledSum

@@ -32,10 +32,9 @@ How it works, and its sharp edges
 """
 from __future__ import annotations
 
-import math
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,12 +48,7 @@ from ..parts import run_parts
 from . import stats
 from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units
 from .schedule import as_schedule
-
-# Per-sample quantities in the tables, in column order.
-QUANTITIES = ("x_norm", "x_rms", "x_mean", "h_norm", "r_norm", "coef", "grad_norm", "grad_ratio",
-              "direct_norm", "direct_ratio", "ref_ratio", "residual_norm", "cos_direct_residual",
-              "cancel")
-
+from .tables import RAW, derive, step_tables
 
 @dataclass
 class _Call:
@@ -73,9 +67,10 @@ class _Call:
     direct: Optional[Tensor] = None     # direct term at this unit's input, while pending
     ref: Optional[Tensor] = None        # the same with every h-coefficient set to 1
     link_edges: Optional[tuple] = None  # (x_edge, previous out_edge) when ops sit between units
+    direct_norm: Optional[Tensor] = None  # its per-sample norm, when already known
     x_shape: str = ""
-    scalars: dict = field(default_factory=dict)  # batch-level numbers (Jacobian spectra)
     out_shape: str = ""
+    scalars: dict = field(default_factory=dict)  # batch-level numbers (Jacobian spectra)
 
 
 class Tracer:
@@ -119,9 +114,11 @@ class Tracer:
         self.spectra, self.spectra_iters = spectra, spectra_iters
         self.step = -1              # index of the current step (forward call of the model)
         self.tensors: dict = {}     # (step, unit) -> {name: CPU tensor}, when keep= is set
-        self._rows: list[dict] = []
+        self._units: list[pd.DataFrame] = []
         self._samples: list[pd.DataFrame] = []
         self._calls: list[_Call] = []
+        self._top: Optional[Tensor] = None      # per-sample ||dE/dx_L||
+        self._last_out: Optional[Tensor] = None  # x_L so far: the last unit's output
         self._recording = False
         self._busy = False          # inside our own re-entrant autograd.grad
         self._top_handle = None
@@ -152,9 +149,6 @@ class Tracer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._top_handle is not None:
-            self._top_handle.remove()
-            self._top_handle = None
         for module, had, old in reversed(self._patched):
             if had:
                 module.forward = old
@@ -188,10 +182,6 @@ class Tracer:
         self._recording = bool(self.schedule(self.step))
 
     def _run_unit(self, info: UnitInfo, parts, original, args, kwargs):
-        if not self._calls and self.step < 0:   # units called without the model: one step
-            self._on_model_forward(self.model, args)
-            if not self._recording:
-                return original(*args, **kwargs)
         x = args[0]
         grad = torch.is_grad_enabled() and isinstance(x, Tensor) and x.is_floating_point()
         if grad and not x.requires_grad:        # e.g. a frozen stem: make dE/dx_0 exist
@@ -207,23 +197,18 @@ class Tracer:
             call.has_post = parts.post is not None
         else:
             out = original(*args, **kwargs)
-            self._tap_io(call, x, out)
+            self._tap_x(call, x)
+        call.out_shape = _shape(out)
         self._after_unit(call, x, out, grad)
         return out
 
-    def _tap_io(self, call: _Call, x: Tensor, out: Tensor) -> None:
-        s = call.stats
-        call.x_shape = "x".join(map(str, x.shape[1:]))
-        call.out_shape = "x".join(map(str, out.shape[1:]))
-        s["x_norm"] = stats.norm(x)
-        s["x_rms"] = s["x_norm"] / math.sqrt(stats.numel_per_sample(x))
-        s["x_mean"] = stats.mean(x)
-        s["out_norm"] = stats.norm(out)
-        s["out_rms"] = s["out_norm"] / math.sqrt(stats.numel_per_sample(out))
-        s["out_mean"] = stats.mean(out)
+    def _tap_x(self, call: _Call, x: Tensor) -> None:
+        call.x_shape = _shape(x)
+        call.stats["x_norm"] = stats.norm(x)
+        call.stats["x_mean"] = stats.mean(x)
 
     def _tap(self, call: _Call, grad: bool, *, x, z, s_in, h, r, y, coef, out) -> None:
-        self._tap_io(call, x, out)
+        self._tap_x(call, x)
         s = call.stats
         s["h_norm"] = s["x_norm"] if h.data_ptr() == x.data_ptr() and h.shape == x.shape else stats.norm(h)
         s["r_norm"] = stats.norm(r)
@@ -237,23 +222,21 @@ class Tracer:
     def _after_unit(self, call: _Call, x: Tensor, out: Tensor, grad: bool) -> None:
         if "x" in self.keep:
             self._keep(call, "x", x)
+        prev_out, self._last_out = self._last_out, out
         self._calls.append(call)
         if not (grad and isinstance(out, Tensor) and out.requires_grad):
             return
-        prev = self._calls[-2] if len(self._calls) > 1 else None
         if self.split:
             call.x_edge = get_gradient_edge(x)
             call.out_edge = get_gradient_edge(out)
-            if prev is not None and prev.out_edge is not None and x is not self._last_out:
+            prev = self._calls[-2] if len(self._calls) > 1 else None
+            if prev is not None and prev.out_edge is not None and x is not prev_out:
                 call.link_edges = (call.x_edge, prev.out_edge)
         x.register_hook(lambda g, c=call: self._on_grad(c, g))
-        # dE/dx_L arrives at the output of the last unit called; move the hook along.
+        # dE/dx_L arrives at the output of the last unit called; move that hook along.
         if self._top_handle is not None:
             self._top_handle.remove()
         self._top_handle = out.register_hook(lambda g, c=call: self._on_top_grad(c, g))
-        self._last_out = out
-
-    _last_out = None
 
     # -- backward -----------------------------------------------------------------------
 
@@ -261,7 +244,6 @@ class Tracer:
         if self._busy:
             return
         self._top = stats.norm(g)
-        self._top_out = {k: last.stats["out_" + k] for k in ("norm", "rms", "mean")}
         if self.split:
             self._carry(last, g, g)
 
@@ -270,54 +252,48 @@ class Tracer:
             return
         s = call.stats
         s["grad_norm"] = stats.norm(g)
-        top = getattr(self, "_top", None)
-        if top is not None:
-            s["grad_ratio"] = s["grad_norm"] / top
         if "grad" in self.keep:
             self._keep(call, "grad", g)
-        if self.split and call.direct is not None:
-            d, res = call.direct, g - call.direct
-            dn, rn = stats.norm(d), stats.norm(res)
-            s["direct_norm"], s["residual_norm"] = dn, rn
-            s["cos_direct_residual"] = stats.dot(d, res) / (dn * rn).clamp_min(1e-30)
-            s["cancel"] = (s["grad_norm"] < self.cancel_tol * dn).float()
-            if top is not None:
-                s["direct_ratio"] = dn / top
-                s["ref_ratio"] = stats.norm(call.ref) / top
-            if "direct" in self.keep:
-                self._keep(call, "direct", d)
-            if call.index > 0:
-                prev = self._calls[call.index - 1]
-                v, vr = call.direct, call.ref
-                if call.link_edges is not None:  # ops between the two units
-                    v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
-                self._carry(prev, v, vr)
-            call.direct = call.ref = None
+        if not (self.split and call.direct is not None):
+            return
+        d = call.direct
+        s["direct_norm"] = call.direct_norm if call.direct_norm is not None else stats.norm(d)
+        res = g - d
+        s["residual_norm"] = stats.norm(res)
+        s["dot_direct_residual"] = stats.dot(d, res)
+        s["ref_norm"] = s["direct_norm"] if call.ref is d else stats.norm(call.ref)
+        if "direct" in self.keep:
+            self._keep(call, "direct", d)
+        if call.index > 0:
+            prev = self._calls[call.index - 1]
+            v, vr = d, call.ref
+            if call.link_edges is not None:  # ops between the two units
+                v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
+            self._carry(prev, v, vr, s["direct_norm"] if v is d else None)
+        call.direct = call.ref = None
 
-    def _carry(self, call: _Call, v: Tensor, vr: Tensor) -> None:
+    def _carry(self, call: _Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None) -> None:
         """direct at unit ``call``'s input from direct at its output (and the same for ref)."""
         if call.out_edge is None or call.h_edge is None:
             return  # a unit without parts: the split stops here
         if call.has_post:
             v, vr = self._grad(call.out_edge, call.y_edge, v, vr)
+            v_norm = None
         c = call.coef
-        scaled = v * c if not (isinstance(c, float) and c == 1.0) else v
-        if call.identity_shortcut:
-            call.direct, call.ref = scaled, vr
-        else:
-            call.direct, call.ref = self._grad(call.h_edge, call.x_edge, scaled, vr)
+        if not (isinstance(c, float) and c == 1.0):
+            v, v_norm = v * c, None
+        if not call.identity_shortcut:
+            v, vr = self._grad(call.h_edge, call.x_edge, v, vr)
+            v_norm = None
+        call.direct, call.ref, call.direct_norm = v, vr, v_norm
 
     def _grad(self, out_edge, in_edge, v: Tensor, vr: Tensor):
-        """Vector-Jacobian products of the same graph piece with two vectors."""
-        same = vr is v
+        """Vector-Jacobian products of one piece of the recorded graph with v (and vr)."""
         self._busy = True
         try:
-            if same:
-                (g,) = torch.autograd.grad([out_edge], [in_edge], [v], retain_graph=True)
-                return g, g
-            g, gr = (torch.autograd.grad([out_edge], [in_edge], [w], retain_graph=True)[0]
-                     for w in (v, vr))
-            return g, gr
+            ws = [v] if vr is v else [v, vr]
+            gs = [torch.autograd.grad([out_edge], [in_edge], [w], retain_graph=True)[0] for w in ws]
+            return gs[0], gs[-1]
         finally:
             self._busy = False
 
@@ -327,85 +303,57 @@ class Tracer:
     # -- tables -----------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Move the finished step's statistics to the host in one transfer."""
+        """Move the finished step's statistics to the host in one transfer and tabulate them."""
         calls, self._calls = self._calls, []
-        top, self._top = getattr(self, "_top", None), None
-        top_out = getattr(self, "_top_out", None)
-        self._top_out = None
-        self._last_out = None
+        top, self._top = self._top, None
+        x_L, self._last_out = self._last_out, None
         if self._top_handle is not None:
             self._top_handle.remove()
             self._top_handle = None
         if not calls:
             return
-        keys = sorted({k for c in calls for k in c.stats})
-        per_call = []
-        for c in calls:
-            per_call.append([c.stats.get(k) for k in keys])
-        flat = [t for row in per_call for t in row if t is not None]
-        extra = [top] if top is not None else []
-        if top_out is not None:
-            extra += [top_out["norm"], top_out["rms"], top_out["mean"]]
-        host = torch.stack(flat + extra).cpu().double() if flat else None
-        B = host.shape[1]
-        it = iter(host)
-        rows, samples = [], []
-        for c, vals in zip(calls, per_call):
-            d = {k: next(it).numpy() for k, v in zip(keys, vals) if v is not None}
-            rows.append(self._row(c.index, c.info, d, B))
-            rows[-1].update(c.scalars)
-            rows[-1]["x_shape"] = c.x_shape
-            samples.append(self._sample_frame(c.index, d, B))
-        if top is not None:
-            top_norm = next(it).numpy()
-            d = {"grad_norm": top_norm, "grad_ratio": top_norm / top_norm,
-                 "direct_ratio": top_norm / top_norm, "ref_ratio": top_norm / top_norm}
-            if top_out is not None:
-                d["x_norm"], d["x_rms"], d["x_mean"] = (next(it).numpy() for _ in range(3))
-            last = calls[-1].info
-            rows.append(self._row(len(calls), UnitInfo("head_input", last.module, "x_L", last.stage), d, B,
-                                  is_top=True))
-            rows[-1]["x_shape"] = calls[-1].out_shape
-            samples.append(self._sample_frame(len(calls), d, B))
-        for r in rows:
-            r["step"] = self.step
-        self._rows.extend(rows)
-        df = pd.concat(samples, ignore_index=True)
-        df.insert(0, "step", self.step)
-        self._samples.append(df)
-
-    def _row(self, index: int, info: UnitInfo, d: dict, B: int, is_top: bool = False) -> dict:
-        row = {"step": self.step, "unit": index, "name": info.name, "stage": info.stage,
-               "kind": info.kind, "is_top": is_top, "batch": B, "scalar_coef": info.scalar_coef}
-        if "x_rms" in d:  # variance over all elements of the batch (equal counts per sample)
-            row["x_var"] = float(np.mean(d["x_rms"] ** 2) - np.mean(d["x_mean"]) ** 2)
-        for q, v in d.items():
-            if q.startswith("out_"):
-                continue
-            row[q] = float(np.mean(v))
-            if q in ("cancel",):
-                continue
-            row[q + "_std"] = float(np.std(v))
-            row[q + "_q05"], row[q + "_q50"], row[q + "_q95"] = (float(x) for x in np.quantile(v, [0.05, 0.5, 0.95]))
-        if "cancel" in d:
-            row["cancel_frac"] = row.pop("cancel")
-        return row
-
-    @staticmethod
-    def _sample_frame(index: int, d: dict, B: int) -> pd.DataFrame:
-        cols = {"unit": index, "sample": range(B)}
-        cols.update({q: v for q, v in d.items() if not q.startswith("out_")})
-        return pd.DataFrame(cols)
+        top_stats = {}
+        if isinstance(x_L, Tensor):
+            top_stats = {"x_norm": stats.norm(x_L), "x_mean": stats.mean(x_L)}
+            if top is not None:
+                top_stats.update(grad_norm=top, direct_norm=top, ref_norm=top,
+                                 residual_norm=torch.zeros_like(top), dot_direct_residual=torch.zeros_like(top))
+        rows = [c.stats for c in calls] + [top_stats]
+        flat = [(i, k, t) for i, st in enumerate(rows) for k, t in st.items()]
+        host = torch.stack([t for _, _, t in flat]).to("cpu", torch.float64).numpy()
+        n, B = len(rows), host.shape[1]
+        raw = {k: np.full((n, B), np.nan) for k in RAW if any(k in st for st in rows)}
+        for (i, k, _), values in zip(flat, host):
+            raw[k][i] = values
+        shapes = [c.x_shape for c in calls] + [calls[-1].out_shape]
+        numel = np.array([_numel(s) for s in shapes], dtype=float)
+        q = derive(raw, numel, host[[j for j, (i, k, _) in enumerate(flat) if i == n - 1 and k == "grad_norm"]][0]
+                   if top is not None and top_stats else None, self.cancel_tol)
+        last = calls[-1].info
+        meta = [dict(unit=c.index, name=c.info.name, stage=c.info.stage, kind=c.info.kind, is_top=False,
+                     scalar_coef=c.info.scalar_coef, x_shape=c.x_shape, **c.scalars) for c in calls]
+        meta.append(dict(unit=len(calls), name="head_input", stage=last.stage, kind="x_L", is_top=True,
+                         scalar_coef=np.nan, x_shape=calls[-1].out_shape))
+        units, samples = step_tables(self.step, meta, q)
+        self._units.append(units)
+        self._samples.append(samples)
 
     @property
     def units(self) -> pd.DataFrame:
-        """One row per unit per recorded step: batch means plus _std/_q05/_q50/_q95 summaries."""
+        """One row per unit per recorded step, plus an ``is_top`` row for x_L.
+
+        Columns: identification (step, unit, name, stage, kind, x_shape), then each
+        per-sample quantity's batch mean under its own name with ``_std``,
+        ``_q05``, ``_q50`` and ``_q95`` beside it, ``x_var`` (variance over the
+        batch's elements) and ``cancel_frac`` (share of samples where the
+        residual term cancels the direct one).
+        """
         self._flush_if_done()
-        return pd.DataFrame(self._rows)
+        return pd.concat(self._units, ignore_index=True) if self._units else pd.DataFrame()
 
     @property
     def samples(self) -> pd.DataFrame:
-        """One row per unit per sample per recorded step (the per-sample values)."""
+        """One row per unit per sample per recorded step: the per-sample values."""
         self._flush_if_done()
         return pd.concat(self._samples, ignore_index=True) if self._samples else pd.DataFrame()
 
@@ -414,10 +362,17 @@ class Tracer:
             self._flush()
 
     def summary(self, **kwargs) -> dict:
-        """Network-level fits against the paper's predictions (see gradflow.theory)."""
+        """Network-level fits against the paper's predictions (see :func:`gradflow.theory.summarize`)."""
         from ..theory import summarize
         return summarize(self.units, **kwargs)
 
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape[1:])) if isinstance(t, Tensor) else ""
+
+
+def _numel(shape: str) -> int:
+    return int(np.prod([int(v) for v in shape.split("x")])) if shape else 1
 
 def trace(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None, **kwargs) -> Tracer:
     """Trace ``model``'s residual units; use as ``with trace(model) as tr:``.

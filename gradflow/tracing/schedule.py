@@ -1,7 +1,6 @@
 """When to record: schedules map a step number to yes or no (Cockpit's habit)."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Union
 
 from ..errors import GradflowError

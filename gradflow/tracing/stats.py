@@ -25,7 +25,10 @@ def mean(t: Tensor) -> Tensor:
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product."""
-    return (a.detach() * b.detach()).sum(dim=_dims(a), dtype=torch.float32)
+    a, b = a.detach(), b.detach()
+    if a.is_contiguous() and b.is_contiguous() and a.dtype == torch.float32 == b.dtype:
+        return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+    return (a * b).sum(dim=_dims(a), dtype=torch.float32)
 
 
 def numel_per_sample(t: Tensor) -> int:
