@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from .fits import Fit, decay_rate, fit_slope, variance_growth

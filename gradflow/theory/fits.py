@@ -85,6 +85,7 @@ def variance_growth(units: pd.DataFrame) -> dict:
     log = fit_slope(body["unit"].to_numpy(), np.log(body["x_var"].to_numpy()), groups)
     better = "linear" if lin.r2 >= log.r2 else "exponential"
     return {"linear": lin.as_dict(), "log": log.as_dict(), "better_fit": better,
+            "factor_per_unit": float(np.exp(log.slope)),
             "doubling_per_unit": bool(log.contains(np.log(2.0)))}
 
 
