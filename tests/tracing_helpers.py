@@ -84,3 +84,38 @@ def torchvision_direct(model, x, y, blocks):
         (v,) = torch.autograd.grad(outs[i], xs[i], v, retain_graph=True)
         directs[i] = v
     return directs, g_top
+
+
+def detached_chain(blocks, xs, g_top, detached_forward):
+    """Direct terms by the chain rule over blocks whose branch output is detached.
+
+    ``xs`` are the blocks' recorded inputs; ``detached_forward(block, x)`` must
+    return the block's output with its residual branch detached."""
+    directs, v = [None] * len(blocks), g_top
+    for i in reversed(range(len(blocks))):
+        x = xs[i].detach().requires_grad_()
+        torch.manual_seed(0)
+        out = detached_forward(blocks[i], x)
+        (v,) = torch.autograd.grad(out, x, v)
+        directs[i] = v
+    return directs
+
+
+def timm_detached_forward(b, x):
+    """timm resnet BasicBlock/Bottleneck and resnetv2 PreAct blocks with F detached."""
+    name = type(b).__name__
+    if name.startswith("PreAct"):
+        z = b.norm1(x)
+        s = b.downsample(z) if b.downsample is not None else x
+        r = b.conv2(b.norm2(b.conv1(z)))
+        if hasattr(b, "conv3"):
+            r = b.conv3(b.norm3(r))
+        return s + b.drop_path(r).detach()
+    s = b.downsample(x) if b.downsample is not None else x
+    r = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+    if hasattr(b, "conv3"):
+        r = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(b.act1(b.bn1(b.conv1(x))))))))
+        r = b.bn3(b.conv3(r))
+    else:
+        r = b.bn2(b.conv2(r))
+    return torch.relu(s + r.detach())
