@@ -360,3 +360,15 @@ def test_spectra_match_dense_jacobians():
     np.testing.assert_allclose(df.loc[1, "sigma_unit"], torch.linalg.matrix_norm(J, 2).item(), rtol=1e-3)
     np.testing.assert_allclose(df.loc[1, "sigma_branch"], torch.linalg.matrix_norm(Jb, 2).item(), rtol=1e-3)
     np.testing.assert_allclose(df.loc[1, "dist_identity"], torch.linalg.matrix_norm(J - I, 2).item(), rtol=1e-3)
+
+
+def test_units_called_directly_form_steps():
+    m = gradflow.create_model("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with gradflow.trace(m) as tr:
+        m.forward_features(x).sum().backward()          # not through model.forward
+        tr.next_step()
+        m.forward_features(x).sum().backward()
+    df = tr.units
+    assert sorted(df["step"].unique()) == [0, 1] and len(df) == 2 * (len(m.units()) + 1)
+    assert df["grad_norm"].notna().all()

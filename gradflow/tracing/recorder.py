@@ -167,6 +167,8 @@ class Tracer:
         tracer = self
 
         def forward(self_module, *args, **kwargs):
+            if tracer.step < 0:   # a unit called before any forward of the model itself
+                tracer.next_step()
             if not tracer._recording:
                 return original(*args, **kwargs)
             return tracer._run_unit(info, parts, original, args, kwargs)
@@ -177,6 +179,14 @@ class Tracer:
     # -- forward ----------------------------------------------------------------------
 
     def _on_model_forward(self, module, args) -> None:
+        self.next_step()
+
+    def next_step(self) -> None:
+        """Close the current step and open the next one.
+
+        Each forward call of the traced model does this; call it yourself when
+        you run units or submodules directly, which otherwise join the open step.
+        """
         self._flush()
         self.step += 1
         self._recording = bool(self.schedule(self.step))
