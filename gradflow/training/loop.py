@@ -111,6 +111,17 @@ def _evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, ch
     return loss / max(n, 1), err / max(n, 1)
 
 
+def forward_backward(runner: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                     y: torch.Tensor, amp=nullcontext):
+    """Cross-entropy of one batch and its gradients (the caller steps): (loss, logits), on the device."""
+    with amp():
+        logits = runner(x)
+    loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss, logits
+
+
 def train(config: TrainConfig, resume: Optional[str | Path] = None) -> Path:
     """Train ``config`` (or continue the run at ``resume``) and return its run folder.
 
@@ -228,11 +239,7 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> Path:
             probing = bool(cfg.probe_every) and step % cfg.probe_every == 0
             tracer = _trace(eager) if probing and d.main else nullcontext()
             with tracer as tr:
-                with amp():
-                    logits = (wrapped if probing else runner)(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, logits = forward_backward(wrapped if probing else runner, opt, x, y, amp)
             if probing and d.main:
                 append_probe(run_dir, tr.units, step)
             opt.step()
