@@ -63,12 +63,21 @@ def _check_model(cfg: TrainConfig) -> None:
                             f"its options are: {', '.join(sorted(allowed))}")
 
 
-def _configure_backends(cfg: TrainConfig, dev: torch.device) -> None:
+@contextmanager
+def _backends(cfg: TrainConfig, dev: torch.device):
+    """Deterministic kernels or cudnn autotuning for the run; the process's settings come back after."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.deterministic = cfg.deterministic
     torch.backends.cudnn.benchmark = not cfg.deterministic and dev.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
 
 
 @contextmanager
@@ -130,7 +139,8 @@ def train(config: TrainConfig, resume: Optional[str | Path] = None) -> Path:
     """
     d = distributed.setup(config.device)
     try:
-        return _train(config, resume, d)
+        with _backends(config, d.device):
+            return _train(config, resume, d)
     finally:
         distributed.teardown()
 
@@ -145,7 +155,6 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> Path:
                             "drop --sync-bn on CPU")
     if cfg.probe_every:
         from ..tracing import trace  # noqa: F401  (fail now, not at the first probe)
-    _configure_backends(cfg, dev)
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
     channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
 
