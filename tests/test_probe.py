@@ -1,0 +1,216 @@
+"""The probe CLI end to end, in subprocesses: exit codes, files, and numbers checked independently."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradflow
+from gradflow.probing import ProbeConfig, build_model, parse_compare, run_probe, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+
+
+def probe(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradflow.probe", "--no-progress", *args],
+                          capture_output=True, text=True, env=ENV, cwd=cwd or ROOT, timeout=300)
+
+
+def autograd_ratios(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Batch mean of ||dE/dx_l|| / ||dE/dx_L|| per unit, by plain autograd (no gradflow tracing)."""
+    units = model.units()
+    xs = []
+    hooks = [u.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for u in units]
+    hooks.append(units[-1].register_forward_hook(lambda m, a, out: xs.append(out)))
+    model.train()
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    loss = F.cross_entropy(logits, labels % logits.shape[1])
+    grads = torch.autograd.grad(loss, xs)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).double()  # [units + 1, B]
+    return (norms / norms[-1]).mean(dim=1).numpy()
+
+
+def test_cli_default_report_files_and_numbers(tmp_path):
+    r = probe("--model", "resnet20", "--batch-size", "8", "--seed", "3", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "synthetic" in r.stdout and "eq. (5)" in r.stdout and "stage" in r.stdout
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"units.csv", "summary.json", "config.json", "figure.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    units = pd.read_csv(tmp_path / "units.csv")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["versions"] == {"gradflow": gradflow.__version__, "torch": torch.__version__}
+    assert config["batch_size"] == 8 and config["options"] == {} and "synthetic" in config["inputs"]
+    # independent: the same seed, model and batch, plain autograd
+    built = build_model("resnet20", {}, seed=3)
+    (x, y), = synthetic(8, 1, 32, seed=3)
+    want = autograd_ratios(built.module, x, y)
+    got = units.sort_values("unit")["grad_ratio"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # identity shortcuts, pre-activation: the direct term equals its prediction everywhere
+    body = units[~units["is_top"]]
+    np.testing.assert_allclose(body["direct_vs_pred"], 1.0, atol=1e-5)
+    # the summary agrees with the library's own summary of the same table
+    report = json.loads((tmp_path / "summary.json").read_text())
+    v = report["variants"][0]
+    lib = gradflow.theory.summarize(units.drop(columns=["config"]))
+    assert v["summary"]["total_rate"]["slope"] == pytest.approx(lib["total_rate"]["slope"], rel=1e-6)
+    stage0 = v["stages"][0]
+    assert stage0["first"]["grad_ratio"] == pytest.approx(want[0], rel=1e-4)
+    assert "total" in v["verdicts"] and "direct" in v["verdicts"]
+
+
+def test_cli_json_and_scaled_shortcut(tmp_path):
+    r = probe("--model", "resnet20", "--shortcut", "scale", "--lambda", "0.5", "--batch-size", "4",
+              "--batches", "2", "--json", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep == json.loads((tmp_path / "summary.json").read_text())
+    v = rep["variants"][0]
+    assert v["options"] == {"shortcut": "scale", "scale": 0.5}
+    assert v["summary"]["predicted_direct_rate"] == pytest.approx(np.log(0.5))
+    assert v["verdicts"]["direct"].startswith("direct term follows eq. (8)")
+    units = pd.read_csv(tmp_path / "units.csv")
+    assert units["step"].nunique() == 2
+    body = units[~units["is_top"]]
+    np.testing.assert_allclose(body["direct_vs_pred"], 1.0, atol=1e-4)
+
+
+def test_cli_compare_two_variants(tmp_path):
+    r = probe("--model", "resnet20", "--batch-size", "4", "--compare", "unit=original",
+              "unit=full_preact", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    units = pd.read_csv(tmp_path / "units.csv")
+    assert sorted(units["config"].unique()) == ["unit=full_preact", "unit=original"]
+    kinds = units.groupby("config")["kind"].first()
+    assert kinds["unit=original"].startswith("gradflow.original")
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
+    assert "unit=original" in r.stdout and "unit=full_preact" in r.stdout
+
+
+def test_compare_sets_cover_tables():
+    t1, t2 = parse_compare(["table1"]), parse_compare(["table2"])
+    assert {o["shortcut"] for o in t1.values()} == set(gradflow.models.SHORTCUT_TYPES)
+    assert {o["unit"] for o in t2.values()} == set(gradflow.models.UNIT_TYPES)
+    assert any(o.get("scale_branch") for o in t1.values())
+    mixed = parse_compare(["table2", "unit=original,shortcut=scale,lambda=0.5"])
+    assert mixed["unit=original,shortcut=scale,lambda=0.5"] == {"unit": "original", "shortcut": "scale",
+                                                                "scale": 0.5}
+
+
+def test_table1_in_process_every_variant_predicted_or_said_so():
+    cfg = ProbeConfig(model="resnet20", batch_size=4, compare=parse_compare(["table1"]), progress=False)
+    res = run_probe(cfg)
+    assert len(res.variants) == 10
+    from gradflow.probing.report import verdicts
+    for label, v in res.variants.items():
+        text = verdicts(v.summary, v.units)["direct"]
+        assert "departs" not in text, (label, text)
+
+
+def test_cli_data_and_checkpoint(tmp_path):
+    from gradflow.data import synthetic_cifar
+    from gradflow.training.checkpoint import save_checkpoint
+    synthetic_cifar(tmp_path / "cifar", n_train=10, n_test=40)
+    torch.manual_seed(1)
+    model = gradflow.create_model("resnet20", unit="original")
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, {"model": "resnet20", "options": {"unit": "original"},
+                           "model_state": model.state_dict()})
+    r = probe("--checkpoint", str(ckpt), "--data", str(tmp_path / "cifar"), "--batch-size", "8",
+              "--mode", "eval", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "CIFAR-10 test images" in r.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "CIFAR-10" in config["inputs"] and config["mode"] == "eval"
+    units = pd.read_csv(tmp_path / "out" / "units.csv")
+    assert units.loc[~units["is_top"], "kind"].str.startswith("gradflow.original").all()
+
+
+def test_third_party_models_in_process():
+    assert build_model("timm:resnetv2_50x1_bit", {}, 0).image_size == 224
+    assert build_model("torchvision:resnet18", {}, 0).image_size == 224
+    for name in ("torchvision:resnet18", "timm:resnetv2_50x1_bit"):
+        res = run_probe(ProbeConfig(model=name, batch_size=2, image_size=32, progress=False))
+        v = next(iter(res.variants.values()))
+        assert res.config["image_size"] == 32 and v.source == name.split(":")[0]
+        body = v.units[~v.units["is_top"]]
+        assert len(body) in (8, 16) and body["grad_ratio"].notna().all()
+
+
+# The issue's list, each in its own process.
+BAD = {
+    "unknown model": (["--model", "resnet1000"], "resnet1001"),
+    "option the model does not take": (["--model", "torchvision:resnet18", "--unit", "original"], "--unit"),
+    "missing checkpoint": (["--checkpoint", "{tmp}/nothing.pt"], "no checkpoint"),
+    "corrupt checkpoint": (["--checkpoint", "{tmp}/corrupt.pt"], "cannot read checkpoint"),
+    "data folder not CIFAR": (["--model", "resnet20", "--data", "{tmp}/empty"], "not a CIFAR python folder"),
+    "device not there": (["--model", "resnet20", "--device", "cuda:7"], "cuda:7"),
+    "unwritable output": (["--model", "resnet20", "--out", "{tmp}/afile/sub"], "cannot write"),
+}
+# More bad input, through the same main() in this process (each subprocess costs an import of torch).
+BAD_IN_PROCESS = {
+    "unknown torchvision model": (["--model", "torchvision:resnet5O"], "resnet50"),
+    "bad unit value": (["--model", "resnet20", "--unit", "preact"], "unit='preact'"),
+    "corrupt CIFAR file": (["--model", "resnet20", "--data", "{tmp}/badcifar"], "corrupt"),
+    "device not a device": (["--model", "resnet20", "--device", "gpu0"], "gpu0"),
+    "unknown compare set": (["--model", "resnet20", "--compare", "table9"], "table1"),
+    "batches zero": (["--model", "resnet20", "--batches", "0"], "batches"),
+    "unknown flag": (["--model", "resnet20", "--frobnicate"], "frobnicate"),
+    "checkpoint with options": (["--checkpoint", "x.pt", "--unit", "original"], "--checkpoint"),
+}
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "badcifar").mkdir()
+    (tmp_path / "badcifar" / "test_batch").write_bytes(b"garbage")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    return tmp_path
+
+
+def _args(args, tmp):
+    args = [a.replace("{tmp}", str(tmp)) for a in args]
+    return args + ([] if "--out" in args else ["--out", str(tmp / "o")])
+
+
+def _check(case, want, code, out, err):
+    lines = err.strip().splitlines()
+    assert code == 2, (case, err)
+    assert "Traceback" not in err and len(lines) == 1, (case, err)
+    assert lines[0].startswith("gradflow.probe: error:") and want in lines[0], (case, lines)
+    assert out == "", (case, out)
+
+
+def test_bad_input_subprocess_one_line_exit_2(bad_files):
+    cases = list(BAD.items())
+    for i in range(0, len(cases), 2):  # two at a time: most of each run is importing torch
+        procs = {case: subprocess.Popen([sys.executable, "-m", "gradflow.probe", "--no-progress",
+                                         *_args(args, bad_files)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                 for case, (args, _) in cases[i:i + 2]}
+        for case, p in procs.items():
+            out, err = p.communicate(timeout=300)
+            _check(case, BAD[case][1], p.returncode, out, err)
+
+
+@pytest.mark.parametrize("case", list(BAD_IN_PROCESS))
+def test_bad_input_in_process(case, bad_files, capsys):
+    from gradflow.probe import main
+    args, want = BAD_IN_PROCESS[case]
+    code = main(["--no-progress", *_args(args, bad_files)])
+    cap = capsys.readouterr()
+    _check(case, want, code, cap.out, cap.err)
