@@ -285,10 +285,9 @@ def cosine_distribution(samples: Records, by: str = "config", step: Optional[int
 
     Eq. (5)'s argument: the residual term would have to be exactly -1 times the
     direct one, for every sample, to cancel it. Dots are samples (``tr.samples``),
-    the line is the per-unit median; cos = -1 is drawn for reference. Samples
-    whose direct term is below ``RESOLUTION`` times the total (e.g. 0.5^50
-    products) are grey and left out of the median: the tracer's float32
-    residual (total - direct) cannot resolve their cosine.
+    the line is the per-unit median; cos = -1 is drawn for reference. The
+    tracer carries the direct term with a log scale, so the cosine is resolved
+    even where the direct term is 0.5^54 times the total.
     """
     parts = _split(samples, by)
     fig, axes = _panels(len(parts), ncols, sharey=True)
@@ -297,15 +296,10 @@ def cosine_distribution(samples: Records, by: str = "config", step: Optional[int
         table = _last_step(table, step)
         span = (table["unit"].min() - 1, table["unit"].max() + 1) if len(table) else (0, 1)
         table = table[np.isfinite(table["cos_direct_residual"])].sort_values("unit")
-        resolved = _resolved(table)
         jitter = rng.uniform(-0.3, 0.3, len(table))
         x, y = table["unit"].to_numpy() + jitter, table["cos_direct_residual"].to_numpy()
-        ax.plot(x[resolved], y[resolved], ls="none", marker=".", ms=2, alpha=0.35, color=COLOURS["total"],
-                label="one sample")
-        if (~resolved).any():
-            ax.plot(x[~resolved], y[~resolved], ls="none", marker=".", ms=2, alpha=0.5, color="0.6",
-                    label=f"direct < {RESOLUTION:g} x total: cosine not resolved in float32")
-        med = table[resolved].groupby("unit")["cos_direct_residual"].median()
+        ax.plot(x, y, ls="none", marker=".", ms=2, alpha=0.35, color=COLOURS["total"], label="one sample")
+        med = table.groupby("unit")["cos_direct_residual"].median()
         ax.plot(med.index, med.to_numpy(), color=COLOURS["direct"], lw=1.4, label="median over samples")
         ax.axhline(-1, color=COLOURS["fit"], lw=1, ls="--", label="cos = -1 (full cancellation)")
         ax.set_xlim(*span)
@@ -319,18 +313,6 @@ def cosine_distribution(samples: Records, by: str = "config", step: Optional[int
     _legend_below(fig, axes)
     fig.suptitle(title or "Cosine between the direct and residual terms of dE/dx_l, per sample")
     return fig
-
-
-RESOLUTION = 1e-6  # float32 keeps ~7 digits: below this direct/total, total - direct loses the direct term
-
-
-def _resolved(samples: pd.DataFrame) -> np.ndarray:
-    """Samples whose direct term is large enough, relative to the total, for a meaningful cosine."""
-    if "direct_norm" not in samples or "grad_norm" not in samples:
-        return np.ones(len(samples), bool)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = samples["direct_norm"].to_numpy(float) / samples["grad_norm"].to_numpy(float)
-    return ~(rel < RESOLUTION)
 
 
 # --- training curves (paper Fig. 1, 3, 6) --------------------------------------------------

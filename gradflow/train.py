@@ -13,7 +13,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .errors import GradflowError
-from .training.config import FIELDS
 
 # --smoke: the whole path (data, steps, eval, checkpoints, logs) in seconds.
 SMOKE = dict(batch_size=32, stop=30, schedule_unit="iter", warmup_iters=5, milestones=(20, 25),

@@ -88,8 +88,8 @@ def equation(summary: dict, units: pd.DataFrame) -> str:
     if pred == float("-inf") or (isinstance(pred, float) and math.isfinite(pred)):
         return "eq. (8)"
     basis = set(units.get("pred_basis", pd.Series(dtype=object)).dropna()) - {"closed form"}
-    if basis == {"measured product"}:
-        return "eq. (8) with the measured gate coefficients"
+    if basis == {"mean-field product"}:
+        return "eq. (8) with the batch-mean gate coefficients (approximate: gates act element-wise)"
     return "no closed form"
 
 

@@ -9,8 +9,10 @@ dE/dx_L carried back through the projection shortcuts: the tracer's ``ref``
 chain (every h-coefficient set to 1), so the prediction is
 ``prod(lambda_i) * ref_ratio``, exact whatever the projections and f are.
 Where the coefficient depends on the data (gates), the product of the measured
-per-unit mean coefficients stands in for prod(lambda); for dropout and 1x1-conv
-shortcuts the factor sits inside h and has no closed form.
+per-unit batch-mean coefficients stands in for prod(lambda): an approximation
+(basis "mean-field product"), since the gates act element by element and the
+measured direct term multiplies them element-wise. For dropout and 1x1-conv
+shortcuts the factor sits inside h and has no closed form (basis "none").
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def predict_direct(units: pd.DataFrame) -> pd.DataFrame:
         # product over i >= l: reverse cumulative product
         prod = factor[::-1].cumprod()[::-1]
         basis = np.where(closed[::-1].isna().cumsum()[::-1] == 0, "closed form",
-                         np.where(factor[::-1].isna().cumsum()[::-1] == 0, "measured product", "none"))
+                         np.where(factor[::-1].isna().cumsum()[::-1] == 0, "mean-field product", "none"))
         pred = prod * body["ref_ratio"] if "ref_ratio" in body else prod * np.nan
         df.loc[body.index, "pred_direct_factor"] = prod
         df.loc[body.index, "pred_direct_ratio"] = pred

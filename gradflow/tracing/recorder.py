@@ -32,6 +32,7 @@ How it works, and its sharp edges
 """
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -68,6 +69,9 @@ class _Call:
     ref: Optional[Tensor] = None        # the same with every h-coefficient set to 1
     link_edges: Optional[tuple] = None  # (x_edge, previous out_edge) when ops sit between units
     direct_norm: Optional[Tensor] = None  # its per-sample norm, when already known
+    d_ls: Any = 0.0                     # direct = exp(d_ls) * direct: deep products underflow float32
+    r_ls: Any = 0.0                     # the same for ref
+    carries: int = 0                    # changed carries since the last rescale
     x_shape: str = ""
     out_shape: str = ""
     scalars: dict = field(default_factory=dict)  # batch-level numbers (Jacobian spectra)
@@ -268,34 +272,53 @@ class Tracer:
             return
         d = call.direct
         s["direct_norm"] = call.direct_norm if call.direct_norm is not None else stats.norm(d)
-        res = g - d
+        s["direct_log_scale"] = _expand(call.d_ls, g)
+        res = g - d * _exp(call.d_ls)
         s["residual_norm"] = stats.norm(res)
-        s["dot_direct_residual"] = stats.dot(d, res)
+        s["dot_direct_residual"] = stats.dot(d, res)   # times exp(direct_log_scale)
         s["ref_norm"] = s["direct_norm"] if call.ref is d else stats.norm(call.ref)
+        s["ref_log_scale"] = _expand(call.r_ls, g)
         if "direct" in self.keep:
-            self._keep(call, "direct", d)
+            self._keep(call, "direct", d * _exp(call.d_ls))
         if call.index > 0:
             prev = self._calls[call.index - 1]
             v, vr = d, call.ref
             if call.link_edges is not None:  # ops between the two units
                 v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
-            self._carry(prev, v, vr, s["direct_norm"] if v is d else None)
+            self._carry(prev, v, vr, s["direct_norm"] if v is d else None,
+                        call.d_ls, call.r_ls, call.carries)
         call.direct = call.ref = None
 
-    def _carry(self, call: _Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None) -> None:
-        """direct at unit ``call``'s input from direct at its output (and the same for ref)."""
+    def _carry(self, call: _Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
+               d_ls=0.0, r_ls=0.0, carries: int = 0) -> None:
+        """direct at unit ``call``'s input from direct at its output (and the same for ref).
+
+        The vectors are carried with a log scale, renormalised every few units
+        that change them: 0.5**54 of a gradient is below float32's smallest
+        square, 0.5**333 below its smallest number.
+        """
         if call.out_edge is None or call.h_edge is None:
             return  # a unit without parts: the split stops here
+        changed = False
         if call.has_post:
             v, vr = self._grad(call.out_edge, call.y_edge, v, vr)
-            v_norm = None
+            changed = True
         c = call.coef
         if not (isinstance(c, float) and c == 1.0):
-            v, v_norm = v * c, None
+            v, changed = v * c, True
         if not call.identity_shortcut:
             v, vr = self._grad(call.h_edge, call.x_edge, v, vr)
+            changed = True
+        if changed:
+            carries += 1
             v_norm = None
+            if carries >= _RESCALE_EVERY:
+                carries = 0
+                same = vr is v
+                v, d_ls = _rescale(v, d_ls)
+                vr, r_ls = (v, d_ls) if same else _rescale(vr, r_ls)
         call.direct, call.ref, call.direct_norm = v, vr, v_norm
+        call.d_ls, call.r_ls, call.carries = d_ls, r_ls, carries
 
     def _grad(self, out_edge, in_edge, v: Tensor, vr: Tensor):
         """Vector-Jacobian products of one piece of the recorded graph with v (and vr)."""
@@ -326,7 +349,9 @@ class Tracer:
         if isinstance(x_L, Tensor):
             top_stats = {"x_norm": stats.norm(x_L), "x_mean": stats.mean(x_L)}
             if top is not None:
-                top_stats.update(grad_norm=top, direct_norm=top, ref_norm=top,
+                zero = torch.zeros_like(top)
+                top_stats.update(grad_norm=top, direct_norm=top, ref_norm=top, direct_log_scale=zero,
+                                 ref_log_scale=zero,
                                  residual_norm=torch.zeros_like(top), dot_direct_residual=torch.zeros_like(top))
         rows = [c.stats for c in calls] + [top_stats]
         flat = [(i, k, t) for i, st in enumerate(rows) for k, t in st.items()]
@@ -375,6 +400,25 @@ class Tracer:
         """Network-level fits against the paper's predictions (see :func:`gradflow.theory.summarize`)."""
         from ..theory import summarize
         return summarize(self.units, **kwargs)
+
+
+_RESCALE_EVERY = 4
+
+
+def _rescale(v: Tensor, ls):
+    """v / max|v| and the log scale that undoes it, without a host synchronisation."""
+    m = v.detach().abs().amax().float().clamp_min(1e-30)
+    return v / m.to(v.dtype), ls + torch.log(m)
+
+
+def _exp(ls):
+    return torch.exp(ls) if isinstance(ls, Tensor) else math.exp(ls)
+
+
+def _expand(ls, like: Tensor) -> Tensor:
+    if isinstance(ls, Tensor):
+        return ls.expand(like.shape[0])
+    return torch.full((like.shape[0],), float(ls), device=like.device)
 
 
 def _shape(t) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 
 # Raw per-sample reductions a hook may record, shape [B] each.
 RAW = ("x_norm", "x_mean", "h_norm", "r_norm", "coef", "grad_norm", "direct_norm",
-       "residual_norm", "dot_direct_residual", "ref_norm")
+       "residual_norm", "dot_direct_residual", "ref_norm", "direct_log_scale", "ref_log_scale")
 # Per-sample quantities of the tables (raw and derived), in column order.
 QUANTITIES = ("x_norm", "x_rms", "x_mean", "h_norm", "r_norm", "coef", "grad_norm", "grad_ratio",
               "direct_norm", "direct_ratio", "ref_ratio", "residual_norm", "cos_direct_residual",
@@ -30,6 +30,13 @@ def derive(raw: dict[str, np.ndarray], numel: np.ndarray, top: np.ndarray | None
     if top is not None and "grad_norm" in q:
         q["grad_ratio"] = q["grad_norm"] / top
     if "direct_norm" in q:
+        # the direct and reference vectors are carried scaled by exp(-log_scale)
+        scale = np.exp(q.pop("direct_log_scale", np.zeros((n, B))))
+        q["direct_norm"] = q["direct_norm"] * scale
+        if "dot_direct_residual" in q:
+            q["dot_direct_residual"] = q["dot_direct_residual"] * scale
+        if "ref_norm" in q:
+            q["ref_norm"] = q["ref_norm"] * np.exp(q.pop("ref_log_scale", np.zeros((n, B))))
         g, d, r = q["grad_norm"], q["direct_norm"], q.get("residual_norm", nan)
         if top is not None:
             q["direct_ratio"] = d / top
