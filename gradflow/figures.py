@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_write, atomic_write_text
+
 INPUT = ("N(0, 1) images [batch, 3, 32, 32], uniform random labels over 10 classes, model in train "
          "mode (BN batch statistics), mean cross-entropy, one forward and backward pass")
 
@@ -171,7 +173,7 @@ def _save(fig, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
     for fmt in formats:
         meta = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
         path = out / f"{name}.{fmt}"
-        fig.savefig(path, format=fmt, dpi=200, bbox_inches="tight", metadata=meta)
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=200, bbox_inches="tight", metadata=meta))
         paths.append(path)
     return paths
 
@@ -184,7 +186,8 @@ def _common(command: str) -> list[str]:
     from .training.runlog import code_version
     code = code_version()
     return [f"command: {command}",
-            f"gradflow: {code.get('gradflow', '?')}, git commit {code.get('git_commit', 'unknown')}",
+            f"gradflow: {code.get('gradflow', '?')}, git commit {code.get('git_commit', 'unknown')}"
+            + (" with uncommitted changes" if code.get("git_dirty") else ""),
             f"torch: {torch.__version__}, python {platform.python_version()}",
             f"hardware: {hardware()}"]
 
@@ -207,7 +210,7 @@ def run_figures(specs: Sequence[FigureSpec], out: Path, formats: Sequence[str], 
         caption = [f"{spec.name}: {spec.what}.",
                    f"made at initialisation (no training), seed {seed}, batch {b}: {INPUT}.",
                    "configurations:"] + [f"  {c.describe()}" for c in spec.configs]
-        (out / f"{spec.name}.txt").write_text(_caption(caption, common))
+        atomic_write_text(out / f"{spec.name}.txt", _caption(caption, common))
         log(f"{spec.name}: {len(spec.configs)} configurations, {time.perf_counter() - t0:.1f}s")
     return written
 
@@ -231,7 +234,7 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
     written = []
     fig = plot.training_curves(logs(runs))
     written += _save(fig, out, "training_curves", formats)
-    (out / "training_curves.txt").write_text(_caption(
+    atomic_write_text(out / "training_curves.txt", _caption(
         ["training_curves: training loss (dashed, left axis) and test error (solid, right axis) against "
          "iterations, from real trainer runs (paper Fig. 1 / 6 style).", "runs:"]
         + [about(r) for r in runs], common))
@@ -241,7 +244,7 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
         name = f"{r.label}_gradient_flow".replace(" ", "_")
         fig = plot.gradient_flow_over_training(r.probe, title=f"Gradient flow over training: {r.label}")
         written += _save(fig, out, name, formats)
-        (out / f"{name}.txt").write_text(_caption(
+        atomic_write_text(out / f"{name}.txt", _caption(
             [f"{name}: log10 gradient ratio per unit over training (probe.csv, --probe-every) and the "
              "fitted decay rate per probed iteration.", "run:", about(r)], common))
     log(f"training figures from {len(runs)} run folder(s)")

@@ -9,9 +9,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from ..errors import GradflowError
+from ..io import atomic_write
 
 FILES = {"units": "units.csv", "summary": "summary.json", "config": "config.json", "figure": "figure.png"}
 
@@ -27,20 +27,6 @@ def prepare_out(out: str | Path) -> Path:
     except OSError as e:
         raise GradflowError(f"cannot write the output folder {path} ({e.strerror or e}): "
                             "pass a writable --out") from None
-    return path
-
-
-def atomic_write(path: Path, write: Callable) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -14,8 +14,6 @@ the step (see gradflow.data).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GradflowError
+from ..io import atomic_write
 from ..registry import create_model
 
 FORMAT = "gradflow-checkpoint/1"
@@ -33,19 +32,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
     A reader sees either the previous checkpoint or the new one, never half a file.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), fsync=True)
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import GradflowError
+from ..io import atomic_write_text
 
 COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
            "images_per_s", "wall_time")
@@ -56,15 +56,17 @@ def code_version() -> dict[str, str]:
                              text=True, timeout=5)
         if out.returncode == 0:
             info["git_commit"] = out.stdout.strip()
+            # uncommitted changes to tracked files: the commit alone does not name the code
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent,
+                                   capture_output=True, timeout=5)
+            info["git_dirty"] = dirty.returncode == 1
     except (OSError, subprocess.SubprocessError):
         pass
     return info
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _clean(v: Any) -> Any:
