@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The trainer's GPU figures in one run of under 8 minutes (timeouts sum to 7.5) on one H100 (no internet needed).
+# gradflow's GPU figures in one run of under 8 minutes (timeouts sum to 7.8) on one H100 (no internet needed).
 #   bash benchmarks/gpu.sh
 # Prints: a smoke run of the real CLI on the GPU (synthetic CIFAR-format data, bf16,
 # channels_last), then images/s and peak memory for resnet110/164/1001 in the modes
 # baseline (DataLoader, per-image transforms, fp32), eager, bf16_cl and compiled.
 # Targets: resnet164 >= 10,000 training images/s; resnet1001 fits batch 128 and runs
-# 200 epochs in under 2 hours (the "200 ep (h)" column).
+# 200 epochs in under 2 hours (the "200 ep (h)" column). Then the tracer's cost on the GPU
+# (time and peak-memory ratios against a plain step; targets <= 1.10x stats, <= 1.3x split).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -c "import gradflow" 2>/dev/null || pip install --no-deps -q -e .
@@ -22,8 +23,11 @@ timeout 60 python -m gradflow.train --model resnet20 --data "$tmp/data" --no-ver
 echo "== 2. throughput: baseline, eager, bf16+channels_last for all three; compiled for 110 and 164"
 timeout 120 python benchmarks/train_bench.py --models resnet110,resnet164,resnet1001 \
     --modes baseline,eager,bf16_cl --workers 8 --steps 30
-timeout 150 python benchmarks/train_bench.py --models resnet110,resnet164 --modes compiled --steps 40
+timeout 120 python benchmarks/train_bench.py --models resnet110,resnet164 --modes compiled --steps 40
 
 echo "== 3. resnet1001 compiled (its compile may not finish in the time left)"
-timeout 120 python benchmarks/train_bench.py --models resnet1001 --modes compiled --steps 20 \
-  || echo "resnet1001 compiled: did not finish within 120 s (compile time); see bf16_cl above"
+timeout 90 python benchmarks/train_bench.py --models resnet1001 --modes compiled --steps 20 \
+  || echo "resnet1001 compiled: did not finish within 90 s (compile time); see bf16_cl above"
+
+echo "== 4. tracer cost on the GPU: resnet1001 at batch 64, plain vs stats vs full split"
+timeout 80 python benchmarks/trace_bench.py --models resnet1001 --batch 64 --repeats 3 --device cuda
