@@ -127,6 +127,7 @@ class Tracer:
         self._busy = False          # inside our own re-entrant autograd.grad
         self._top_handle = None
         self._handles: list = []
+        self._buffers: dict = {}    # scratch tensors for the residual term, per shape
         self._patched: list = []
         self._attached = False
 
@@ -273,7 +274,7 @@ class Tracer:
         d = call.direct
         s["direct_norm"] = call.direct_norm if call.direct_norm is not None else stats.norm(d)
         s["direct_log_scale"] = _expand(call.d_ls, g)
-        res = g - d * _exp(call.d_ls)
+        res = self._residual(g, d, call.d_ls)
         s["residual_norm"] = stats.norm(res)
         s["dot_direct_residual"] = stats.dot(d, res)   # times exp(direct_log_scale)
         s["ref_norm"] = s["direct_norm"] if call.ref is d else stats.norm(call.ref)
@@ -288,6 +289,20 @@ class Tracer:
             self._carry(prev, v, vr, s["direct_norm"] if v is d else None,
                         call.d_ls, call.r_ls, call.carries)
         call.direct = call.ref = None
+
+    def _residual(self, g: Tensor, d: Tensor, d_ls) -> Tensor:
+        """g - exp(d_ls) d into a buffer reused across units of the same shape.
+
+        A fresh tensor per unit would cost an allocation (and, on the CPU, page
+        faults) per unit; the buffer lives until the step's tables are made.
+        """
+        key = (g.shape, g.dtype, g.device, g.stride())
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty_like(g)
+        if isinstance(d_ls, Tensor):
+            return torch.addcmul(g, d, torch.exp(d_ls).neg().to(d.dtype), out=buf)
+        return torch.sub(g, d, alpha=math.exp(d_ls), out=buf)
 
     def _carry(self, call: _Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
                d_ls=0.0, r_ls=0.0, carries: int = 0) -> None:
@@ -338,6 +353,7 @@ class Tracer:
     def _flush(self) -> None:
         """Move the finished step's statistics to the host in one transfer and tabulate them."""
         calls, self._calls = self._calls, []
+        self._buffers.clear()
         top, self._top = self._top, None
         x_L, self._last_out = self._last_out, None
         if self._top_handle is not None:
