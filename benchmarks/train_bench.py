@@ -23,7 +23,6 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 
 import gradflow

@@ -378,8 +378,8 @@ class Tracer:
             raw[k][i] = values
         shapes = [c.x_shape for c in calls] + [calls[-1].out_shape]
         numel = np.array([_numel(s) for s in shapes], dtype=float)
-        q = derive(raw, numel, host[[j for j, (i, k, _) in enumerate(flat) if i == n - 1 and k == "grad_norm"]][0]
-                   if top is not None and top_stats else None, self.cancel_tol)
+        top_row = raw["grad_norm"][n - 1] if "grad_norm" in top_stats else None  # ||dE/dx_L|| per sample
+        q = derive(raw, numel, top_row, self.cancel_tol)
         last = calls[-1].info
         meta = [dict(unit=c.index, name=c.info.name, stage=c.info.stage, kind=c.info.kind, is_top=False,
                      scalar_coef=c.info.scalar_coef, x_shape=c.x_shape, **c.scalars) for c in calls]
