@@ -1,8 +1,10 @@
 """Writing files so that nothing is lost: a reader sees the old file or the new one.
 
 Every file gradflow writes (checkpoints, logs' JSON, probe outputs, figures)
-goes through :func:`atomic_write`: a temporary file in the same folder, then
-``os.replace``.
+goes through :func:`atomic_write`: a temporary file ``.<name>.<random>.tmp`` in
+the same folder, then ``os.replace``. The file gets the permissions any newly
+created file gets (``0o666`` less the user's umask), not ``mkstemp``'s 0600, so
+run folders can be shared as the user's other files are.
 """
 from __future__ import annotations
 
@@ -12,16 +14,37 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+def umask() -> int:
+    """The process's umask (read from /proc where it can be, so nothing is changed, else set back)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], fsync: bool = False) -> Path:
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then move it into place.
 
-    ``fsync=True`` also forces the bytes to disk before the move (checkpoints).
-    On any error the temporary file is removed and the old ``path`` is untouched.
+    Args:
+        path: the file to (re)place.
+        write: called once with the open temporary file.
+        fsync: also force the bytes to disk before the move (checkpoints, logs).
+
+    Returns:
+        ``path``. On any error (a full disk included) the temporary file is removed
+        and the old ``path`` is untouched.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; the umask decides, as for open()
             write(f)
             if fsync:
                 f.flush()
@@ -35,4 +58,5 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], fsync: b
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` encoded as UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode()))
