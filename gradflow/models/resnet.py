@@ -92,24 +92,50 @@ def _units_for_depth(depth: int, block: str) -> int:
     return (depth - 2) // per
 
 
+def scaled_width(channels: int, width: float, multiple: int = 1) -> int:
+    """``channels * width`` rounded to the nearest multiple of ``multiple`` (at least one multiple).
+
+    Args:
+        channels: the paper's channel count (16, 64, 256 ...).
+        width: the channel multiplier; 1.0 keeps the paper's count exactly.
+        multiple: the count must stay a multiple of this (4 for bottleneck outputs,
+            whose inner width is out/4).
+    Returns:
+        The scaled channel count.
+    """
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0 \
+            or not math.isfinite(width):
+        raise GradflowError(f"width={width!r} must be a positive number (1.0: the paper's widths; "
+                            "0.25: a quarter of the channels)")
+    return max(1, round(channels * width / multiple)) * multiple
+
+
 def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, unit: str = "full_preact",
                  shortcut: str = "identity", scale: float = 0.5, scale_branch: bool = False,
                  gate_bias: float = -6.0, dropout: float = 0.5,
-                 downsample: str = "projection") -> CifarResNet:
-    """A CIFAR ResNet of any valid depth. Basic nets: widths 16/32/64; bottleneck: 64/128/256."""
+                 downsample: str = "projection", width: float = 1.0) -> CifarResNet:
+    """A CIFAR ResNet of any valid depth. Basic nets: widths 16/32/64; bottleneck: 64/128/256.
+
+    ``width`` multiplies every channel count (stem and stages; bottleneck outputs stay a
+    multiple of 4 so that the inner width is out/4); 1.0 is the paper's net.
+    """
     spec = UnitSpec(unit=unit, shortcut=shortcut, block=block, scale=scale, scale_branch=scale_branch,
                     gate_bias=gate_bias, dropout=dropout, downsample=downsample)
     n = _units_for_depth(depth, block)
-    widths = (16, 32, 64) if block == "basic" else (64, 128, 256)
-    return CifarResNet(spec, (n, n, n), widths, num_classes=num_classes)
+    if block == "basic":
+        widths = tuple(scaled_width(c, width) for c in (16, 32, 64))
+    else:
+        widths = tuple(scaled_width(c, width, 4) for c in (64, 128, 256))
+    return CifarResNet(spec, (n, n, n), widths, stem_width=scaled_width(16, width),
+                       num_classes=num_classes)
 
 
 def _entry(name: str, depth: int, block: str):
     def fn(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
            scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
-           dropout: float = 0.5, downsample: str = "projection") -> CifarResNet:
+           dropout: float = 0.5, downsample: str = "projection", width: float = 1.0) -> CifarResNet:
         return cifar_resnet(depth, block, num_classes, unit, shortcut, scale, scale_branch,
-                            gate_bias, dropout, downsample)
+                            gate_bias, dropout, downsample, width)
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (PAPER.md section 4)."
     fn.depth = depth
@@ -125,9 +151,10 @@ for _depth in (164, 1001):
 @register_model
 def preact_resnet18(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
                     scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
-                    dropout: float = 0.5, downsample: str = "projection") -> CifarResNet:
-    """The seed's 4-stage PreActResNet-18 for 32x32 input: widths 64-512, 2 units a stage."""
+                    dropout: float = 0.5, downsample: str = "projection",
+                    width: float = 1.0) -> CifarResNet:
+    """The seed's 4-stage PreActResNet-18 for 32x32 input: widths 64-512 (times ``width``), 2 units a stage."""
     spec = UnitSpec(unit=unit, shortcut=shortcut, block="basic", scale=scale, scale_branch=scale_branch,
                     gate_bias=gate_bias, dropout=dropout, downsample=downsample)
-    return CifarResNet(spec, (2, 2, 2, 2), (64, 128, 256, 512), (1, 2, 2, 2), stem_width=64,
-                       num_classes=num_classes)
+    return CifarResNet(spec, (2, 2, 2, 2), tuple(scaled_width(c, width) for c in (64, 128, 256, 512)),
+                       (1, 2, 2, 2), stem_width=scaled_width(64, width), num_classes=num_classes)
