@@ -54,26 +54,8 @@ class ProbeResult:
         return probe_figure({k: v.units for k, v in self.variants.items()})
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if visible else cpu; a device that is not there is a GradflowError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise GradflowError(f"device={name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise GradflowError(f"device={name!r} but no CUDA device is visible: use --device cpu")
-        if dev.index is not None and dev.index >= n:
-            raise GradflowError(f"device={name!r} but only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise GradflowError(f"device={name!r} but MPS is not available here: use --device cpu")
-    elif dev.type != "cpu":
-        raise GradflowError(f"device={name!r}: the probe runs on cpu, cuda or mps")
-    return dev
+# the one device resolver lives in gradflow.cli (shared with the trainer); re-exported here
+from ..cli import resolve_device  # noqa: E402
 
 
 def run_probe(config: ProbeConfig) -> ProbeResult:
