@@ -106,6 +106,9 @@ def load_cifar(dataset: str, root: str | Path, download: bool = False,
     s, root = _spec(dataset), Path(root).expanduser()
     if download:
         _download(dataset, root)
+    if not root.exists():
+        raise GradflowError(f"--data {root}: no such folder or file; {_where_to_put(dataset, root)} "
+                            "(or train on generated data with --synthetic)")
     found = _find(dataset, root)
     if found is None:
         raise GradflowError(f"{dataset} not found at {root}: {_where_to_put(dataset, root)}")
@@ -120,10 +123,12 @@ def load_cifar(dataset: str, root: str | Path, download: bool = False,
             raise GradflowError(f"{dataset} file {name!r} is missing from {where}: "
                                 f"{_where_to_put(dataset, root)}")
         if verify and hashlib.md5(blobs[name]).hexdigest() != md5:
-            raise GradflowError(f"{dataset} file {name!r} in {where} is corrupt (md5 differs from "
-                                f"the official release): {_where_to_put(dataset, root)}")
-    train = [_unpickle(blobs[n], n, s["labels"], where) for n, _ in s["train"]]
-    test = [_unpickle(blobs[n], n, s["labels"], where) for n, _ in s["test"]]
+            raise GradflowError(f"{dataset} file {name!r} in {where} does not have the official release's "
+                                f"md5: for re-packed or subset data that is expected, pass --no-verify "
+                                f"(verify_data=False); otherwise the file is corrupt: "
+                                f"{_where_to_put(dataset, root)}")
+    train = [read_cifar_file(blobs[n], n, s["labels"], where) for n, _ in s["train"]]
+    test = [read_cifar_file(blobs[n], n, s["labels"], where) for n, _ in s["test"]]
     arrays = CifarArrays(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
                          torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]),
                          s["num_classes"])
@@ -134,17 +139,85 @@ def load_cifar(dataset: str, root: str | Path, download: bool = False,
     return arrays
 
 
-def _unpickle(blob: bytes, name: str, label_key: str, where: Path) -> tuple[Tensor, Tensor]:
+# The globals the CIFAR python release's pickles name: numpy's array reconstructors
+# (numpy 1 and 2 spell the module differently) and, in protocol-2 pickles made by
+# Python 3, _codecs.encode for bytes. Nothing else may be called while unpickling.
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, str, bytes, numbers and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(blob: bytes, name: str, where: Path | str) -> object:
+    """Unpickle a CIFAR release file without running code: only the types the release holds.
+
+    Args:
+        blob: the file's bytes.
+        name: the file's name, for messages.
+        where: its folder or tarball, for messages.
+
+    Returns:
+        The unpickled object (a dict for every file of the release).
+
+    Raises:
+        GradflowError naming what a refused file asked for (``os.system``, ...).
+    """
     try:
-        d = pickle.load(io.BytesIO(blob), encoding="latin1")
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return _CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("it asks for"):
+            raise GradflowError(
+                f"refused to unpickle {name!r} in {where}: {e}, which the CIFAR python release does "
+                "not contain (it holds only dicts, lists, str, bytes, ints and numpy uint8 arrays). "
+                "The file is not the CIFAR release, or was crafted to run code when loaded; "
+                "replace it with the official file") from None
+        raise GradflowError(f"cannot unpickle {name!r} in {where} (UnpicklingError: {e}); the file is "
+                            "corrupt or not the CIFAR python release") from None
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file fails in many ways)
+        raise GradflowError(f"cannot unpickle {name!r} in {where} ({type(e).__name__}: {e}); the file is "
+                            "corrupt or not the CIFAR python release") from None
+
+
+def read_cifar_file(blob: bytes, name: str, label_key: str, where: Path | str) -> tuple[Tensor, Tensor]:
+    """Images uint8 [N, 3, 32, 32] and labels int64 [N] from one pickled CIFAR file.
+
+    The file must hold what the release holds: ``data`` a uint8 array [N, 3072]
+    (values 0-255, rows red, green, blue planes) and ``label_key`` N integers.
+    Anything else (float images in [0, 1], int16, another shape) is refused, not cast.
+    """
+    d = safe_unpickle(blob, name, where)
+    if not isinstance(d, dict):
+        raise GradflowError(f"{name!r} in {where} holds a {type(d).__name__}, not the release's dict: "
+                            "not a CIFAR python file")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    for key in ("data", label_key):
+        if key not in d:
+            raise GradflowError(f"{name!r} in {where} has no {key!r} entry (keys: {sorted(map(str, d))}): "
+                                "not a CIFAR python file, or the other dataset (--dataset)")
+    x = d["data"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        shape = getattr(x, "shape", None)
+        dtype = getattr(x, "dtype", type(x).__name__)
+        raise GradflowError(
+            f"{name!r} in {where} holds images of dtype {dtype} and shape {shape}; the CIFAR python "
+            "release holds uint8 [N, 3072] (values 0-255, red then green then blue plane per row). "
+            "Nothing is cast silently: re-pack the images as uint8 rows (gradflow.data.write_cifar)")
+    try:
         y = np.asarray(d[label_key], dtype=np.int64)
-    except Exception as e:  # noqa: BLE001  (any failure here means a broken file)
-        raise GradflowError(f"cannot unpickle {name!r} in {where} ({type(e).__name__}: {e}); "
-                            f"the file is corrupt or not the CIFAR python release") from None
-    if len(x) != len(y):
-        raise GradflowError(f"{name!r} in {where} holds {len(x)} images but {len(y)} labels")
-    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise GradflowError(f"{name!r} in {where}: the {label_key!r} entry is not a list of integers ({e})") from None
+    if y.ndim != 1 or len(x) != len(y):
+        raise GradflowError(f"{name!r} in {where} holds {len(x)} images but {y.size} labels")
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
 
 
 def _download(dataset: str, root: Path) -> None:
@@ -262,7 +335,14 @@ class DeviceCifar:
         self.device, self.seed, self.num_classes = device, seed, arrays.num_classes
         self.train_x, self.train_y = tx.to(device), ty.to(device)
         self.test_x, self.test_y = vx.to(device), vy.to(device)
-        self.mean, self.std = (t.to(device) for t in channel_stats(tx))
+        mean, std = channel_stats(tx)
+        if len(tx) and not bool((std > 0).all()):
+            flat = [c for c in range(len(std)) if std[c] == 0]
+            raise GradflowError(
+                f"the training images are constant in channel(s) {flat} (every pixel "
+                f"{[round(float(mean[c]) * 255) for c in flat]} of 255): that is not image data and "
+                "cannot be normalised; check --data (a blank or mis-packed file?)")
+        self.mean, self.std = mean.to(device), std.to(device)
         self._plan: tuple[int, EpochPlan] | None = None
 
     @property
@@ -293,14 +373,7 @@ class DeviceCifar:
             yield normalise(x[i:i + batch_size], self.mean, self.std), y[i:i + batch_size]
 
 
-def synthetic_cifar(root: str | Path, n_train: int = 1024, n_test: int = 256, classes: int = 4,
-                    dataset: str = "cifar10", seed: int = 0, tarball: bool = False) -> Path:
-    """Write a learnable stand-in for CIFAR in the release's exact format (for tests and smoke runs).
-
-    Class c is a noisy image whose colour is the c-th of ``classes`` well separated
-    colours; crops and flips keep it recognisable, so a small net reaches
-    near-zero error in a few dozen iterations. Labels use 0 .. classes - 1.
-    """
+def _synthetic_splits(n_train: int, n_test: int, classes: int, seed: int):
     rng = np.random.default_rng(seed)
     palette = rng.permutation(np.array(np.meshgrid([30, 130, 230], [30, 130, 230], [30, 130, 230]))
                               .reshape(3, -1).T)[:classes]
@@ -311,4 +384,25 @@ def synthetic_cifar(root: str | Path, n_train: int = 1024, n_test: int = 256, cl
         x = np.clip(palette[y][:, :, None, None] + noise, 0, 255).astype(np.uint8)
         return x, y
 
-    return write_cifar(root, dataset, split(n_train), split(n_test), tarball=tarball)
+    return split(n_train), split(n_test)
+
+
+def synthetic_cifar(root: str | Path, n_train: int = 1024, n_test: int = 256, classes: int = 4,
+                    dataset: str = "cifar10", seed: int = 0, tarball: bool = False) -> Path:
+    """Write a learnable stand-in for CIFAR in the release's exact format (for tests and smoke runs).
+
+    Class c is a noisy image whose colour is the c-th of ``classes`` well separated
+    colours; crops and flips keep it recognisable, so a small net reaches
+    near-zero error in a few dozen iterations. Labels use 0 .. classes - 1.
+    """
+    train, test = _synthetic_splits(n_train, n_test, classes, seed)
+    return write_cifar(root, dataset, train, test, tarball=tarball)
+
+
+def synthetic_arrays(n_train: int = 1024, n_test: int = 512, classes: int = 4,
+                     dataset: str = "cifar10", seed: int = 0) -> CifarArrays:
+    """The images :func:`synthetic_cifar` would write, in memory (``train --synthetic``, ``--smoke``)."""
+    (tx, ty), (vx, vy) = _synthetic_splits(n_train, n_test, classes, seed)
+    return CifarArrays(torch.from_numpy(tx), torch.from_numpy(ty.astype(np.int64)),
+                       torch.from_numpy(vx), torch.from_numpy(vy.astype(np.int64)),
+                       _spec(dataset)["num_classes"])

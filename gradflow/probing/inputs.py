@@ -8,18 +8,15 @@ needed), normalised per channel with the test images' own mean and std.
 """
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import CIFAR, channel_stats, normalise
+from ..data import CIFAR, channel_stats, normalise, read_cifar_file
 from ..errors import GradflowError
 
 LABEL_RANGE = 2 ** 20  # synthetic labels are drawn in [0, LABEL_RANGE) and taken mod the classes
@@ -81,15 +78,16 @@ def find_test_file(root: Path) -> tuple[str, Path]:
 
 
 def read_test_file(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
-    """uint8 images [N, 3, 32, 32] and int64 labels [N] from one pickled CIFAR file."""
+    """uint8 images [N, 3, 32, 32] and int64 labels [N] from one pickled CIFAR file.
+
+    Read with the trainer's restricted unpickler (gradflow.data.read_cifar_file):
+    a crafted file cannot run code, and images that are not uint8 [N, 3072] are refused.
+    """
     try:
-        d = pickle.load(io.BytesIO(path.read_bytes()), encoding="latin1")
-        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d[label_key], dtype=np.int64)
-    except Exception as e:  # noqa: BLE001  (a broken or foreign file fails in many ways)
-        raise GradflowError(f"cannot read {path} as CIFAR ({type(e).__name__}: {e}); the file is "
-                            "corrupt or not the CIFAR python release") from None
-    if len(x) != len(y) or len(y) == 0:
-        raise GradflowError(f"{path} holds {len(x)} images but {len(y)} labels: not a CIFAR test file")
-    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+        blob = path.read_bytes()
+    except OSError as e:
+        raise GradflowError(f"cannot read {path} ({e.strerror}): pass a readable CIFAR python folder") from None
+    x, y = read_cifar_file(blob, path.name, label_key, path.parent)
+    if len(y) == 0:
+        raise GradflowError(f"{path} holds no images: not a CIFAR test file")
+    return x, y
