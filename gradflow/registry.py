@@ -1,4 +1,4 @@
-"""Model registry: ``register_model``, ``create_model``, ``list_models``.
+"""Model registry: ``register_model``, ``create_model``, ``list_models``, ``model_inputs``.
 
 One generic model class, many thin named entry points (the timm habit). An entry
 point is a function taking keyword options and returning an ``nn.Module``;
@@ -44,6 +44,21 @@ def model_options(name: str) -> dict[str, object]:
         else:
             opts[p.name] = p.default
     return opts
+
+
+def model_inputs(name: str, **options) -> dict:
+    """What the registered model ``name`` (with ``options``) takes as input.
+
+    ``{"kind": "image", "channels": 3, "image_size": 32}`` for images (the CIFAR
+    zoo, which declares nothing), ``{"kind": "tokens", "vocab_size": V,
+    "seq_len": T}`` for language models. Entry points declare theirs as a
+    ``fn.inputs(options) -> dict`` attribute.
+    """
+    fn = _lookup(name)
+    describe = getattr(fn, "inputs", None)
+    if describe is None:
+        return {"kind": "image", "channels": 3, "image_size": 32}
+    return describe({**model_options(name), **options})
 
 
 def create_model(name: str, **options) -> nn.Module:

@@ -2,6 +2,10 @@
 from .resnet import CifarResNet, cifar_resnet
 from .units import (DOWNSAMPLE_TYPES, SHORTCUT_TYPES, UNIT_TYPES, Gate, PadShortcut,
                     ResidualUnit, ScaledSum, Sum, UnitSpec)
+from .transformer import (TRANSFORMER_UNITS, GPT, ViT, TransformerBlock, TransformerSpec,
+                          TransformerUnit)
+from . import transformer_zoo  # noqa: F401  (registers gpt-* and vit-cifar-*)
 
 __all__ = ["CifarResNet", "cifar_resnet", "ResidualUnit", "UnitSpec", "Sum", "ScaledSum", "Gate",
            "PadShortcut", "UNIT_TYPES", "SHORTCUT_TYPES", "DOWNSAMPLE_TYPES"]
+__all__ += ["GPT", "ViT", "TransformerBlock", "TransformerSpec", "TransformerUnit", "TRANSFORMER_UNITS"]
