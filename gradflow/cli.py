@@ -55,11 +55,13 @@ class Number:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
+        def num(x: float) -> str:
+            return str(int(x)) if self.integer else f"{x:g}"
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '>='} {num(self.low)}")
         if self.high is not None:
-            parts.append(f"<= {self.high:g}")
+            parts.append(f"<= {num(self.high)}")
         return kind + (" " + " and ".join(parts) if parts else "")
 
 

@@ -2,10 +2,34 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..cli import SEED_MAX, Number, check_numbers, flag
 from ..errors import GradflowError, unknown
+
+# Every numeric field's allowed range: checked in one place, with the flag's name in the message.
+NUMBERS: dict[str, Number] = {
+    "batch_size": Number(1, integer=True),
+    "lr": Number(0, low_open=True, hint="the paper uses 0.1"),
+    "warmup_lr": Number(0, low_open=True, hint="the paper uses 0.01"),
+    "warmup_iters": Number(0, integer=True),
+    "milestones": Number(0, integer=True, hint="comma-separated, e.g. 32000,48000"),
+    "gamma": Number(0, low_open=True, hint="the lr factor at each milestone; the paper uses 0.1"),
+    "stop": Number(1, integer=True),
+    "momentum": Number(0, 1, hint="the paper uses 0.9"),
+    "weight_decay": Number(0, hint="the paper uses 1e-4"),
+    "seed": Number(0, SEED_MAX, integer=True),
+    "log_every": Number(1, integer=True),
+    "eval_every": Number(0, integer=True, hint="0: once an epoch"),
+    "checkpoint_every": Number(0, integer=True, hint="0: once an epoch"),
+    "probe_every": Number(0, integer=True, hint="0: never"),
+    "fail_error": Number(0, 1, hint="a test error fraction; the paper calls > 0.2 a failure"),
+    "train_subset": Number(0, integer=True, hint="0: all images"),
+    "test_subset": Number(0, integer=True, hint="0: all images"),
+    "halt_at": Number(0, integer=True, hint="an iteration"),
+}
 
 
 @dataclass
@@ -17,6 +41,7 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # create_model keywords: unit, shortcut, ...
     dataset: str = "cifar10"          # "cifar10" or "cifar100"
     data: str = "data"                # folder holding the CIFAR tarball or its extracted folder
+    synthetic: bool = False           # generated CIFAR-shaped data instead of --data (smoke tests)
     download: bool = False            # fetch through torchvision (needs internet)
     verify_data: bool = True          # md5 of every file, as torchvision checks
     preset: Optional[str] = None      # the Table 1/2/3 row this run reproduces, if any
@@ -60,25 +85,37 @@ class TrainConfig:
     halt_at: Optional[int] = None     # stop at this iteration with a checkpoint, as if interrupted
 
     def __post_init__(self) -> None:
+        check_numbers(dataclasses.asdict(self), NUMBERS)  # before any conversion: 2.5 stays refused
         self.milestones = tuple(int(m) for m in self.milestones)
         self.model_options = dict(self.model_options)
         checks = [
             (self.schedule_unit in ("iter", "epoch"), "schedule_unit", "'iter' or 'epoch'"),
             (self.amp in ("auto", "bf16", "none"), "amp", "'auto', 'bf16' or 'none'"),
-            (self.batch_size >= 1, "batch_size", "a positive integer"),
-            (self.lr > 0 and self.warmup_lr > 0, "lr", "positive"),
-            (self.stop >= 1, "stop", "a positive number of schedule units"),
             (list(self.milestones) == sorted(self.milestones), "milestones", "increasing"),
-            (min(self.log_every, 1) >= 1, "log_every", "a positive integer"),
+            (not self.nesterov or self.momentum > 0, "momentum",
+             "> 0 with --nesterov (Nesterov momentum needs momentum): drop --nesterov or set --momentum"),
+            (isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir",
+             "a folder name (an empty --out-dir would write into the current folder)"),
+            (self.synthetic or (isinstance(self.data, str) and self.data.strip() != ""), "data",
+             "a CIFAR folder (or leave --data out and pass --synthetic for generated data)"),
+            (self.run_name is None or _single_segment(self.run_name), "run_name",
+             "a single folder name inside --out-dir (no '/', '..' or absolute path)"),
         ]
         for ok, name, want in checks:
             if not ok:
-                raise GradflowError(f"{name}={getattr(self, name)!r} must be {want}")
+                raise GradflowError(f"{name}={getattr(self, name)!r} ({flag(name)}) must be {want}")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+def _single_segment(name: str) -> bool:
+    """True if ``name`` names a folder directly inside another: not empty, '.', '..', no separator."""
+    seps = [os.sep] + ([os.altsep] if os.altsep else []) + ["/"]
+    return (isinstance(name, str) and name.strip() not in ("", ".", "..") and "\0" not in name
+            and not any(sep in name for sep in seps))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
