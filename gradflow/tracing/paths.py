@@ -1,0 +1,243 @@
+"""dE/dx_l split by path length, exactly: the carrier of the components g^(k).
+
+Unrolled, a chain of n residual units is 2^n paths (Veit et al. 2016): at each
+unit a path takes the shortcut h or the residual branch F. The gradient at a
+unit's input x_l is the sum over the paths from x_l to x_L of each path's
+vector-Jacobian product with dE/dx_L; grouping the paths by the number k of
+branches they pass gives
+
+    dE/dx_l = sum_k g_l^(k)           g^(0): the direct term of eq. (5)/(8)
+
+and, through one unit y = combine(h(x), F(x), x), x_out = post(y),
+
+    g_in^(k) = S(g_out^(k)) + B(g_out^(k-1))
+
+where S is the vector-Jacobian product through post, the combine's h side (with
+its coefficient: 1, lambda or 1 - g(x)) and the shortcut, and B the same through
+the combine's other inputs: the branch F (with its coefficient) and, for gates,
+g(x)'s own dependence on x (a path through the gate's 1x1 conv passes a weight
+layer, so it counts as a branch). S + B is the unit's whole Jacobian, so the
+components always sum to dE/dx_l.
+
+:class:`PathCarrier` applies this to a stack ``[K+1, *x.shape]`` of components
+with two batched vector-Jacobian products per unit
+(``torch.autograd.grad(..., is_grads_batched=True)``) through the recorded
+graph (the same BN batch statistics and dropout masks as the forward; nothing
+is recomputed). With ``max_len=K`` the paths through more than K branches are
+kept summed in one more entry, the remainder (``k = -1`` in tables), which
+passes through the whole unit: R_in = S(R) + B(R + g^(K)).
+
+Each entry carries its own log scale (``v * exp(log_scale)``): a path through
+54 branches of gain 0.5 is 5.6e-17 of dE/dx_L, and its square is below
+float32's smallest normal number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import GradflowError
+
+
+@dataclass
+class UnitGraph:
+    """The gradient edges of one recorded unit call (``torch.autograd.graph.get_gradient_edge``).
+
+    ``h`` is the shortcut's output (a view of x for an identity shortcut), ``r``
+    the branch's, ``xc`` the alias of x the combine read (None if it reads no
+    x: a plain or scaled sum), ``out`` the unit's output. ``plain_sum`` says
+    y = h + F with no after-addition function: then the combine needs no
+    vector-Jacobian product of its own.
+    """
+
+    x: Any
+    h: Any
+    r: Any
+    out: Any
+    xc: Any = None
+    plain_sum: bool = False
+    name: str = ""
+
+
+@dataclass
+class PathStack:
+    """Components of dE/dx at one tensor: ``v[i] * exp(log_scale[i])``, i = 0 .. M-1.
+
+    Entry i holds the paths through exactly i branches, except the last entry
+    when ``remainder`` is True, which holds every path through more than
+    ``max_len`` branches.
+    """
+
+    v: Tensor               # [M, *x.shape], each entry scaled to max |v| = 1
+    log_scale: Tensor       # [M] float64, on v's device
+    remainder: bool = False
+
+    @property
+    def ks(self) -> list[int]:
+        """The path length of each entry; -1 for the remainder."""
+        m = self.v.shape[0]
+        return list(range(m - 1)) + [-1] if self.remainder else list(range(m))
+
+    def values(self, dtype=torch.float64) -> Tensor:
+        """The components themselves, [M, *x.shape] (float64 by default: deep ones underflow float32)."""
+        s = torch.exp(self.log_scale).to(dtype).view(-1, *([1] * (self.v.ndim - 1)))
+        return self.v.to(dtype) * s
+
+    def per_sample_norms(self) -> Tensor:
+        """[M, B] float64: ||g^(k)|| of each sample, without underflow."""
+        n = torch.linalg.vector_norm(self.v.detach().flatten(2), dim=2, dtype=_acc(self.v))
+        return n.double() * torch.exp(self.log_scale).view(-1, 1)
+
+    def per_sample_dots(self, g: Tensor) -> Tensor:
+        """[M, B] float64: <g^(k), g> per sample, for a tensor g shaped like x."""
+        dt = _acc(self.v)
+        d = torch.einsum("mbi,bi->mb", self.v.detach().flatten(2).to(dt), g.detach().flatten(1).to(dt))
+        return d.double() * torch.exp(self.log_scale).view(-1, 1)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is reduced in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rescale(v: Tensor, ls: Tensor) -> tuple[Tensor, Tensor]:
+    """Each entry divided by its max |v| (entries that are all zero, or not finite, kept as they are)."""
+    m = v.detach().flatten(1).abs().amax(dim=1).float()
+    m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+    return v / m.to(v.dtype).view(-1, *([1] * (v.ndim - 1))), ls + torch.log(m.double())
+
+
+def _bcast(f: Tensor, like: Tensor) -> Tensor:
+    return f.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+class PathCarrier:
+    """Carries a :class:`PathStack` from a unit's output to its input.
+
+    Args:
+        max_len: the longest path length kept as its own entry; longer paths
+            are summed into one remainder entry. None keeps every length.
+    """
+
+    def __init__(self, max_len: Optional[int] = None):
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
+            raise GradflowError(f"max_len={max_len!r} must be None (every length) or an int >= 0")
+        self.max_len = max_len
+
+    def start(self, g_top: Tensor) -> PathStack:
+        """The stack at x_L: dE/dx_L is the one path through no branch."""
+        ls = torch.zeros(1, dtype=torch.float64, device=g_top.device)
+        v, ls = _rescale(g_top.detach().unsqueeze(0), ls)
+        if self.max_len == 0:  # the remainder exists from the start (empty)
+            v = torch.cat([v, torch.zeros_like(v)])
+            ls = torch.cat([ls, torch.zeros_like(ls)])
+            return PathStack(v, ls, remainder=True)
+        return PathStack(v, ls)
+
+    # -- one unit --------------------------------------------------------------------
+
+    def split(self, unit: UnitGraph, v: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """dE/dh, dE/dF and the gate's dE/dx for every entry of ``v`` (dE/dx_out): post and combine."""
+        if unit.plain_sum:
+            return v, v, None
+        ins = [unit.h, unit.r] + ([unit.xc] if unit.xc is not None else [])
+        gs = _vjp([unit.out], ins, [v], allow_unused=True)
+        gh, gr = (g if g is not None else torch.zeros_like(v) for g in gs[:2])
+        gx = gs[2] if len(gs) > 2 else None
+        return gh, gr, gx
+
+    def through_unit(self, unit: UnitGraph, stack: PathStack) -> PathStack:
+        """The stack at the unit's input from the stack at its output."""
+        v, ls = stack.v, stack.log_scale
+        gh, gr, gx = self.split(unit, v)
+        m = v.shape[0]
+        neg = torch.full((1,), -float("inf"), dtype=ls.dtype, device=ls.device)
+        K = self.max_len
+        if not stack.remainder:
+            # entry k: shortcut side of entry k, branch side of entry k-1; the new last entry
+            # is length m (or the remainder, when m - 1 == max_len)
+            ls_h, ls_b = torch.cat([ls, neg]), torch.cat([neg, ls])
+            new = torch.maximum(ls_h, ls_b)
+            fh, fb = torch.exp(ls_h - new), torch.exp(ls_b - new)
+            zero = torch.zeros_like(gh[:1])
+            out_h = torch.cat([gh, zero]) * _bcast(fh, gh)
+            out_r = torch.cat([zero, gr]) * _bcast(fb, gr)
+            out_x = torch.cat([torch.zeros_like(gx[:1]), gx]) * _bcast(fb, gx) if gx is not None else None
+            remainder = K is not None and m == K + 1
+        else:
+            # entries 0..K and R: entry k <= K as above; R = S(R) + B(R + g^(K))
+            ls_k, ls_r = ls[:m - 1], ls[m - 1:]
+            ls_h = ls
+            ls_b = torch.cat([neg, ls_k[:-1], torch.maximum(ls_k[-1:], ls_r)])
+            new = torch.maximum(ls_h, ls_b)
+            fh = torch.exp(ls_h - new)
+            out_h = gh * _bcast(fh, gh)
+
+            def shifted(g: Tensor) -> Tensor:
+                fk = torch.exp(ls_k[-1:] - new[-1:])
+                fr = torch.exp(ls_r - new[-1:])
+                lower = g[:m - 2] * _bcast(torch.exp(ls_k[:-1] - new[1:m - 1]), g[:m - 2])
+                tail = g[m - 2:m - 1] * _bcast(fk, g) + g[m - 1:] * _bcast(fr, g)
+                return torch.cat([torch.zeros_like(g[:1]), lower, tail])
+            out_r = shifted(gr)
+            out_x = shifted(gx) if gx is not None else None
+            remainder = True
+        outs, grads = [unit.h, unit.r], [out_h, out_r]
+        if out_x is not None:
+            outs.append(unit.xc)
+            grads.append(out_x)
+        (g_in,) = _vjp(outs, [unit.x], grads)
+        g_in, new = _rescale(g_in, new)
+        return PathStack(g_in, new, remainder)
+
+    def through_link(self, x_next: Any, out_prev: Any, stack: PathStack) -> PathStack:
+        """Through the operations between one unit's output and the next unit's input (no branch)."""
+        (g,) = _vjp([x_next], [out_prev], [stack.v])
+        v, ls = _rescale(g, stack.log_scale)
+        return PathStack(v, ls, stack.remainder)
+
+    # -- Veit's sampled paths ------------------------------------------------------------
+
+    def through_unit_sampled(self, unit: UnitGraph, v: Tensor, ls: Tensor,
+                             branch: Tensor) -> tuple[Tensor, Tensor]:
+        """One sampled path per entry: entry i passes the unit's branch if ``branch[i]``, else its shortcut.
+
+        Args:
+            v, ls: [S, *out.shape] and [S] float64, as in a PathStack.
+            branch: [S] bool.
+        Returns:
+            (v, ls) at the unit's input.
+        """
+        gh, gr, gx = self.split(unit, v)
+        out = None
+        idx_b = branch.nonzero().flatten()
+        idx_s = (~branch).nonzero().flatten()
+        if idx_b.numel():
+            outs, grads = [unit.r], [gr.index_select(0, idx_b)]
+            if gx is not None:
+                outs.append(unit.xc)
+                grads.append(gx.index_select(0, idx_b))
+            (gb,) = _vjp(outs, [unit.x], grads)
+            out = gb.new_zeros((v.shape[0],) + gb.shape[1:])
+            out.index_copy_(0, idx_b, gb)
+        if idx_s.numel():
+            (gs,) = _vjp([unit.h], [unit.x], [gh.index_select(0, idx_s)])
+            if out is None:
+                out = gs.new_zeros((v.shape[0],) + gs.shape[1:])
+            out.index_copy_(0, idx_s, gs)
+        return _rescale(out, ls)
+
+
+def _vjp(outputs: list, inputs: list, grads: list, allow_unused: bool = False):
+    """Batched vector-Jacobian products through the recorded graph (the graph is kept)."""
+    try:
+        return torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=allow_unused,
+                                   is_grads_batched=True)
+    except RuntimeError as e:
+        raise GradflowError(
+            f"gradflow could not take the batched vector-Jacobian product through a unit's recorded "
+            f"graph ({e}). Operations without a batching rule for torch.vmap (some custom autograd "
+            "Functions) cannot be split by path length; declare the unit's parts without them") from e
