@@ -5,6 +5,7 @@ from .units import (DOWNSAMPLE_TYPES, SHORTCUT_TYPES, UNIT_TYPES, Gate, PadShort
 from .transformer import (TRANSFORMER_UNITS, GPT, ViT, TransformerBlock, TransformerSpec,
                           TransformerUnit)
 from . import transformer_zoo  # noqa: F401  (registers gpt-* and vit-cifar-*)
+from . import plain  # noqa: F401  (registers plain20 ... plain110, the lesion study's contrast)
 
 __all__ = ["CifarResNet", "cifar_resnet", "ResidualUnit", "UnitSpec", "Sum", "ScaledSum", "Gate",
            "PadShortcut", "UNIT_TYPES", "SHORTCUT_TYPES", "DOWNSAMPLE_TYPES"]
