@@ -17,6 +17,15 @@ from gradflow.tracing.paths import PathCarrier
 from tracing_helpers import unit_inputs_and_grads, zoo_direct
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is faster, and on a shared machine threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def batch(n=3, size=32, classes=10, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g)
