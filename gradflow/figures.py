@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 import platform
 import shlex
 import sys
@@ -23,12 +22,16 @@ from typing import Callable, Optional, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .io import atomic_write, atomic_write_text
+from .models.paper import paper_rows
+from .provenance import code_version, hardware
 
-INPUT = ("N(0, 1) images [batch, 3, 32, 32], uniform random labels over 10 classes, model in train "
-         "mode (BN batch statistics), mean cross-entropy, one forward and backward pass")
+INPUT = ("the probe's synthetic batch: N(0, 1) images [batch, 3, 32, 32] and uniform labels, drawn from "
+         "a generator seeded with the seed; model built at the same seed (He init), in train mode (BN batch "
+         "statistics), mean cross-entropy, one forward and backward pass (gradflow.probing.trace_at_init; "
+         "python -m gradflow.probe --model MODEL --seed SEED --batch-size BATCH traces the same network "
+         "on the same batch)")
 
 
 @dataclass(frozen=True)
@@ -60,19 +63,9 @@ def _config(label: str, model: str, options: dict) -> Config:
 
 
 def table_configs(table: str, model: Optional[str] = None) -> list[Config]:
-    """The trainer's presets of a paper table (one source of truth for the variants)."""
-    from .training import presets
-    out = []
-    for p in presets().values():
-        if p.table != table or p.missing or (model and p.model != model) or p.dataset != "cifar10":
-            continue
-        label = p.name.split("-", 1)[1]
-        if table == "2":
-            label = label.split("-", 1)[1]
-        elif table == "3":
-            label = f"{p.model} {label.rsplit('-', 1)[1]}"
-        out.append(_config(label, p.model, p.options))
-    return out
+    """The CIFAR-10 rows of a paper table (:mod:`gradflow.models.paper`, the one source of the variants)."""
+    return [_config(r.label, r.model, r.options)
+            for r in paper_rows(table, model, dataset="cifar10", runnable=True)]
 
 
 def figure_specs(deep_batch: int = 8) -> list[FigureSpec]:
@@ -144,28 +137,14 @@ def figure_specs(deep_batch: int = 8) -> list[FigureSpec]:
 
 
 def trace_at_init(config: Config, batch: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Trace one forward/backward of a freshly initialised model: (units, samples)."""
-    from . import create_model, trace
-    torch.manual_seed(seed)
-    model = create_model(config.model, **dict(config.options))
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    with trace(model) as tr:
-        F.cross_entropy(model(x), y).backward()
-    return tr.units, tr.samples
+    """Trace one forward/backward of a freshly initialised model: (units, samples).
 
-
-def hardware() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    The probe's own step (:func:`gradflow.probing.trace_at_init`): the same
+    network, batch and labels as ``python -m gradflow.probe`` at this seed and batch.
+    """
+    from .probing.step import trace_at_init as trace_once_at_init
+    traced = trace_once_at_init(config.model, dict(config.options), seed=seed, batch_size=batch)
+    return traced.units, traced.samples
 
 
 def _save(fig, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
@@ -173,7 +152,7 @@ def _save(fig, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
     for fmt in formats:
         meta = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
         path = out / f"{name}.{fmt}"
-        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=200, bbox_inches="tight", metadata=meta))
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=200, metadata=meta))  # whole: constrained layout
         paths.append(path)
     return paths
 
@@ -183,7 +162,6 @@ def _caption(lines: list[str], common: list[str]) -> str:
 
 
 def _common(command: str) -> list[str]:
-    from .training.runlog import code_version
     code = code_version()
     return [f"command: {command}",
             f"gradflow: {code.get('gradflow', '?')}, git commit {code.get('git_commit', 'unknown')}"

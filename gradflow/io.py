@@ -60,3 +60,28 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], fsync: b
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of ``text`` encoded as UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def json_safe(obj):
+    """A JSON-safe copy: numpy scalars to Python, NaN and infinities to None (JSON has no NaN), tuples to lists.
+
+    The one cleaner for every JSON file gradflow writes; anything else becomes its ``str``.
+    """
+    import math
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:   # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def json_text(obj) -> str:
+    """``obj`` as indented, strict JSON (through :func:`json_safe`), with a final newline."""
+    import json
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"

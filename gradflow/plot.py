@@ -16,12 +16,19 @@ direct term is dE/dx_L carried back through shortcuts and after-addition
 activations only (eq. 5 and 8), the prediction is
 :func:`gradflow.theory.predict_direct`. Decay rates are changes of log(ratio)
 per unit toward the input (positive: grows toward the input).
+
+Sizes: every figure is laid out with constrained layout and sized so that a
+plain ``fig.savefig(path)`` holds its titles and legends whole; long titles are
+wrapped to the figure's width. Vertical lines mark where the signal changes
+shape (the projection shortcuts), between the last unit that reads the old
+shape and the first that reads the new one.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import textwrap
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import matplotlib as mpl
@@ -32,11 +39,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .errors import GradflowError
-from .theory import decay_rate, predict_direct, variance_growth
+from .theory import decay_rate, per_unit, predict_direct, shape_groups, variance_growth
 
 Records = Union[pd.DataFrame, Mapping[str, pd.DataFrame]]
 
 PANEL_W, PANEL_H = 3.4, 2.6   # inches per panel: two panels span a paper's text width
+MIN_W = 6.0                   # inches: a figure narrower than this cannot hold its title and legend
 COLOURS = {"total": "#0173b2", "direct": "#de8f05", "predicted": "#222222", "fit": "#cc3311"}
 
 
@@ -44,7 +52,7 @@ COLOURS = {"total": "#0173b2", "direct": "#de8f05", "predicted": "#222222", "fit
 def style(font_scale: float = 1.0):
     """The one style of gradflow's figures (seaborn 'ticks' + 'paper'), for this block only."""
     rc = {"axes.grid": True, "grid.linestyle": ":", "grid.alpha": 0.6, "legend.frameon": False,
-          "savefig.bbox": "tight", "figure.dpi": 100, "savefig.dpi": 200}
+          "figure.dpi": 100, "savefig.dpi": 200}
     with sns.axes_style("ticks", rc=rc), sns.plotting_context("paper", font_scale=font_scale, rc=rc):
         with mpl.rc_context({k: v for k, v in rc.items() if k not in ("backend", "interactive")}):
             yield
@@ -55,8 +63,21 @@ def _subplots(*args, **kwargs):
 
     Notebooks display the returned Figure as a cell's value (``fig``), scripts save it.
     """
-    fig = Figure(figsize=kwargs.pop("figsize"), layout="constrained")
+    w, h = kwargs.pop("figsize")
+    fig = Figure(figsize=(max(w, MIN_W), h), layout="constrained")
     return fig, fig.subplots(*args, **kwargs)
+
+
+def _title(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to its width (constrained layout makes room for every line)."""
+    chars = max(30, int(fig.get_figwidth() * 13))   # ~13 characters per inch at the paper context's size
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)))
+
+
+def _ax_title(ax, text: str, fig: Figure, share: float = 1.0, **kwargs) -> None:
+    """An axes title wrapped to the axes' share of the figure's width."""
+    chars = max(20, int(fig.get_figwidth() * share * 14))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), **kwargs)
 
 
 def _styled(fn):
@@ -96,7 +117,7 @@ def _panels(n: int, ncols: Optional[int] = None, sharex: bool = False, sharey: b
             w: float = PANEL_W, h: float = PANEL_H):
     ncols = ncols or min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, axes = _subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False,
+    fig, axes = _subplots(nrows, ncols, figsize=(w * ncols, h * nrows + 0.9), squeeze=False,
                              sharex=sharex, sharey=sharey)
     flat = list(axes.flat)
     for ax in flat[n:]:
@@ -104,14 +125,25 @@ def _panels(n: int, ncols: Optional[int] = None, sharex: bool = False, sharey: b
     return fig, flat[:n]
 
 
+def shape_changes(body: pd.DataFrame) -> np.ndarray:
+    """Positions between units where the input shape changes: (l + l') / 2 for consecutive units l, l'.
+
+    That is where a projection shortcut sits: unit l still reads the old shape,
+    unit l' the new one, and the norms of x_l and dE/dx_l change meaning there.
+    """
+    b = body.drop_duplicates("unit").sort_values("unit") if "unit" in body else body
+    if b.empty or ("x_shape" not in b and "stage" not in b):
+        return np.array([])
+    key = shape_groups(b.drop(columns=["step"], errors="ignore"))
+    u = b["unit"].to_numpy(float)
+    at = np.flatnonzero(key[1:] != key[:-1])
+    return (u[at] + u[at + 1]) / 2
+
+
 def _stage_lines(ax, body: pd.DataFrame) -> None:
-    """Dotted verticals where a new stage starts (projection shortcuts: norms change meaning)."""
-    if "stage" not in body:
-        return
-    first = body.groupby("stage")["unit"].min().sort_values().to_numpy()[1:]
-    for i, u in enumerate(first):
-        ax.axvline(u - 0.5, color="0.5", lw=0.8, ls=":", zorder=0,
-                   label="stage boundary" if i == 0 else None)
+    """Dotted verticals where the signal's shape changes (projection shortcuts: norms change meaning)."""
+    for i, x in enumerate(shape_changes(body)):
+        ax.axvline(x, color="0.5", lw=0.8, ls=":", zorder=0, label="shape change (projection)" if i == 0 else None)
 
 
 def _legend_below(fig: Figure, axes, ncol: int = 4) -> None:
@@ -168,7 +200,7 @@ def gradient_depth(units: Records, by: str = "config", step: Optional[int] = Non
         ax.set_xlabel("unit l (input → output)")
         ax.set_ylabel("||dE/dx_l|| / ||dE/dx_L||")
     _legend_below(fig, axes)
-    fig.suptitle(title or "Gradient norm per unit, relative to the top (x_L): total vs direct term "
+    _title(fig, title or "Gradient norm per unit, relative to the top (x_L): total vs direct term "
                  "vs prediction")
     return fig
 
@@ -221,7 +253,7 @@ def decay_rates(units: Records, by: str = "config", title: Optional[str] = None)
     ax.invert_yaxis()
     ax.set_xlabel("fitted d log(||dE/dx_l|| / ||dE/dx_L||) per unit toward the input")
     ax.legend(loc="best", fontsize="small")
-    ax.set_title(title or "Decay rates across depth (95% CI); prediction: log(lambda) for scaling")
+    _ax_title(ax, title or "Decay rates across depth (95% CI); prediction: log(lambda) for scaling", fig)
     return fig
 
 
@@ -236,8 +268,7 @@ def linear_growth_fit(units: pd.DataFrame, column: str = "x_var") -> pd.Series:
     """
     body = _body(units)
     fit = variance_growth(body)["linear"]
-    key = body["x_shape"] if "x_shape" in body else body["stage"]
-    key = key.astype(str) + "/" + body["step"].astype(str)
+    key = shape_groups(body)
     resid = body[column] - fit["slope"] * body["unit"]
     return fit["slope"] * body["unit"] + resid.groupby(key).transform("mean")
 
@@ -261,8 +292,7 @@ def activation_growth(units: Records, by: str = "config", step: Optional[int] = 
         fitted = linear_growth_fit(body)
         growth = variance_growth(body)
         # one line per stage, so the resets at projections are not joined up
-        key = body["x_shape"].astype(str) if "x_shape" in body else body["stage"].astype(str)
-        for i, (_, idx) in enumerate(body.groupby(key, sort=False).groups.items()):
+        for i, (_, idx) in enumerate(body.groupby(shape_groups(body), sort=False).groups.items()):
             ax.plot(body.loc[idx, "unit"], fitted.loc[idx], color=COLOURS["fit"], lw=1.2,
                     label="linear growth (fit, per stage)" if i == 0 else None)
         _stage_lines(ax, body)
@@ -272,7 +302,7 @@ def activation_growth(units: Records, by: str = "config", step: Optional[int] = 
         ax.set_xlabel("unit l (input → output)")
         ax.set_ylabel("Var(x_l)")
     _legend_below(fig, axes)
-    fig.suptitle(title or "Variance of the signal x_l entering each unit vs linear growth")
+    _title(fig, title or "Variance of the signal x_l entering each unit vs linear growth")
     return fig
 
 
@@ -311,7 +341,7 @@ def cosine_distribution(samples: Records, by: str = "config", step: Optional[int
         ax.set_xlabel("unit l (input → output)")
         ax.set_ylabel("cos(direct, residual)")
     _legend_below(fig, axes)
-    fig.suptitle(title or "Cosine between the direct and residual terms of dE/dx_l, per sample")
+    _title(fig, title or "Cosine between the direct and residual terms of dE/dx_l, per sample")
     return fig
 
 
@@ -374,7 +404,7 @@ def training_curves(log, title: Optional[str] = None, percent: bool = True) -> F
     fig, ax = _subplots(figsize=(PANEL_W * 1.6, PANEL_H * 1.3))
     _curves(ax, log, runs, colours, percent)
     _curve_legend(fig, runs, colours)
-    ax.set_title(title or "Training loss (dashed) and test error (solid)")
+    _ax_title(ax, title or "Training loss (dashed) and test error (solid)", fig)
     return fig
 
 
@@ -400,7 +430,7 @@ def training_curve_panels(log, panels: Optional[Mapping[str, Sequence[str]]] = N
         _curves(ax, log, members, colours, percent)
         ax.set_title(name, fontsize="medium")
     _curve_legend(fig, runs, colours)
-    fig.suptitle(title or "Training loss (dashed, left) and test error (solid, right)")
+    _title(fig, title or "Training loss (dashed, left) and test error (solid, right)")
     return fig
 
 
@@ -446,7 +476,7 @@ def gradient_heatmap(probe: pd.DataFrame, column: str = "grad_ratio", run: Optio
     mesh = _heatmap(ax, probe, column, run)
     fig.colorbar(mesh, ax=ax, label=f"log10 {column}")
     ax.set_xlabel("iteration")
-    ax.set_title(title or f"log10 {column} per unit over training")
+    _ax_title(ax, title or f"log10 {column} per unit over training", fig)
     return fig
 
 
@@ -484,7 +514,7 @@ def decay_rate_over_training(probe: pd.DataFrame, columns: Sequence[str] = ("gra
     """Fitted change of log(ratio) per unit toward the input, at each probed iteration (95% band)."""
     fig, ax = _subplots(figsize=(PANEL_W * 1.6, PANEL_H * 1.2))
     _rates_over_training(ax, probe, columns, run)
-    ax.set_title(title or "Fitted gradient decay rate across depth, over training")
+    _ax_title(ax, title or "Fitted gradient decay rate across depth, over training", fig)
     return fig
 
 
@@ -498,5 +528,48 @@ def gradient_flow_over_training(probe: pd.DataFrame, column: str = "grad_ratio",
     fig.colorbar(mesh, ax=top, label=f"log10 {column}")
     top.set_title(f"log10 {column} per unit")
     _rates_over_training(bottom, probe, (column, "direct_ratio"), run)
-    fig.suptitle(title or "Gradient flow over training")
+    _title(fig, title or "Gradient flow over training")
+    return fig
+
+
+# --- the probe's overview ---------------------------------------------------------------------
+
+@_styled
+def probe_overview(tables: Records, title: Optional[str] = None) -> Figure:
+    """The probe's figure: gradient (left) and activation norms (right) per unit, every network on the same axes.
+
+    Left: ||dE/dx_l|| / ||dE/dx_L|| on a log axis, the total (solid), the direct
+    term (dashed) and its prediction from eq. (5)/(8) (dotted). Right: ||x_l||
+    (per sample, batch mean; log axis). One colour per network; ``tables`` is one
+    units table or ``{label: table}``.
+    """
+    if isinstance(tables, pd.DataFrame):
+        tables = {"": tables}
+    fig, (ax_g, ax_x) = _subplots(1, 2, figsize=(11, 4.2))
+    colours = sns.color_palette("tab10" if len(tables) <= 10 else "tab20", len(tables))
+    for (label, units), colour in zip(tables.items(), colours):
+        df = per_unit(units)
+        u = df["unit"].to_numpy()
+        for ax, column, ls, lab, kw in ((ax_g, "grad_ratio", "-", label or "total", {}),
+                                        (ax_g, "direct_ratio", "--", None, {}),
+                                        (ax_g, "pred_direct_ratio", ":", None, dict(lw=2.2, alpha=0.8)),
+                                        (ax_x, "x_norm", "-", label or "||x_l||", {})):
+            if column in df:
+                ax.plot(u, _positive(df[column]), ls=ls, color=colour, label=lab, **{"lw": 1.4, **kw})
+    if len(tables) == 1:
+        body = per_unit(next(iter(tables.values())))
+        _stage_lines(ax_g, body)
+        _stage_lines(ax_x, body)
+    ax_g.set(yscale="log", xlabel="unit l (input → output)", ylabel="||dE/dx_l|| / ||dE/dx_L||",
+             title="gradient across depth")
+    ax_x.set(yscale="log", xlabel="unit l (input → output)", ylabel="||x_l|| (per sample, batch mean)",
+             title="activations across depth")
+    styles = [Line2D([], [], color="0.3", ls=ls, label=lab) for ls, lab in
+              (("-", "total"), ("--", "direct term"), (":", "prediction, eq. (5)/(8)"))]
+    ax_g.legend(handles=styles, fontsize="small", loc="best")
+    if len(tables) > 1:
+        handles = [Line2D([], [], color=c, label=lab) for lab, c in zip(tables, colours)]
+        fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    if title:
+        _title(fig, title)
     return fig

@@ -214,3 +214,217 @@ def test_bad_input_in_process(case, bad_files, capsys):
     code = main(["--no-progress", *_args(args, bad_files)])
     cap = capsys.readouterr()
     _check(case, want, code, cap.out, cap.err)
+
+
+# --- the report's words (issue 14): the finding first, no verdict that holds by construction -------
+
+def _report(cfg: ProbeConfig):
+    from gradflow.probing import format_report, report_dict
+    res = run_probe(cfg)
+    rep = report_dict(res)
+    return res, rep, format_report(rep)
+
+
+NEVER = ("cannot vanish", "no gradient recorded", "as predicted;", "the direct term is as predicted")
+
+
+def test_report_identity_leads_with_the_finding_checked_by_autograd():
+    res, rep, text = _report(ProbeConfig(model="resnet20", batch_size=4, seed=2, progress=False))
+    lines = text.splitlines()
+    assert lines[0].startswith("resnet20") and lines[1].startswith("finding: ")
+    assert text.count("by construction") == 2 and lines[2].startswith("by construction: ")  # said once, + its label
+    assert not any(n in text for n in NEVER), text
+    v = rep["variants"][0]
+    assert v["equation"] == "eq. (5)" and v["verdicts"]["direct"].startswith("eq. (5) holds")
+    assert "direct_rate" not in v["verdicts"]   # 0 = 0 by construction for identity shortcuts: not spent
+    # independent: plain autograd on the same network and batch
+    built = build_model("resnet20", {}, seed=2)
+    (x, y), = synthetic(4, 1, 32, seed=2)
+    want = autograd_ratios(built.module, x, y)
+    assert v["finding"]["total_change"] == pytest.approx(want[0], rel=1e-4)
+    units = built.module.units()
+    for s in v["stages"]:
+        a, b = s["own_units"]
+        # a stage's growth starts at its first unit that reads the stage's own shape (not the projection)
+        assert units[a].in_channels == units[a].out_channels and units[a].stride == 1
+        assert s["growth"] == pytest.approx(want[a] / want[b], rel=1e-4)
+    # the share is ||direct|| / ||dE/dx_l|| per sample, batch mean
+    unit = res.variants[next(iter(res.variants))].units
+    assert unit.loc[~unit["is_top"], "direct_share"].between(0, 1.0 + 1e-6).all()
+
+
+def test_report_post_activation_and_lambda_and_gate_verdicts_are_claims():
+    cfg = ProbeConfig(model="resnet20", batch_size=4, progress=False,
+                      compare={"original": dict(unit="original"),
+                               "scale": dict(unit="original", shortcut="scale", scale=0.5),
+                               "gate": dict(unit="original", shortcut="exclusive_gate", gate_bias=0.0)})
+    res, rep, text = _report(cfg)
+    assert not any(n in text for n in NEVER), text
+    v = {r["label"]: r for r in rep["variants"]}
+    # ReLU after the addition: eq. (5) does not hold, and the report says so instead of "as predicted"
+    assert v["original"]["verdicts"]["direct"].startswith("eq. (5) does not hold")
+    assert not v["original"]["equation"].startswith("eq. (5)")
+    assert v["original"]["by_construction"]
+    # lambda products and gates are real claims: no "by construction" line, a verdict each
+    assert v["scale"]["by_construction"] is None and v["gate"]["by_construction"] is None
+    assert v["scale"]["verdicts"]["direct"].startswith("direct term follows eq. (8)")
+    assert v["scale"]["summary"]["predicted_direct_rate"] == pytest.approx(np.log(0.5))
+    assert v["gate"]["verdicts"]["direct"].startswith("direct term approximately follows")
+    # the compare table leads, with each network's share at the first unit
+    assert text.splitlines()[0].startswith("finding, per network")
+
+
+def test_report_without_a_split_says_so_and_nothing_about_cancelling():
+    from gradflow.probing import trace_once
+    from gradflow.probing.report import format_report, variant_report
+    from gradflow.probing.run import VariantResult
+    built = build_model("resnet20", {}, seed=0)
+    traced = trace_once(built.module, synthetic(4, 1, 32, seed=0), seed=0, split=False)
+    units = traced.units
+    body = units[~units["is_top"]]
+    assert "direct_ratio" not in body or body["direct_ratio"].isna().all()
+    v = variant_report(VariantResult("no split", "resnet20", {}, "zoo", units, traced.tracer.summary(), {}))
+    assert "no direct/residual split" in v["finding"]["text"]
+    assert "cancel" not in v["verdicts"] and v["by_construction"] is None
+    assert all("no direct/residual split here" in s["verdict"] for s in v["stages"])
+    text = format_report({"inputs": "x", "config": dict(mode="train", device="cpu", seed=0, batch_size=4,
+                                                         batches=1, image_size=32), "variants": [v]})
+    assert not any(n in text for n in NEVER), text
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.LayerNorm(w), torch.nn.Linear(w, w), torch.nn.GELU())
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class _MLP(torch.nn.Module):
+    """A hand-written residual MLP, found through torch.fx (no declaration)."""
+
+    def __init__(self, w=16, depth=4):
+        super().__init__()
+        self.inp = torch.nn.Linear(3 * 8 * 8, w)
+        self.blocks = torch.nn.Sequential(*[_Residual(w) for _ in range(depth)])
+        self.head = torch.nn.Linear(w, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x.flatten(1))))
+
+
+def test_report_fx_found_units_speak_only_of_what_was_recorded():
+    from gradflow.probing import trace_once
+    from gradflow.probing.report import format_report, variant_report
+    from gradflow.probing.run import VariantResult
+    torch.manual_seed(0)
+    traced = trace_once(_MLP(), synthetic(4, 1, 8, seed=0), seed=0)
+    units = traced.units
+    v = variant_report(VariantResult("mlp", "mlp", {}, "fx", units, traced.tracer.summary(), {}))
+    text = format_report({"inputs": "x", "config": dict(mode="train", device="cpu", seed=0, batch_size=4,
+                                                         batches=1, image_size=8), "variants": [v]})
+    assert not any(n in text for n in NEVER), text
+    body = units[~units["is_top"]]
+    assert len(body) == 4 and body["grad_ratio"].notna().all()
+    split = "direct_ratio" in body and body["direct_ratio"].notna().any()
+    assert ("no direct/residual split" in v["finding"]["text"]) != bool(split)
+    assert ("cancel" in v["verdicts"]) == bool(split)
+
+
+def test_report_third_party_resnets_are_not_labelled_eq5():
+    for name in ("torchvision:resnet18", "timm:resnet18"):
+        res, rep, text = _report(ProbeConfig(model=name, batch_size=2, image_size=32, progress=False))
+        v = rep["variants"][0]
+        # ReLU after the addition: eq. (5) does not apply, whatever the identity shortcuts suggest
+        assert not v["equation"].startswith("eq. (5)"), (name, v["equation"])
+        assert "prediction for the direct term: eq. (5)" not in text
+        assert v["verdicts"]["direct"].startswith("eq. (5) does not hold"), (name, v["verdicts"])
+        assert not any(n in text for n in NEVER), text
+        # stages after the first hold one unit of their own shape: said, with its numbers
+        one = [s for s in v["stages"] if s["growth"] is None]
+        assert one and all("one unit reads this shape" in s["verdict"] for s in one)
+
+
+# --- the probe leaves the caller's model as it found it; releases variants; records what it probed ---
+
+def test_probe_model_restores_the_callers_model():
+    from gradflow.probing.run import probe_model
+    built = build_model("resnet20", dict(shortcut="dropout"), seed=0)
+    model = built.module
+    model.eval()
+    model.stages[1].train()                        # a mixed-mode model, as users make them
+    model.fc.weight.requires_grad_(False)          # a partly frozen one
+    modes = {n: m.training for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    devices = {p.device for p in model.parameters()}
+    rng = torch.get_rng_state()
+    probe_model(built, synthetic(4, 1, 32, seed=0), ProbeConfig(model="resnet20", mode="train"),
+                torch.device("cpu"), "x")
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    for n, b in model.named_buffers():   # train-mode BN would have moved its running statistics
+        assert torch.equal(b, buffers[n]), n
+    assert {p.device for p in model.parameters()} == devices
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.xfail(strict=False, reason="gradflow.tracing keeps the tracer (and so the model) alive after a "
+                   "traced backward: each unit-input hook's closure holds its call, whose gradient edges hold the "
+                   "autograd node that holds the hook, a cycle through C++ that gc cannot collect")
+def test_compare_releases_each_variant_before_building_the_next(monkeypatch):
+    import gc
+    import weakref
+    import gradflow.probing.run as run
+    refs, alive_at_build = [], []
+    real = run.build_model
+
+    def tracked(*args, **kwargs):
+        gc.collect()
+        alive_at_build.append(sum(r() is not None for r in refs))
+        built = real(*args, **kwargs)
+        refs.append(weakref.ref(built.module))
+        return built
+
+    monkeypatch.setattr(run, "build_model", tracked)
+    res = run_probe(ProbeConfig(model="resnet20", batch_size=2, progress=False,
+                                compare={"a": dict(unit="original"), "b": dict(unit="full_preact"),
+                                         "c": dict(shortcut="scale")}))
+    assert len(res.variants) == 3 and alive_at_build == [0, 0, 0]
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_checkpoint_probe_records_the_probed_model_and_real_timings(tmp_path):
+    from gradflow.probing import report_dict, write_outputs
+    from gradflow.training.checkpoint import save_checkpoint
+    model = gradflow.create_model("resnet32", unit="original")
+    save_checkpoint(tmp_path / "c.pt", {"model": "resnet32", "options": {"unit": "original"},
+                                        "model_state": model.state_dict()})
+    res = run_probe(ProbeConfig(checkpoint=str(tmp_path / "c.pt"), batch_size=2, progress=False))
+    assert res.config["model"] == "resnet32" and res.config["options"] == {"unit": "original"}
+    write_outputs(res, report_dict(res), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"] == "resnet32"   # not the CLI's default resnet1001
+    timings = json.loads((tmp_path / "summary.json").read_text())["variants"][0]["timings"]
+    assert timings["build"] > 1e-4 and timings["steps"][0] > 1e-3   # measured, not the 7e-07 of an empty span
+
+
+def test_figures_trace_the_probes_network_and_batch():
+    from gradflow.figures import Config, trace_at_init
+    units, _ = trace_at_init(Config("x", "resnet20", (("unit", "original"),)), 4, 5)
+    res = run_probe(ProbeConfig(model="resnet20", options=dict(unit="original"), batch_size=4, seed=5,
+                                progress=False))
+    probed = next(iter(res.variants.values())).units
+    np.testing.assert_array_equal(units["grad_ratio"].to_numpy(), probed["grad_ratio"].to_numpy())
+
+
+def test_compare_sets_come_from_the_one_paper_table():
+    from gradflow.models.paper import paper_rows
+    from gradflow.figures import table_configs
+    t1 = parse_compare(["table1"])
+    rows = [r for r in paper_rows("1") if not r.sweep]
+    assert list(t1) == [r.label for r in rows] and len(t1) == 10
+    assert {c.label for c in table_configs("1")} == {r.label for r in paper_rows("1")}

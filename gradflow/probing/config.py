@@ -13,29 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from ..errors import GradflowError, unknown
+from ..models.paper import compare_set
 
-# The zoo options that pick a Table 1 / Table 2 variant (and its parameters).
-VARIANT_KEYS = ("unit", "shortcut", "scale", "scale_branch", "gate_bias", "dropout", "downsample",
-                "num_classes")
-
-# Table 1 of the paper (PAPER.md section 2): shortcut variants on original units (f = ReLU).
-TABLE1: dict[str, dict[str, Any]] = {
-    "original": dict(unit="original", shortcut="identity"),
-    "scale 0": dict(unit="original", shortcut="scale", scale=0.0),
-    "scale 0.5": dict(unit="original", shortcut="scale", scale=0.5),
-    "scale 0.5/0.5": dict(unit="original", shortcut="scale", scale=0.5, scale_branch=True),
-    "exclusive gate b=0": dict(unit="original", shortcut="exclusive_gate", gate_bias=0.0),
-    "exclusive gate b=-6": dict(unit="original", shortcut="exclusive_gate", gate_bias=-6.0),
-    "shortcut gate b=0": dict(unit="original", shortcut="shortcut_gate", gate_bias=0.0),
-    "shortcut gate b=-6": dict(unit="original", shortcut="shortcut_gate", gate_bias=-6.0),
-    "1x1 conv": dict(unit="original", shortcut="conv"),
-    "dropout 0.5": dict(unit="original", shortcut="dropout", dropout=0.5),
-}
-# Table 2: where the activation goes, identity shortcuts.
-TABLE2: dict[str, dict[str, Any]] = {
-    u: dict(unit=u, shortcut="identity")
-    for u in ("original", "bn_after_addition", "relu_before_addition", "relu_only_preact", "full_preact")
-}
+# The paper's variant sets, derived from the one table in gradflow.models.paper.
+TABLE1: dict[str, dict[str, Any]] = compare_set("table1")   # shortcut variants on original units
+TABLE2: dict[str, dict[str, Any]] = compare_set("table2")   # where the activation goes
 COMPARE_SETS = {"table1": TABLE1, "table2": TABLE2}
 
 
@@ -121,14 +103,6 @@ def parse_compare(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def parse_option(text: str) -> tuple[str, Any]:
-    """``"scale=0.5"`` -> ("scale", 0.5); values are Python literals where they parse, else strings."""
-    key, eq, value = text.strip().partition("=")
-    key = key.strip().replace("-", "_")
-    if not eq or not key:
-        raise GradflowError(f"{text!r} is not KEY=VALUE (e.g. unit=original or scale=0.5)")
-    if key == "lambda":
-        key = "scale"
-    try:
-        return key, ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        return key, value.strip()
+    """``"scale=0.5"`` -> ("scale", 0.5): gradflow.cli's one KEY=VALUE parser (dashes, ``lambda``)."""
+    from ..cli import parse_key_value
+    return parse_key_value(text, "--compare item")

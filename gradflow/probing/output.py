@@ -5,13 +5,12 @@ place with ``os.replace``, so a reader never sees half a file.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from ..errors import GradflowError
-from ..io import atomic_write
+from ..io import atomic_write, json_text
 
 FILES = {"units": "units.csv", "summary": "summary.json", "config": "config.json", "figure": "figure.png"}
 
@@ -45,5 +44,4 @@ def write_outputs(result, report: dict, out: Path) -> dict[str, str]:
 
 
 def _json(obj) -> bytes:
-    from .report import clean
-    return (json.dumps(clean(obj), indent=2, allow_nan=False) + "\n").encode()
+    return json_text(obj).encode()

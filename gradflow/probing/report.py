@@ -1,31 +1,81 @@
-"""The probe's report: per-stage numbers and plain-word verdicts, as a dict and as text.
+"""The probe's report: the finding first, then per-stage numbers and verdicts, as a dict and as text.
 
 Everything here is a function of the tables and summary the probe recorded.
-The prediction of eq. (5)/(8) is about the *direct* term; the total gradient is
-reported beside it and judged on its own (PAPER.md section 8): with BN the
-residual paths can amplify it, and the report says so instead of calling it a
-failed prediction.
+
+What the report says, in this order:
+
+1. The finding: how much the total gradient ||dE/dx_l|| changes from x_L to the
+   input, how much the direct term changes, and the share of ||dE/dx_l|| the
+   direct term carries at each stage's first and last unit. At initialisation,
+   BN nets show the total growing by orders of magnitude toward the input while
+   the direct term stays put (PAPER.md section 8).
+2. What holds by construction, said once and never spent as a verdict: with
+   identity shortcuts the prediction *is* the identity-path reference chain, so
+   "direct == prediction" cannot fail.
+3. Verdicts only on what can come out either way: that the direct term stays
+   constant within a stage (eq. 5, false when an activation f sits after the
+   addition), lambda products (eq. 8), gates (mean-field), what the projection
+   shortcuts do to the direct term, the total's fitted rate, cancellation.
+
+Stages are the network's stages; a stage's growth is measured from its first
+unit that reads the stage's own shape (the projection unit that brings the
+shape is reported on its own line).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
+from ..io import json_safe as clean  # noqa: F401  (kept importable as gradflow.probing.report.clean)
+from ..theory import per_unit
+
 MATCH_TOL = 1e-3     # |direct / prediction - 1| below this at every unit counts as "follows"
 LEVEL = 0.005        # |log change per unit| below this counts as "level"
+STAY_TOL = 1e-3      # |log change| of the direct term within a stage below this counts as "stays put"
 
 
-def per_unit(units: pd.DataFrame) -> pd.DataFrame:
-    """One row per unit (body only), numeric columns averaged over the recorded steps."""
-    body = units[~units["is_top"].astype(bool)]
-    num = body.groupby("unit").mean(numeric_only=True)
-    meta = body.groupby("unit")[["name", "stage", "x_shape"]].first()
-    if "pred_basis" in body:
-        meta["pred_basis"] = body.groupby("unit")["pred_basis"].first()
-    return meta.join(num.drop(columns=[c for c in ("stage",) if c in num]), how="left").reset_index()
+# --- per-unit facts ----------------------------------------------------------------------
+
+def _units(units: pd.DataFrame) -> pd.DataFrame:
+    """per_unit() plus ``next_shape`` (the shape the unit writes), ``reshapes`` and ``share``."""
+    df = per_unit(units).sort_values("unit").reset_index(drop=True)
+    top = units[units["is_top"].astype(bool)] if "is_top" in units else units.iloc[0:0]
+    out_shape = str(top["x_shape"].iloc[0]) if len(top) and "x_shape" in top else None
+    shapes = df["x_shape"].astype(str).tolist() if "x_shape" in df else [None] * len(df)
+    df["next_shape"] = shapes[1:] + [out_shape if out_shape is not None else shapes[-1] if shapes else None]
+    df["reshapes"] = [a is not None and b is not None and a != b for a, b in zip(shapes, df["next_shape"])]
+    if "direct_share" in df:
+        df["share"] = df["direct_share"]
+    elif "direct_ratio" in df and "grad_ratio" in df:
+        df["share"] = df["direct_ratio"] / df["grad_ratio"]
+    return df
+
+
+def _has_split(df: pd.DataFrame) -> bool:
+    return "direct_ratio" in df and bool(df["direct_ratio"].notna().any())
+
+
+def _identity_only(df: pd.DataFrame) -> bool:
+    """Every unit's shortcut coefficient is the closed-form 1 (identity shortcuts, projections aside)."""
+    return "scalar_coef" in df and bool((df["scalar_coef"].astype(float) == 1.0).all())
+
+
+def _within_stage_change(df: pd.DataFrame) -> float:
+    """Largest |log| change of the direct term between consecutive units that read the same shape."""
+    if not _has_split(df):
+        return float("nan")
+    worst = 0.0
+    for _, g in df.groupby(df["x_shape"].astype(str), sort=False):
+        d = g.sort_values("unit")["direct_ratio"].to_numpy(float)
+        d = d[np.isfinite(d)]
+        if len(d) > 1 and (d > 0).all():
+            worst = max(worst, float(np.abs(np.diff(np.log(d))).max()))
+        elif len(d) > 1 and (d > 0).any():
+            return float("inf")
+    return worst
 
 
 def _comparable(df: pd.DataFrame) -> pd.DataFrame:
@@ -36,77 +86,187 @@ def _comparable(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _end(row: pd.Series) -> dict:
-    return {k: _num(row.get(k)) for k in ("unit", "grad_ratio", "direct_ratio", "pred_direct_ratio",
-                                          "cancel_frac")} | {"name": row["name"]}
+    keys = ("unit", "grad_ratio", "direct_ratio", "pred_direct_ratio", "cancel_frac", "share")
+    return {k: _num(row.get(k)) for k in keys} | {"name": row["name"], "unit": int(row["unit"])}
 
 
-def stage_rows(units: pd.DataFrame) -> list[dict]:
-    """Per stage: first and last unit's grad_ratio, direct_ratio, prediction, cancel share; a verdict."""
-    df = per_unit(units)
-    rows = []
-    for stage, g in df.groupby("stage", sort=True):
-        g = g.sort_values("unit")
-        first, last = g.iloc[0], g.iloc[-1]
-        row = dict(stage=int(stage), units=[int(first["unit"]), int(last["unit"])],
-                   x_shape=str(first["x_shape"]), first=_end(first), last=_end(last),
-                   cancel_frac_max=_num(g["cancel_frac"].max()) if "cancel_frac" in g else None)
-        row["verdict"] = _stage_verdict(g, first, last)
-        rows.append(row)
-    return rows
-
-
-def _stage_verdict(g: pd.DataFrame, first: pd.Series, last: pd.Series) -> str:
-    parts = []
-    a, b = first.get("grad_ratio", np.nan), last.get("grad_ratio", np.nan)
-    if np.isfinite(a) and np.isfinite(b) and b > 0 and len(g) > 1:
-        r = a / b
-        if r > 1.5:
-            parts.append(f"the gradient grows x{r:.3g} toward the stage's input")
-        elif r < 1 / 1.5:
-            parts.append(f"the gradient shrinks to {r:.3g}x toward the stage's input")
-        else:
-            parts.append(f"the gradient stays level across the stage (x{r:.3g})")
-    comp = _comparable(g)
-    if "direct_vs_pred" in comp and comp["direct_vs_pred"].notna().any():
-        err = float((comp["direct_vs_pred"] - 1).abs().max())
-        meanfield = "pred_basis" in comp and (comp["pred_basis"] == "mean-field product").any()
-        if err <= MATCH_TOL:
-            parts.append("the direct term is as predicted")
-        elif meanfield:
-            parts.append(f"the direct term is within {err:.0%} of its mean-field gate prediction")
-        else:
-            parts.append(f"the direct term is off its prediction by up to {err:.2%}")
-    elif "direct_ratio" in g and g["direct_ratio"].notna().any():
-        parts.append("the direct term has no closed-form prediction here")
-    if "cancel_frac" in g and g["cancel_frac"].notna().any():
-        c = float(g["cancel_frac"].max())
-        parts.append("the residual term never cancels it" if c == 0
-                     else f"the residual term cancels the direct one in up to {c:.0%} of samples")
-    return "; ".join(parts) or "no gradient recorded"
-
+# --- what applies ------------------------------------------------------------------------
 
 def equation(summary: dict, units: pd.DataFrame) -> str:
-    """Which prediction applies: eq. (5), eq. (8), eq. (8) with measured gates, or none."""
-    pred = summary.get("predicted_direct_rate", float("nan"))
-    if pred == 0:
-        return "eq. (5)"
-    if pred == float("-inf") or (isinstance(pred, float) and math.isfinite(pred)):
+    """Which prediction applies: eq. (5), eq. (8), eq. (8) with measured gates, or none, in words."""
+    df = _units(units)
+    if not _has_split(df):
+        return "none: no direct/residual split for these units"
+    basis = set(df.get("pred_basis", pd.Series(dtype=object)).dropna())
+    if _identity_only(df):
+        if _within_stage_change(df) <= STAY_TOL:
+            return "eq. (5)"
+        return ("none: eq. (5) needs f = identity, and an activation after the addition changes the "
+                "direct term")
+    if basis == {"closed form"}:
         return "eq. (8)"
-    basis = set(units.get("pred_basis", pd.Series(dtype=object)).dropna()) - {"closed form"}
-    if basis == {"mean-field product"}:
+    if basis and basis <= {"closed form", "mean-field product"}:
         return "eq. (8) with the batch-mean gate coefficients (approximate: gates act element-wise)"
     return "no closed form"
 
 
+def by_construction(units: pd.DataFrame) -> Optional[str]:
+    """The one sentence on what holds by construction here (None where nothing does)."""
+    df = _units(units)
+    if _has_split(df) and _identity_only(df) and "pred_direct_ratio" in df:
+        return ("with identity shortcuts the prediction is the identity-path reference itself (dE/dx_L "
+                "carried back through the shortcuts, projections and after-addition activations), so "
+                "direct == prediction at every unit: exact by construction, not a finding")
+    return None
+
+
+# --- stages ------------------------------------------------------------------------------
+
+def stage_rows(units: pd.DataFrame) -> list[dict]:
+    """Per stage: its own units (projection aside), growth of the total, the direct term's share, verdict."""
+    df = _units(units)
+    split = _has_split(df)
+    rows = []
+    for stage, g in df.groupby("stage", sort=True):
+        g = g.sort_values("unit")
+        own = g[~g["reshapes"]] if (~g["reshapes"]).any() else g
+        first, last = g.iloc[0], g.iloc[-1]
+        a, b = own.iloc[0], own.iloc[-1]
+        row = dict(stage=int(stage), units=[int(first["unit"]), int(last["unit"])],
+                   own_units=[int(a["unit"]), int(b["unit"])], x_shape=str(a.get("x_shape", "")),
+                   first=_end(first), last=_end(last), start=_end(a), end=_end(b),
+                   growth=_ratio(a.get("grad_ratio"), b.get("grad_ratio")) if len(own) > 1 else None,
+                   direct_change=(_ratio(a.get("direct_ratio"), b.get("direct_ratio"))
+                                  if split and len(own) > 1 else None),
+                   projections=[_projection(df, r) for _, r in g[g["reshapes"]].iterrows()],
+                   cancel_frac_max=_num(g["cancel_frac"].max()) if split and "cancel_frac" in g else None)
+        row["verdict"] = _stage_verdict(g, own, row, split)
+        rows.append(row)
+    return rows
+
+
+def _projection(df: pd.DataFrame, r: pd.Series) -> dict:
+    nxt = df[df["unit"] > r["unit"]]
+    after = nxt.iloc[0] if len(nxt) else None
+    return dict(unit=int(r["unit"]), name=r["name"], from_shape=str(r["x_shape"]), to_shape=str(r["next_shape"]),
+                direct_change=(_ratio(r.get("direct_ratio"), after.get("direct_ratio"))
+                               if after is not None else None))
+
+
+def _stage_verdict(g: pd.DataFrame, own: pd.DataFrame, row: dict, split: bool) -> str:
+    parts = []
+    a, b = row["start"], row["end"]
+    r = row["growth"]
+    if r is None:
+        parts.append(f"one unit reads this shape (unit {a['unit']}): no growth to measure within the stage")
+    elif r > 1.5:
+        parts.append(f"the total grows x{r:.3g} toward the stage's input (units {a['unit']}..{b['unit']})")
+    elif r < 1 / 1.5:
+        parts.append(f"the total shrinks to x{r:.3g} toward the stage's input (units {a['unit']}..{b['unit']})")
+    else:
+        parts.append(f"the total stays level across the stage (x{r:.3g})")
+    if not split:
+        parts.append("no direct/residual split here")
+        return "; ".join(parts)
+    if a.get("share") is not None:
+        parts.append(f"the direct term carries {_pct(a['share'])} of ||dE/dx_l|| at unit {a['unit']}"
+                     + (f" and {_pct(b['share'])} at unit {b['unit']}" if b["unit"] != a["unit"] else ""))
+    dc = row["direct_change"]
+    ident = _identity_only(g)
+    if ident and dc is not None and dc > 0 and abs(math.log(dc)) > STAY_TOL:
+        parts.append(f"the activation after the addition changes the direct term x{dc:.3g} across the stage")
+    elif ident and dc == 0:
+        parts.append("the activation after the addition zeroes the direct term within the stage")
+    comp = _comparable(own)
+    if not ident and "direct_vs_pred" in comp and comp["direct_vs_pred"].notna().any():
+        err = float((comp["direct_vs_pred"] - 1).abs().max())
+        meanfield = "pred_basis" in comp and (comp["pred_basis"] == "mean-field product").any()
+        if meanfield:
+            parts.append(f"the direct term is within {err:.0%} of its mean-field gate prediction")
+        elif err <= MATCH_TOL:
+            parts.append(f"the direct term follows the lambda product (largest deviation {err:.1e})")
+        else:
+            parts.append(f"the direct term is off its lambda-product prediction by up to {err:.2%}")
+    c = row["cancel_frac_max"]
+    if c is not None and math.isfinite(c) and c > 0:
+        parts.append(f"the residual term cancels the direct one in up to {c:.0%} of samples")
+    return "; ".join(parts)
+
+
+# --- the finding -------------------------------------------------------------------------
+
+def finding(units: pd.DataFrame, stages: Optional[list[dict]] = None, at_init: bool = True) -> dict:
+    """The headline: the total's and the direct term's change toward the input, and the direct share per stage.
+
+    Returns:
+        ``total_change`` (||dE/dx_0|| / ||dE/dx_L||), ``direct_change`` (the
+        same for the direct term), ``direct_stays`` (constant within every
+        stage), ``shares`` (per stage: first and last own unit) and ``text``.
+    """
+    df = _units(units)
+    stages = stage_rows(units) if stages is None else stages
+    when = "(at initialisation) " if at_init else ""
+    if df.empty:
+        return dict(text="no units recorded", total_change=None, direct_change=None, shares=[])
+    t = _num(df["grad_ratio"].iloc[0]) if "grad_ratio" in df else None
+    out: dict = dict(total_change=t, direct_change=None, direct_stays=None, shares=[])
+    total_txt = ("the total gradient is not recorded (no backward pass)" if t is None or not math.isfinite(t)
+                 else f"the total gradient ||dE/dx_l|| {_grows(t)} from x_L to the first unit")
+    if not _has_split(df):
+        out["text"] = (f"{when}{total_txt}; the direct term is not measured: these units have no "
+                       "direct/residual split (no parts known), so only the total is reported")
+        return out
+    d = _num(df["direct_ratio"].iloc[0])
+    stays = _within_stage_change(df) <= STAY_TOL
+    nproj = int(df["reshapes"].sum())
+    out.update(direct_change=d, direct_stays=stays)
+    if stays:
+        direct_txt = (f"the direct term stays put within every stage (x{d:.3g} at the first unit, changed "
+                      f"only by the {nproj} projection shortcut{'s' * (nproj != 1)})" if nproj else
+                      f"the direct term stays put (x{d:.3g})")
+    else:
+        direct_txt = f"the direct term {_grows(d)}"
+    if stays is False and d is not None and math.isfinite(d) and _identity_only(df):
+        direct_txt += " (an activation after the addition sits on its path)"
+    shares = [dict(stage=s["stage"], units=[s["start"]["unit"], s["end"]["unit"]],
+                   first=s["start"].get("share"), last=s["end"].get("share")) for s in stages]
+    out["shares"] = shares
+    share_txt = "; ".join(f"stage {s['stage']} {_pct(s['first'])} -> {_pct(s['last'])}" for s in shares)
+    out["text"] = (f"{when}{total_txt}, while {direct_txt}. The direct term's share of ||dE/dx_l||, "
+                   f"per stage (first -> last unit): {share_txt}")
+    return out
+
+
+def _grows(x: Optional[float]) -> str:
+    if x is None or not math.isfinite(x):
+        return "is not recorded"
+    if x > 1.5:
+        return f"grows x{x:.3g}"
+    if x < 1 / 1.5:
+        return f"shrinks to x{x:.3g}" if x > 0 else "is zero below the top"
+    return f"stays level (x{x:.3g})"
+
+
+# --- network-level verdicts --------------------------------------------------------------
+
 def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
-    """Network-level verdicts in plain words: direct vs prediction, direct rate, total rate, cancellation."""
+    """Network-level verdicts, in plain words, on what can come out either way."""
     out: dict[str, str] = {}
     eq = equation(summary, units)
-    df = per_unit(units)
-    n = int(summary.get("units", len(df)))
-    if "direct_ratio" not in df or df["direct_ratio"].isna().all():
+    df = _units(units)
+    split = _has_split(df)
+    if not split:
         out["direct"] = ("the direct/residual split is not available for these units (no parts known): "
                          "only the total gradient is reported")
+    elif _identity_only(df):
+        worst = _within_stage_change(df)
+        if worst <= STAY_TOL:
+            out["direct"] = (f"eq. (5) holds: within every stage the direct term stays at dE/dx_L carried "
+                             f"through the projections (largest change between consecutive units: {_x(worst)})")
+        else:
+            out["direct"] = (f"eq. (5) does not hold here: an activation after the addition (f) sits on the "
+                             f"shortcut path and changes the direct term by up to {_x(worst)} between "
+                             f"consecutive units of a stage (eq. 5 needs f = identity)")
     elif eq == "no closed form":
         out["direct"] = ("the shortcuts (1x1 conv or dropout) carry their factor inside h: eq. (8) has no "
                          "closed form here, so the direct term is measured but not predicted")
@@ -114,7 +274,7 @@ def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
         comp = _comparable(df)
         ratio = comp["direct_vs_pred"].dropna() if "direct_vs_pred" in comp else pd.Series(dtype=float)
         under = len(df) - len(comp)
-        tail = (f" ({under} units whose prediction is 0 are left out)" if under else "")
+        tail = f" ({under} units whose prediction is 0 are left out)" if under else ""
         if len(ratio) == 0:
             dz = df["direct_ratio"].fillna(0).abs().max()
             out["direct"] = (f"direct term follows {eq}: zero below the top, as the product of zero "
@@ -124,7 +284,7 @@ def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
             err = float((ratio - 1).abs().max())
             if "approximate" in eq:  # gates act element-wise: the mean coefficients only approximate
                 out["direct"] = (f"direct term approximately follows {eq}: ratio to prediction "
-                                 f"{ratio.min():.3g}..{ratio.max():.3g} (the gates act element-wise, the "
+                                 f"{ratio.min():.4g}..{ratio.max():.4g} (the gates act element-wise, the "
                                  f"prediction uses their batch means){tail}")
             elif err <= MATCH_TOL:
                 out["direct"] = (f"direct term follows {eq}: ratio to prediction {ratio.median():.3f} at every "
@@ -132,9 +292,16 @@ def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
             else:
                 out["direct"] = (f"direct term departs from {eq}: ratio to prediction between "
                                  f"{ratio.min():.3g} and {ratio.max():.3g}{tail}; please report this")
+    proj = [(r["unit"], _ratio(r.get("direct_ratio"), _next(df, r["unit"], "direct_ratio")))
+            for _, r in df[df["reshapes"]].iterrows()] if split else []
+    proj = [(u, c) for u, c in proj if c is not None]
+    if proj:
+        out["projections"] = ("the projection shortcuts change the direct term by "
+                              + ", ".join(f"x{c:.3g} (unit {u})" for u, c in proj)
+                              + " toward the input: eq. (5) and (8) do not cover them")
     direct = summary.get("direct_rate") or {}
     want = summary.get("predicted_direct_rate_with_f", summary.get("predicted_direct_rate"))
-    if direct and math.isfinite(direct.get("slope", float("nan"))):
+    if split and not _identity_only(df) and direct and math.isfinite(direct.get("slope", float("nan"))):
         pred_txt = (f"predicted {want:+.4f}" if isinstance(want, float) and math.isfinite(want)
                     else "no closed-form rate")
         match = summary.get("direct_matches_prediction")
@@ -143,33 +310,42 @@ def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
                               f"({pred_txt}): {judge}")
     total = summary.get("total_rate") or {}
     s = total.get("slope", float("nan"))
-    if math.isfinite(s):
+    if s is not None and math.isfinite(s):
         lo, hi = total.get("ci_low", s), total.get("ci_high", s)
-        across = math.exp(max(min(s * n, 700), -700))
+        fit = f"{s:+.4f} log per unit within stages, 95% CI {lo:+.4f}..{hi:+.4f}"
         if abs(s) < LEVEL:
-            out["total"] = f"total gradient stays level across depth ({s:+.4f} log per unit, 95% CI {lo:+.4f}..{hi:+.4f})"
+            out["total"] = f"total gradient stays level across depth ({fit})"
         elif s > 0:
-            out["total"] = (f"total gradient grows toward the input ({s:+.3f} log per unit, about x{across:.3g} "
-                            f"over {n} units): the residual paths amplify it")
+            out["total"] = (f"total gradient grows toward the input, x{math.exp(s):.4g} per unit ({fit})"
+                            + (": the residual paths amplify it" if split else ""))
         else:
-            out["total"] = (f"total gradient shrinks toward the input ({s:+.3f} log per unit, about x{across:.3g} "
-                            f"over {n} units): it vanishes with depth")
-        if "direct" in out and eq != "no closed form":
+            out["total"] = f"total gradient shrinks toward the input, x{math.exp(s):.4g} per unit ({fit})"
+        if split and eq.startswith("eq."):
             out["total"] += f"; the prediction ({eq}) is about the direct term, not this total"
     c = summary.get("cancel_frac_max")
-    if c is not None and math.isfinite(c):
-        out["cancel"] = ("the residual term never cancels the direct one: the gradient cannot vanish "
-                         "(eq. 5's argument)" if c == 0 else
+    if split and c is not None and math.isfinite(c):
+        out["cancel"] = ("in no sample does the residual term cancel the direct one (||dE/dx_l|| >= "
+                         "0.1 ||direct|| at every unit)" if c == 0 else
                          f"the residual term cancels the direct one in up to {c:.0%} of samples at some unit")
     return out
 
 
+def _next(df: pd.DataFrame, unit: int, column: str):
+    nxt = df[df["unit"] > unit]
+    return nxt[column].iloc[0] if len(nxt) and column in nxt else None
+
+
+# --- the report --------------------------------------------------------------------------
+
 def variant_report(v) -> dict:
     """JSON-safe report of one VariantResult."""
+    stages = stage_rows(v.units)
     return clean(dict(label=v.label, model=v.model, options=v.options, source=v.source,
                       units=int(v.summary.get("units", 0)), equation=equation(v.summary, v.units),
-                      stages=stage_rows(v.units), verdicts=verdicts(v.summary, v.units),
-                      summary=v.summary, timings=v.timings, checkpoint=v.checkpoint_info))
+                      finding=finding(v.units, stages, at_init=v.source != "checkpoint"),
+                      by_construction=by_construction(v.units), stages=stages,
+                      verdicts=verdicts(v.summary, v.units), summary=v.summary, timings=v.timings,
+                      checkpoint=v.checkpoint_info))
 
 
 def report_dict(result, files: dict | None = None) -> dict:
@@ -180,7 +356,7 @@ def report_dict(result, files: dict | None = None) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """The compact text report: a block per network, or one line per network when comparing."""
+    """The text report: the finding first, then a block per network (or one line per network when comparing)."""
     cfg = report["config"]
     head = [f"input: {report['inputs']}",
             f"mode {cfg['mode']}, device {cfg['device']}, seed {cfg['seed']}, "
@@ -189,29 +365,43 @@ def format_report(report: dict) -> str:
     body = _compare_lines(vs) if len(vs) > 1 else _single_lines(vs[0])
     files = report.get("files") or {}
     tail = [f"wrote {', '.join(files.values())}"] if files else []
-    return "\n".join(head + [""] + body + ([""] + tail if tail else []))
+    lead, rest = body
+    return "\n".join(lead + [""] + head + [""] + rest + ([""] + tail if tail else []))
 
 
-def _single_lines(v: dict) -> list[str]:
+def _single_lines(v: dict) -> tuple[list[str], list[str]]:
     opts = ", ".join(f"{k}={x}" for k, x in v["options"].items())
-    lines = [f"{v['model']}{f' ({opts})' if opts else ''}: {v['units']} residual units, prediction: {v['equation']}",
-             "ratios are ||dE/dx_l|| / ||dE/dx_L||, batch means of per-sample ratios",
-             f"{'stage':<6}{'units':<10}{'x shape':<11}{'total first->last':<22}"
-             f"{'direct (pred) first':<23}{'direct (pred) last':<23}{'cancel':>7}"]
+    lead = [f"{v['model']}{f' ({opts})' if opts else ''}: {v['units']} residual units",
+            f"finding: {v['finding']['text']}"]
+    if v.get("by_construction"):
+        lead.append(f"by construction: {v['by_construction']}")
+    lines = [f"prediction for the direct term: {v['equation']}",
+             "ratios are ||dE/dx_l|| / ||dE/dx_L|| (batch means of per-sample ratios); share: "
+             "||direct|| / ||dE/dx_l||",
+             f"{'stage':<6}{'units':<10}{'x shape':<11}{'total first->last':<22}{'growth':>9}  "
+             f"{'direct first->last':<22}{'share first->last':<22}{'cancel':>7}"]
     for r in v["stages"]:
-        f, l = r["first"], r["last"]
-        lines.append(f"{r['stage']:<6}{r['units'][0]}-{r['units'][1]:<{9 - len(str(r['units'][0]))}}"
-                     f"{r['x_shape']:<11}{_g(f['grad_ratio']) + ' -> ' + _g(l['grad_ratio']):<22}"
-                     f"{_dp(f):<23}{_dp(l):<23}{_pct(r['cancel_frac_max']):>7}")
+        a, b = r["start"], r["end"]
+        span = f"{r['own_units'][0]}-{r['own_units'][1]}"
+        growth = "-" if r["growth"] is None else f"x{r['growth']:.3g}"
+        lines.append(f"{r['stage']:<6}{span:<10}{r['x_shape']:<11}"
+                     f"{_g(a['grad_ratio']) + ' -> ' + _g(b['grad_ratio']):<22}{growth:>9}  "
+                     f"{_g(a['direct_ratio']) + ' -> ' + _g(b['direct_ratio']):<22}"
+                     f"{_pct(a.get('share')) + ' -> ' + _pct(b.get('share')):<22}{_pct(r['cancel_frac_max']):>7}")
+        for p in r["projections"]:
+            dc = "" if p["direct_change"] is None else f", direct term x{p['direct_change']:.3g} across it"
+            lines.append(f"      unit {p['unit']} projects {p['from_shape']} -> {p['to_shape']}{dc}")
         lines.append(f"      {r['verdict']}")
     lines.append("network (fitted change of log ratio per unit toward the input):")
     lines += [f"  {k:<12}{t}" for k, t in v["verdicts"].items()]
-    return lines
+    return lead, lines
 
 
-def _compare_lines(vs: list[dict]) -> list[str]:
+def _compare_lines(vs: list[dict]) -> tuple[list[str], list[str]]:
     w = max(12, max(len(v["label"]) for v in vs) + 2)
-    lines = [f"{'network':<{w}}{'total@0':>10}{'direct@0':>10}{'pred@0':>10}{'total/unit':>11}"
+    lines = ["finding, per network: the total gradient and the direct term at the first unit (x_L = 1), "
+             "the direct term's share of ||dE/dx_l|| there, and the fitted rates",
+             f"{'network':<{w}}{'total@0':>10}{'direct@0':>10}{'share@0':>10}{'total/unit':>11}"
              f"{'direct/unit':>12}{'pred/unit':>10}{'cancel':>8}  verdict"]
     for v in vs:
         s = v["summary"] or {}
@@ -221,14 +411,28 @@ def _compare_lines(vs: list[dict]) -> list[str]:
         pr = s.get("predicted_direct_rate_with_f", s.get("predicted_direct_rate"))
         verdict = v["verdicts"].get("direct", "").split(":")[0]
         lines.append(f"{v['label']:<{w}}{_g(u0.get('grad_ratio')):>10}{_g(u0.get('direct_ratio')):>10}"
-                     f"{_g(u0.get('pred_direct_ratio')):>10}{_r(tot):>11}{_r(dr):>12}{_r(pr):>10}"
+                     f"{_pct(u0.get('share')):>10}{_r(tot):>11}{_r(dr):>12}{_r(pr):>10}"
                      f"{_pct(s.get('cancel_frac_max')):>8}  {verdict}")
-    lines.append("@0: at the first unit (input side); /unit: fitted change of log ratio per unit toward the input")
-    return lines
+    notes = ["@0: at the first unit (input side); /unit: fitted change of log ratio per unit toward the input"]
+    if any(v.get("by_construction") for v in vs):
+        notes.append("by construction: with identity shortcuts direct == prediction at every unit (the "
+                     "prediction is the identity-path reference itself): not a finding")
+    return lines, notes
 
 
-def _dp(end: dict) -> str:
-    return f"{_g(end.get('direct_ratio'))} ({_g(end.get('pred_direct_ratio'))})"
+# --- formatting --------------------------------------------------------------------------
+
+def _ratio(a: Any, b: Any) -> Optional[float]:
+    a, b = _num(a), _num(b)
+    if not isinstance(a, float) or not isinstance(b, float) or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return a / b if b > 0 else None
+
+
+def _x(logchange: float) -> str:
+    if not math.isfinite(logchange):
+        return "a drop to zero"
+    return "none" if logchange == 0 else f"x{math.exp(logchange):.4g}"
 
 
 def _g(x: Any) -> str:
@@ -240,7 +444,11 @@ def _r(x: Any) -> str:
 
 
 def _pct(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.0%}"
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if 100 * x >= 1:
+        return f"{100 * x:.3g}%"
+    return f"{100 * x:.2g}%" if 100 * x >= 0.01 or x == 0 else f"{100 * x:.1e}%"
 
 
 def _num(x: Any) -> Any:
@@ -250,18 +458,3 @@ def _num(x: Any) -> Any:
         return float(x)
     except (TypeError, ValueError):
         return x
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN and infinities to None, tuples to lists."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

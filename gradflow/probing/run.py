@@ -1,22 +1,21 @@
 """``run_probe(config) -> ProbeResult``: build, take a batch, one traced step, tables and summary."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from ..errors import GradflowError
 from ..theory import predict_direct
-from ..tracing import trace
 from .config import ProbeConfig
 from .inputs import Inputs, cifar_test, find_test_file, synthetic
 from .models import BuiltModel, build_model
+from .step import trace_once, traced_step  # noqa: F401  (traced_step: re-exported, benchmarks use it)
 
-DEFAULT_BATCH_32 = 16   # resnet1001 probes in < 20 s on 2 CPU cores (benchmarks/probe_bench.py)
+DEFAULT_BATCH_32 = 16   # resnet1001 at batch 16: benchmarks/probe_bench.py (2 CPU cores)
 DEFAULT_BATCH_LARGE = 8  # 224 px ImageNet-sized models on a laptop CPU
 
 
@@ -30,7 +29,7 @@ class VariantResult:
     source: str
     units: pd.DataFrame       # tracer's table + pred_direct_ratio, direct_vs_pred, pred_basis
     summary: dict             # Tracer.summary(): fitted rates against eq. (5)/(8)
-    timings: dict             # seconds: build, step (each traced batch), summary
+    timings: dict             # seconds: build, steps (each traced batch), tables (tables + summary)
     checkpoint_info: Optional[dict] = None
 
 
@@ -50,8 +49,8 @@ class ProbeResult:
         return df[["config"] + [c for c in df.columns if c != "config"]]
 
     def figure(self):
-        from .figure import probe_figure
-        return probe_figure({k: v.units for k, v in self.variants.items()})
+        from ..plot import probe_overview
+        return probe_overview({k: v.units for k, v in self.variants.items()})
 
 
 # the one device resolver lives in gradflow.cli (shared with the trainer); re-exported here
@@ -59,7 +58,12 @@ from ..cli import resolve_device  # noqa: E402
 
 
 def run_probe(config: ProbeConfig) -> ProbeResult:
-    """Probe every variant of ``config`` (one, or the ``compare`` set) on the same input batches."""
+    """Probe every variant of ``config`` (one, or the ``compare`` set) on the same input batches.
+
+    Variants are built and probed one at a time: each network (and its traced
+    graph) is released before the next is built, so ``--compare`` needs the
+    memory of one variant, not of all.
+    """
     from .. import __version__
     device = resolve_device(config.device)
     variants = config.variants()
@@ -68,24 +72,32 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         if find_test_file(Path(config.data).expanduser())[0] == "cifar100":
             variants = {k: _with_classes(v, 100) for k, v in variants.items()}
     first = next(iter(variants.values()))
-    built = build_model(first.model, first.options, config.seed, first.checkpoint)
+    t0 = time.perf_counter()
+    built: Optional[BuiltModel] = build_model(first.model, first.options, config.seed, first.checkpoint)
+    build_s = time.perf_counter() - t0
     image_size = config.image_size or built.image_size
     batch_size = config.batch_size or (DEFAULT_BATCH_32 if image_size <= 64 else DEFAULT_BATCH_LARGE)
     inputs = (cifar_test(config.data, batch_size, config.batches, image_size) if config.data
               else synthetic(batch_size, config.batches, image_size, config.seed))
     resolved = dict(config.as_dict(), batch_size=batch_size, image_size=image_size, device=str(device),
                     inputs=inputs.description, versions={"gradflow": __version__, "torch": torch.__version__})
+    if config.checkpoint is not None:  # the architecture is the checkpoint's, not the --model default
+        resolved.update(model=built.name, options=built.options)
     result = ProbeResult(resolved, inputs.description)
     bar = _progress(len(variants), config.progress)
     try:
         for i, (label, cfg) in enumerate(variants.items()):
             if bar is not None:
                 bar.set_description(label)
-            t0 = time.perf_counter()
             if i > 0:
+                t0 = time.perf_counter()
                 built = build_model(cfg.model, cfg.options, config.seed, cfg.checkpoint)
-            build_s = time.perf_counter() - t0
+                build_s = time.perf_counter() - t0
             result.variants[label] = probe_model(built, inputs, cfg, device, label, build_s)
+            built = None   # release this variant before the next is built
+            gc.collect()   # the tracer's patched forwards form reference cycles
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             if bar is not None:
                 bar.update()
     finally:
@@ -96,54 +108,36 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
 
 def probe_model(built: BuiltModel, inputs: Inputs, cfg: ProbeConfig, device: torch.device,
                 label: str, build_s: float = 0.0) -> VariantResult:
-    """One traced forward/backward per input batch of ``built.module``; tables and summary."""
-    model = built.module.to(device)
-    model.train(cfg.mode == "train")
-    # The probe reads dE/dx_l only: weight gradients would cost a second backward matmul per layer.
-    for p in model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)  # dropout shortcuts draw their masks from here
-    steps = []
-    with trace(model) as tr:
-        for x, y in inputs:
-            x, y = x.to(device), y.to(device)
-            t0 = time.perf_counter()
-            traced_step(model, x, y, synthetic_labels=inputs.dataset is None)
-            _sync(device)
-            steps.append(time.perf_counter() - t0)
+    """One traced forward/backward per input batch of ``built.module``; tables and summary.
+
+    The module is used on ``device`` in ``cfg.mode`` with weight gradients off
+    (the probe reads dE/dx_l only) and given back as it was found: device,
+    modes, ``requires_grad``, BN running statistics and the global RNG state.
+    """
+    traced = trace_once(built.module, inputs, cfg.seed, device, train=cfg.mode == "train",
+                        weight_grads=False)
     t0 = time.perf_counter()
-    units = tr.units
-    summary = tr.summary()
+    units = traced.units
+    summary = traced.tracer.summary()
     units = predict_direct(units) if "direct_ratio" in units else units
-    timings = dict(build=build_s, steps=steps, summary=time.perf_counter() - t0)
+    units = _with_direct_share(units, traced.samples)
+    timings = dict(build=build_s, steps=traced.step_s, tables=time.perf_counter() - t0)
     return VariantResult(label, built.name, built.options, built.source, units.reset_index(drop=True),
                          summary, timings, built.info)
 
 
-def traced_step(model, x, y, synthetic_labels: bool) -> None:
-    """Forward, mean cross-entropy, backward. Synthetic labels are taken modulo the classes."""
-    logits = model(x)
-    if logits.ndim != 2:
-        raise GradflowError(f"the model returns logits of shape {tuple(logits.shape)}; the probe "
-                            "needs [batch, classes] (a classifier)")
-    classes = logits.shape[1]
-    if synthetic_labels:
-        y = y % classes
-    elif int(y.max()) >= classes:
-        raise GradflowError(f"the data has labels up to {int(y.max())} but the model has {classes} "
-                            "outputs: pass --num-classes 100 for CIFAR-100 (zoo models)")
-    F.cross_entropy(logits, y).backward()
+def _with_direct_share(units: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """Add ``direct_share``: the batch mean of ||direct term|| / ||dE/dx_l|| per sample, per unit and step."""
+    if "direct_norm" not in samples or "grad_norm" not in samples:
+        return units
+    share = (samples["direct_norm"] / samples["grad_norm"]).groupby([samples["step"], samples["unit"]]).mean()
+    return units.join(share.rename("direct_share"), on=["step", "unit"])
 
 
 def _with_classes(cfg: ProbeConfig, n: int) -> ProbeConfig:
     if ":" in cfg.model or "num_classes" in cfg.options:
         return cfg
     return replace(cfg, options={**cfg.options, "num_classes": n})
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _progress(n: int, enabled: bool):

@@ -1,59 +1,14 @@
-"""Theory: the paper's predictions and fitted rates, as pure functions of recorded tables."""
-from __future__ import annotations
+"""Theory: the paper's predictions and fitted rates, as pure functions of recorded tables.
 
-import math
-
-import numpy as np
-
-import pandas as pd
-
-from .fits import Fit, decay_rate, fit_slope, variance_growth
+``predict``: eq. (5)/(8) beside the measured direct term; ``fits``: rates across
+depth with confidence intervals, variance growth, and the one grouping of units
+by input shape every fit and figure uses; ``summary``: the network-level summary
+(``Tracer.summary()``); ``jacobian``: matrix-free Jacobian spectra (imported
+where used: it needs autograd, not tables).
+"""
+from .fits import Fit, decay_rate, fit_slope, shape_groups, variance_growth
 from .predict import predict_direct, predicted_rate
-
-
-def summarize(units: pd.DataFrame, tol: float = 0.05) -> dict:
-    """Network-level summary of a units table: fitted rates against the predictions.
-
-    ``direct_rate`` is about the direct term alone, the quantity eq. (5) and (8)
-    predict; ``total_rate`` is the whole dE/dx_l, which the residual paths also
-    carry (with BN they can amplify it; PAPER.md section 8). They are reported
-    side by side and never forced to agree.
-    """
-    if units.empty:
-        return {}
-    pred = predicted_rate(units)
-    out: dict = {"predicted_direct_rate": pred, "units": int((~units["is_top"]).sum() / units["step"].nunique()),
-                 "steps": int(units["step"].nunique())}
-    total = decay_rate(units, "grad_ratio")
-    out["total_rate"] = total.as_dict()
-    if "direct_ratio" in units and units["direct_ratio"].notna().any():
-        direct = decay_rate(units, "direct_ratio")
-        out["direct_rate"] = direct.as_dict()
-        # eq. (8) gives log(lambda) per unit when f and h are identities; the identity-path
-        # reference (ref) measures what f and the projections add, so the prediction is the sum.
-        ref = decay_rate(units, "ref_ratio")
-        out["ref_rate"] = ref.as_dict()
-        if math.isfinite(pred):
-            expected = pred + (ref.slope if math.isfinite(ref.slope) else 0.0)
-            out["predicted_direct_rate_with_f"] = expected
-            out["direct_matches_prediction"] = bool(abs(direct.slope - expected) <= tol * max(1.0, abs(expected))
-                                                    or direct.contains(expected))
-        joined = predict_direct(units)
-        body = joined[~joined["is_top"]]
-        exact = body["pred_basis"] == "closed form"
-        # only the closed-form predictions (eq. 5 and 8) are exact claims
-        ratio = body.loc[exact, "direct_vs_pred"].replace([np.inf, -np.inf], np.nan).dropna()
-        approx = body.loc[body["pred_basis"] == "mean-field product", "direct_vs_pred"].dropna()
-        if len(approx):
-            out["direct_vs_meanfield_median"] = float(approx.median())
-        out["direct_vs_pred_median"] = float(ratio.median()) if len(ratio) else float("nan")
-        out["direct_vs_pred_max_error"] = float((ratio - 1).abs().max()) if len(ratio) else float("nan")
-    if "cancel_frac" in units:
-        out["cancel_frac_max"] = float(units["cancel_frac"].max())
-    if "x_var" in units and units["x_var"].notna().sum() > 3:
-        out["variance"] = variance_growth(units)
-    return out
-
+from .summary import per_unit, summarize
 
 __all__ = ["summarize", "predict_direct", "predicted_rate", "decay_rate", "variance_growth",
-           "fit_slope", "Fit"]
+           "fit_slope", "shape_groups", "per_unit", "Fit"]

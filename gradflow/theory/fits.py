@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats as st
 
 
 @dataclass
@@ -50,6 +49,7 @@ def fit_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
     sigma2 = float(resid @ resid) / dof
     cov = sigma2 * np.linalg.pinv(X.T @ X)
     se = float(np.sqrt(max(cov[0, 0], 0.0)))
+    from scipy import stats as st  # here, not at import: scipy.stats costs ~0.5 s to import
     t = st.t.ppf(0.5 + level / 2, dof)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else 1.0
@@ -67,8 +67,7 @@ def decay_rate(units: pd.DataFrame, column: str = "grad_ratio") -> Fit:
     body = units[~units["is_top"]] if "is_top" in units else units
     body = body[np.isfinite(body[column]) & (body[column] > 0)]
     L = units["unit"].max()
-    groups = _groups(body)
-    return fit_slope((L - body["unit"]).to_numpy(), np.log(body[column].to_numpy()), groups)
+    return fit_slope((L - body["unit"]).to_numpy(), np.log(body[column].to_numpy()), shape_groups(body))
 
 
 def variance_growth(units: pd.DataFrame) -> dict:
@@ -80,7 +79,7 @@ def variance_growth(units: pd.DataFrame) -> dict:
     """
     body = units[~units["is_top"]] if "is_top" in units else units
     body = body[np.isfinite(body["x_var"]) & (body["x_var"] > 0)]
-    groups = _groups(body)
+    groups = shape_groups(body)
     lin = fit_slope(body["unit"].to_numpy(), body["x_var"].to_numpy(), groups)
     log = fit_slope(body["unit"].to_numpy(), np.log(body["x_var"].to_numpy()), groups)
     better = "linear" if lin.r2 >= log.r2 else "exponential"
@@ -89,6 +88,17 @@ def variance_growth(units: pd.DataFrame) -> dict:
             "doubling_per_unit": bool(log.contains(np.log(2.0)))}
 
 
-def _groups(body: pd.DataFrame) -> np.ndarray:
+def shape_groups(body: pd.DataFrame) -> np.ndarray:
+    """One label per row: the unit's input shape (its stage where no shape is recorded) and step.
+
+    The one grouping every fit and figure uses: units whose inputs hold the same
+    elements, a downsampling unit counted with the stage it reads from.
+
+    Args:
+        body: unit rows with ``x_shape`` (or ``stage``) and, optionally, ``step``.
+    Returns:
+        An array of strings, one per row, equal for rows of the same group.
+    """
     key = body["x_shape"] if "x_shape" in body else body["stage"]
-    return (key.astype(str) + "/" + body["step"].astype(str)).to_numpy()
+    step = body["step"].astype(str) if "step" in body else "0"
+    return (key.astype(str) + "/" + step).to_numpy()
