@@ -36,6 +36,7 @@ class Scale:
     width: float = 1.0
     stop: int = PAPER_STOP            # iterations; milestones and warm-up scale with stop / 64k
     probe_every: int = 0              # iterations between gradient-flow probes (0: never)
+    batch_size: int = 128             # the paper's batch; another one is a change of recipe, said so
 
     def fields(self) -> dict[str, Any]:
         """TrainConfig fields this scale sets on top of the paper recipe ({} at the paper's scale)."""
@@ -50,17 +51,21 @@ class Scale:
                        checkpoint_every=max(1, self.stop // 8))
         if self.probe_every:
             out["probe_every"] = self.probe_every
+        if self.batch_size != RECIPES["paper"]["batch_size"]:
+            out["batch_size"] = self.batch_size
         return out
 
     def describe(self) -> str:
         what = "the paper's widths" if self.width == 1 else f"width x{self.width:g}"
-        return f"{self.name} scale ({what}, {self.stop:,} iterations at batch 128, the paper's recipe shape)"
+        batch = "" if self.batch_size == 128 else " (not the paper's 128)"
+        return (f"{self.name} scale ({what}, {self.stop:,} iterations at batch {self.batch_size}{batch}, "
+                "the paper's recipe shape)")
 
 
 def make_scale(name: str, width: Optional[float] = None, stop: Optional[int] = None,
-               probe_every: Optional[int] = None) -> Scale:
+               probe_every: Optional[int] = None, batch_size: Optional[int] = None) -> Scale:
     """The named scale (``paper`` or ``laptop``) with any explicit override."""
-    base = {"paper": Scale("paper", 1.0, PAPER_STOP), "laptop": Scale("laptop", 0.25, 160)}
+    base = {"paper": Scale("paper", 1.0, PAPER_STOP), "laptop": Scale("laptop", 0.25, 128)}
     if name not in base:
         raise unknown("scale", name, base)
     s = base[name]
@@ -72,9 +77,12 @@ def make_scale(name: str, width: Optional[float] = None, stop: Optional[int] = N
         raise GradflowError(f"--width {width!r} must be positive (0.25: a quarter of the paper's channels)")
     if stop < 10:
         raise GradflowError(f"--stop {stop!r} is too short for the recipe's warm-up and two lr drops: use >= 10")
+    batch = 128 if batch_size is None else batch_size
+    if batch < 1:
+        raise GradflowError(f"--batch-size {batch!r} must be a positive integer (the paper's is 128)")
     if probe < 0:
         raise GradflowError(f"--probe-every {probe!r} must be >= 0 (0: no gradient-flow probes)")
-    return Scale(name, float(width), int(stop), int(probe))
+    return Scale(name, float(width), int(stop), int(probe), int(batch))
 
 
 @dataclass(frozen=True)

@@ -47,16 +47,17 @@ def check_folder(spec: RunSpec, scale: Scale) -> None:
     saved = _json(spec.folder / "config.json").get("config")
     if not saved:
         return
-    want = {"seed": spec.seed, "model": spec.row.model,
-            "width": scale.width, "stop": scale.stop}
+    want = {"seed": spec.seed, "model": spec.row.model, "width": scale.width, "stop": scale.stop,
+            "batch_size": scale.batch_size}
     have = {"seed": saved.get("seed"), "model": saved.get("model"),
-            "width": float(saved.get("model_options", {}).get("width", 1.0)), "stop": saved.get("stop")}
+            "width": float(saved.get("model_options", {}).get("width", 1.0)), "stop": saved.get("stop"),
+            "batch_size": saved.get("batch_size")}
     if saved.get("schedule_unit", "iter") != "iter":
         have["stop"] = f"{have['stop']} epochs"
     bad = [f"{k}={have[k]!r} (this experiment: {want[k]!r})" for k in want if have[k] != want[k]]
     if bad:
         raise GradflowError(f"run folder {spec.folder} was made with {', '.join(bad)}: "
-                            "pass another --out, or the --scale/--width/--stop it was made with")
+                            "pass another --out, or the --scale/--width/--stop/--batch-size it was made with")
 
 
 def command_for(spec: RunSpec, scale: Scale, data: str, verify: bool,
