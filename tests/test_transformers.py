@@ -15,6 +15,15 @@ from tracing_helpers import per_sample_norm
 VOCAB, T = 32, 8
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is faster than two spinning on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_gpt(unit="pre_ln", n_layer=3, **kw):
     torch.manual_seed(0)
     return GPT(TransformerSpec(unit=unit, **kw), vocab_size=VOCAB, seq_len=T, n_layer=n_layer,
