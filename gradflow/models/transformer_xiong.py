@@ -192,7 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"depths {args.depths}, seeds {args.seeds} (weights torch.manual_seed(seed); batch of "
         f"{args.batch} x {args.seq_len} uniform random tokens and targets over 256 ids from a generator seeded "
         "with seed), mean next-token cross-entropy, one forward and backward; points are means over seeds.",
-        f"fitted exponent of L: {fit_exponent(ratio):.3f} (theorem: 0.5); ratio / sqrt(L) per depth: "
+        f"fitted exponent of L: {fit_exponent(ratio):.3f} over all depths"
+        + (f", {fit_exponent(ratio, 4):.3f} over L >= 4" if (ratio["n_layer"] >= 4).sum() >= 2 else "")
+        + " (theorem, an upper bound's scaling in L: 0.5); ratio / sqrt(L) per depth: "
         + ", ".join(f"L={int(r.n_layer)}: {r.ratio_over_sqrt_L:.3f}" for r in ratio.itertuples()),
         "command: python -m gradflow.models.transformer_xiong " + shlex.join(list(argv if argv is not None
                                                                                   else sys.argv[1:])),
