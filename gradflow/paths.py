@@ -268,10 +268,12 @@ def _rows(stack: PathStack, g: Tensor, call: _Rec, unit: int, n_above: int, max_
 
 
 def _unit_row(stack: PathStack, g: Tensor, call: _Rec, unit: int) -> dict:
-    total = stack.values(torch.float64).sum(0)
-    gd = g.detach().double()
+    """The closure check: ||sum_k g^(k) - dE/dx_l|| / ||dE/dx_l||, batch max (in the gradient's dtype)."""
+    v = stack.v.detach()
+    total = torch.tensordot(torch.exp(stack.log_scale).to(v.dtype), v, dims=1)
+    gd = g.detach().to(v.dtype)
     err = torch.linalg.vector_norm((total - gd).flatten(1), dim=1) / \
-        torch.linalg.vector_norm(gd.flatten(1), dim=1).clamp_min(1e-300)
+        torch.linalg.vector_norm(gd.flatten(1), dim=1).clamp_min(torch.finfo(v.dtype).tiny)
     return dict(unit=unit, name=call.info.name, stage=call.info.stage, x_shape="x".join(map(str, g.shape[1:])),
                 sum_rel_err=float(err.max()))
 
