@@ -52,12 +52,16 @@ class _Rec:
     r: Tensor
     xc: Optional[Tensor]
     plain_sum: bool
+    y: Optional[Tensor] = None       # with ``gate``: y, when post follows it
+    gate: Optional[Tensor] = None    # combine(h.detach(), F.detach(), x), the gate's own graph
 
     def graph(self) -> UnitGraph:
         e = get_gradient_edge
         return UnitGraph(x=e(self.x), h=e(self.h), r=e(self.r), out=e(self.out),
                          xc=e(self.xc) if self.xc is not None else None,
-                         plain_sum=self.plain_sum, name=self.info.name)
+                         plain_sum=self.plain_sum, name=self.info.name,
+                         y=e(self.y) if self.y is not None else None,
+                         gate=e(self.gate) if self.gate is not None else None)
 
 
 @dataclass
@@ -88,8 +92,8 @@ def _recording_parts(parts: Parts, rec: dict) -> Parts:
 class _Runner:
     """What a unit module's block calls for each of its units (see :mod:`gradflow.parts`): run and record."""
 
-    def __init__(self, infos: list, calls: list):
-        self.infos, self.calls = infos, calls
+    def __init__(self, infos: list, calls: list, gate_rerun: bool = False):
+        self.infos, self.calls, self.gate_rerun = infos, calls, gate_rerun
 
     def unit(self, k: int, parts: Parts, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.is_grad_enabled() and isinstance(x, Tensor) and not x.requires_grad:
@@ -98,9 +102,17 @@ class _Runner:
 
         def tap(**t):
             rec.update(t)
+        plain = _is_plain_sum(parts)
+        if self.gate_rerun:   # as inside gradflow.trace: the gate's path from a second combine
+            out = run_parts(parts, x, tap, args, kwargs) if (args or kwargs) else run_parts(parts, x, tap)
+            y, coef, gate = rec["y"], rec["coef"], None
+            if isinstance(coef, Tensor) and coef.requires_grad:
+                gate, _ = parts.combine(rec["h"].detach(), rec["r"].detach(), x)
+            self.calls.append(_Rec(self._info(k), x, out, rec["h"], rec["r"], None, plain and gate is None,
+                                   y if y is not out else None, gate))
+            return out
         wrapped = _recording_parts(parts, rec)
         out = run_parts(wrapped, x, tap, args, kwargs) if (args or kwargs) else run_parts(wrapped, x, tap)
-        plain = _is_plain_sum(parts)
         self.calls.append(_Rec(self._info(k), x, out, rec["h"], rec["r"], None if plain else rec.get("xc"), plain))
         return out
 
@@ -123,7 +135,7 @@ def _block_forward(p):
 
 
 @contextmanager
-def _taps(infos: list[UnitInfo], calls: list):
+def _taps(infos: list[UnitInfo], calls: list, gate_rerun: bool = False):
     """Patch each unit module's forward to run from its parts with our runner; restored on exit."""
     missing = [i.name for i in infos if i.parts is None]
     if missing:
@@ -139,7 +151,7 @@ def _taps(infos: list[UnitInfo], calls: list):
             group = sorted(group, key=lambda i: getattr(i, "slot", 0))
             module = group[0].module
             block_fwd, _ = _block_forward(group[0].parts())
-            runner = _Runner(group, calls)
+            runner = _Runner(group, calls, gate_rerun)
             had, old = "forward" in module.__dict__, module.__dict__.get("forward")
 
             def forward(self_module, *args, _f=block_fwd, _run=runner, **kwargs):
@@ -156,7 +168,7 @@ def _taps(infos: list[UnitInfo], calls: list):
 
 
 def record(model: nn.Module, x: Tensor, loss_fn: LossFn, units: UnitsSpec = None,
-           parts: PartsSpec = None) -> Recording:
+           parts: PartsSpec = None, _gate_rerun: bool = False) -> Recording:
     """One forward of ``model`` on ``x`` with every unit's h, F and combine recorded, and its loss.
 
     Args:
@@ -168,7 +180,7 @@ def record(model: nn.Module, x: Tensor, loss_fn: LossFn, units: UnitsSpec = None
     """
     infos = find_units(model, units, parts)
     calls: list = []
-    with torch.enable_grad(), _taps(infos, calls):
+    with torch.enable_grad(), _taps(infos, calls, _gate_rerun):
         output = model(x)
     if not calls:
         raise GradflowError("the forward called none of the units found; is x the model's input?")
@@ -212,7 +224,7 @@ class PathResult:
 
 def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = None, y: Optional[Tensor] = None,
                     max_len: Optional[int] = None, keep: bool = False, units: UnitsSpec = None,
-                    parts: PartsSpec = None) -> PathResult:
+                    parts: PartsSpec = None, _gate_rerun: bool = False) -> PathResult:
     """dE/dx_l of every unit split by path length k, exactly, from one forward and backward.
 
     Args:
@@ -224,7 +236,7 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
     Returns:
         A :class:`PathResult`.
     """
-    rec = record(model, x, _loss_fn(loss_fn, y), units, parts)
+    rec = record(model, x, _loss_fn(loss_fn, y), units, parts, _gate_rerun)
     calls = rec.calls
     xs = [c.x for c in calls]
     grads = torch.autograd.grad(rec.loss, xs + [calls[-1].out], retain_graph=True)

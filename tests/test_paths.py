@@ -41,14 +41,20 @@ VARIANTS = [dict(), dict(unit="original"), dict(unit="bn_after_addition", shortc
             dict(shortcut="shortcut_gate", gate_bias=-1.0), dict(shortcut="scale", scale=0.5, scale_branch=True)]
 
 
-@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("kw", VARIANTS + [dict(unit="original", shortcut="exclusive_gate", gate_bias=-1.0,
+                                                _gate_rerun=True),
+                                           dict(unit="bn_after_addition", shortcut="shortcut_gate", gate_bias=-1.0,
+                                                _gate_rerun=True)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_components_sum_to_autograd_gradient(kw):
+    kw = dict(kw)
+    rerun = kw.pop("_gate_rerun", False)   # the gate's path from a second combine, as inside gradflow.trace
     m = gradflow.create_model("resnet20", width=0.25, **kw).double()
     x, y = batch(dtype=torch.float64)
     torch.manual_seed(0)
     _, grads = unit_inputs_and_grads(m, m.units(), x, y, seed=0)
     torch.manual_seed(0)   # the dropout shortcut draws the same masks in the same order
-    res = path_components(m, x, y=y, keep=True)
+    res = path_components(m, x, y=y, keep=True, _gate_rerun=rerun)
     for i, g in enumerate(grads[:-1]):
         comp = res.components[i]
         assert comp.shape == (len(m.units()) - i + 1, *g.shape)
@@ -83,9 +89,10 @@ def test_shortest_component_is_the_direct_term(kw):
     m = gradflow.create_model("resnet20", width=0.25, **kw).double()
     x, y = batch(dtype=torch.float64)
     directs, _ = zoo_direct(m, x, y)
-    res = path_components(m, x, y=y, keep=True, max_len=1)
-    for i, d in enumerate(directs):
-        torch.testing.assert_close(res.components[i][0], d, rtol=1e-9, atol=1e-15)
+    for rerun in (False, True) if "gate" in kw.get("shortcut", "") else (False,):
+        res = path_components(m, x, y=y, keep=True, max_len=1, _gate_rerun=rerun)
+        for i, d in enumerate(directs):
+            torch.testing.assert_close(res.components[i][0], d, rtol=1e-9, atol=1e-15)
 
 
 def test_direct_term_at_depth_does_not_underflow():

@@ -60,6 +60,8 @@ class UnitGraph:
     xc: Any = None
     plain_sum: bool = False
     name: str = ""
+    y: Any = None           # y = combine(h, F, x) when an after-addition function follows it
+    gate: Any = None        # combine(h.detach(), F.detach(), x): the gate's own path to x (see PathTracker)
 
 
 @dataclass
@@ -143,6 +145,13 @@ class PathCarrier:
         """dE/dh, dE/dF and the gate's dE/dx for every entry of ``v`` (dE/dx_out): post and combine."""
         if unit.plain_sum:
             return v, v, None
+        if unit.gate is not None:
+            w = v if unit.y is None else _vjp([unit.out], [unit.y], [v])[0]
+            y = unit.out if unit.y is None else unit.y
+            gh, gr = _vjp([y], [unit.h, unit.r], [w], allow_unused=True)
+            (gx,) = _vjp([unit.gate], [unit.x], [w], allow_unused=True)
+            z = torch.zeros_like(w)
+            return (gh if gh is not None else z), (gr if gr is not None else z), gx
         ins = [unit.h, unit.r] + ([unit.xc] if unit.xc is not None else [])
         gs = _vjp([unit.out], ins, [v], allow_unused=True)
         gh, gr = (g if g is not None else torch.zeros_like(v) for g in gs[:2])
@@ -186,10 +195,12 @@ class PathCarrier:
             out_x = shifted(gx) if gx is not None else None
             remainder = True
         outs, grads = [unit.h, unit.r], [out_h, out_r]
-        if out_x is not None:
+        if out_x is not None and unit.gate is None:
             outs.append(unit.xc)
             grads.append(out_x)
         (g_in,) = _vjp(outs, [unit.x], grads)
+        if out_x is not None and unit.gate is not None:   # the gate's path is already at x
+            g_in = g_in + out_x
         g_in, new = _rescale(g_in, new)
         return PathStack(g_in, new, remainder)
 
@@ -217,10 +228,12 @@ class PathCarrier:
         idx_s = (~branch).nonzero().flatten()
         if idx_b.numel():
             outs, grads = [unit.r], [gr.index_select(0, idx_b)]
-            if gx is not None:
+            if gx is not None and unit.gate is None:
                 outs.append(unit.xc)
                 grads.append(gx.index_select(0, idx_b))
             (gb,) = _vjp(outs, [unit.x], grads)
+            if gx is not None and unit.gate is not None:
+                gb = gb + gx.index_select(0, idx_b)
             out = gb.new_zeros((v.shape[0],) + gb.shape[1:])
             out.index_copy_(0, idx_b, gb)
         if idx_s.numel():
