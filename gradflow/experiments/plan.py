@@ -75,8 +75,8 @@ def make_scale(name: str, width: Optional[float] = None, stop: Optional[int] = N
     probe = (stop // (16 if name == "paper" else 8)) if probe_every is None else probe_every
     if not width > 0:
         raise GradflowError(f"--width {width!r} must be positive (0.25: a quarter of the paper's channels)")
-    if stop < 10:
-        raise GradflowError(f"--stop {stop!r} is too short for the recipe's warm-up and two lr drops: use >= 10")
+    if stop < 4:
+        raise GradflowError(f"--stop {stop!r} is too short for the recipe's warm-up and two lr drops: use >= 4")
     batch = 128 if batch_size is None else batch_size
     if batch < 1:
         raise GradflowError(f"--batch-size {batch!r} must be a positive integer (the paper's is 128)")

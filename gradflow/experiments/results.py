@@ -12,7 +12,7 @@ import pandas as pd
 from ..io import atomic_write_text
 from ..runs import Run, read_run
 from .plan import Row, RunSpec, Scale
-from .runner import run_state
+from .runner import check_folder, run_state
 
 COLUMNS = ("row", "model", "options", "dataset", "scale", "width", "iterations", "paper_error",
            "seeds_planned", "seeds_finished", "median_error", "min_error", "max_error", "spread",
@@ -45,6 +45,7 @@ def results_table(rows: list[Row], specs: list[RunSpec], scale: Scale) -> pd.Dat
         mine = [s for s in specs if s.row.name == row.name]
         errors, losses, statuses = [], [], []
         for s in mine:
+            check_folder(s, scale)   # a folder from another scale is an error, not a result
             if run_state(s.folder) != "finished":
                 statuses.append(run_state(s.folder))
                 continue
@@ -75,7 +76,7 @@ def results_table(rows: list[Row], specs: list[RunSpec], scale: Scale) -> pd.Dat
 
 
 def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 

@@ -63,10 +63,10 @@ def check_folder(spec: RunSpec, scale: Scale) -> None:
 def command_for(spec: RunSpec, scale: Scale, data: str, verify: bool,
                 device: Optional[str] = None) -> Optional[list[str]]:
     """The gradflow.train command that brings ``spec`` to its end (None if it is finished)."""
+    check_folder(spec, scale)
     state = run_state(spec.folder)
     if state == "finished":
         return None
-    check_folder(spec, scale)
     if state == "resumable":
         return train_command(resume_args(spec, data, verify, device))
     return train_command(train_args(spec, scale, data, verify, device))
