@@ -34,7 +34,7 @@ from .errors import GradflowError
 from .models.units import Sum
 from .parts import Parts, combine_sum, run_parts
 from .tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
-from .tracing.paths import PathCarrier, PathStack, UnitGraph
+from .tracing.paths import PathCarrier, PathStack, UnitGraph, n_paths, stack_rows
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -254,29 +254,17 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
             stack = carrier.through_link(get_gradient_edge(calls[i].x), get_gradient_edge(calls[i - 1].out),
                                          stack)
     del rec
-    table = pd.DataFrame(rows).sort_values(["unit", "k_order"]).drop(columns="k_order")
+    table = pd.DataFrame(rows)
+    table = table.assign(_k=table["k"].where(table["k"] >= 0, 10 ** 9)).sort_values(["unit", "_k"]).drop(columns="_k")
     units_df = pd.DataFrame(unit_rows).sort_values("unit").reset_index(drop=True)
     return PathResult(table.reset_index(drop=True), units_df, kept, max_len)
 
 
-def _quantiles(a: np.ndarray) -> dict:
-    q = np.quantile(a, [0.05, 0.5, 0.95])
-    return dict(norm=a.mean(), norm_std=a.std(), norm_q05=q[0], norm_q50=q[1], norm_q95=q[2])
-
-
 def _rows(stack: PathStack, g: Tensor, call: _Rec, unit: int, n_above: int, max_len) -> list[dict]:
-    norms = stack.per_sample_norms().cpu().numpy()                    # [M, B]
-    dots = stack.per_sample_dots(g).cpu().numpy()
     gn = torch.linalg.vector_norm(g.detach().flatten(1), dim=1, dtype=torch.float64).cpu().numpy()
-    safe = np.where(gn > 0, gn, np.nan)
-    out = []
-    for i, k in enumerate(stack.ks):
-        npaths = _n_paths(n_above, k, max_len)
-        out.append(dict(step=0, unit=unit, name=call.info.name, stage=call.info.stage, k=k,
-                        k_order=k if k >= 0 else 10 ** 9, n_units=n_above, n_paths=npaths, **_quantiles(norms[i]),
-                        share=np.nanmean(norms[i] / safe), proj=np.nanmean(dots[i] / safe ** 2),
-                        grad_norm=gn.mean()))
-    return out
+    meta = dict(step=0, unit=unit, name=call.info.name, stage=call.info.stage)
+    return stack_rows(stack.ks, stack.per_sample_norms().cpu().numpy(), stack.per_sample_dots(g).cpu().numpy(),
+                      gn, meta, n_above, max_len)
 
 
 def _unit_row(stack: PathStack, g: Tensor, call: _Rec, unit: int) -> dict:
@@ -295,10 +283,7 @@ def _log_comb(n: int, k: int) -> float:
 
 
 def _n_paths(n: int, k: int, max_len) -> float:
-    """Paths through exactly k of n branches; k = -1: through more than max_len."""
-    if k >= 0:
-        return float(math.comb(n, k)) if n < 1000 else math.exp(_log_comb(n, k))
-    return float(sum(math.comb(n, j) for j in range(max_len + 1, n + 1)))
+    return n_paths(n, k, max_len)
 
 
 # --- Veit's sampled estimate ---------------------------------------------------------------

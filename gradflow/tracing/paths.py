@@ -33,9 +33,11 @@ float32's smallest normal number.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -254,3 +256,115 @@ def _vjp(outputs: list, inputs: list, grads: list, allow_unused: bool = False):
             f"gradflow could not take the batched vector-Jacobian product through a unit's recorded "
             f"graph ({e}). Operations without a batching rule for torch.vmap (some custom autograd "
             "Functions) cannot be split by path length; declare the unit's parts without them") from e
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def n_paths(n: int, k: int, max_len: Optional[int]) -> float:
+    """Paths through exactly k of n branches; k = -1: through more than ``max_len``."""
+    if k >= 0:
+        return float(math.comb(n, k)) if n < 1000 else math.exp(
+            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1))
+    return float(sum(math.comb(n, j) for j in range(max_len + 1, n + 1)))
+
+
+def stack_rows(ks: list, norms, dots, gnorm, meta: dict, n_units: int, max_len: Optional[int]) -> list:
+    """Tidy rows (one per k) from per-sample arrays: norms, dots [M, B] and ||dE/dx_l|| [B] (numpy)."""
+    safe = np.where(gnorm > 0, gnorm, np.nan)
+    rows = []
+    for i, k in enumerate(ks):
+        a = norms[i]
+        q = np.quantile(a, [0.05, 0.5, 0.95])
+        rows.append(dict(meta, k=k, n_units=n_units, n_paths=n_paths(n_units, k, max_len), norm=a.mean(),
+                         norm_std=a.std(), norm_q05=q[0], norm_q50=q[1], norm_q95=q[2],
+                         share=np.nanmean(a / safe), proj=np.nanmean(dots[i] / safe ** 2),
+                         grad_norm=gnorm.mean()))
+    return rows
+
+
+def is_plain_sum(parts) -> bool:
+    """y = h + F with no after-addition function (the zoo's ``Sum`` or the default combine)."""
+    from ..parts import combine_sum
+    if parts is None:
+        return True
+    return parts.post is None and (parts.combine is combine_sum or type(parts.combine).__name__ == "Sum")
+
+
+class PathTracker:
+    """The path-length split inside :func:`gradflow.trace` (``paths=True`` or ``paths=max_len``).
+
+    The tracer calls :meth:`on_tap` at each unit's forward (its tensors), :meth:`on_top`
+    when dE/dx_L arrives and :meth:`on_grad` when dE/dx_l is complete, inside its own
+    re-entrancy guard. As for the direct term, the stack at unit l's input is computed
+    when dE/dx_{l+1} is known, before autograd has freed unit l's part of the graph. A
+    gate's own path to x (g(x) in the combine) comes from a second combine on detached
+    h and F (a 1x1 conv recomputed per gated unit).
+    """
+
+    def __init__(self, max_len: Optional[int] = None):
+        self.carrier = PathCarrier(max_len)
+        self.max_len = max_len
+        self._graphs: dict = {}
+        self._stacks: dict = {}
+        self._raw: list = []
+        self._rows: list = []
+        self.stopped: list = []        # units without parts, where the split stops
+
+    def on_tap(self, call, *, x: Tensor, h: Tensor, r: Tensor, y: Tensor, out: Tensor, coef, parts) -> None:
+        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad and x.requires_grad):
+            return
+        from torch.autograd.graph import get_gradient_edge as e
+        gate = None
+        if isinstance(coef, Tensor) and coef.requires_grad and parts is not None:
+            gate, _ = parts.combine(h.detach(), r.detach(), x)
+        self._graphs[id(call)] = UnitGraph(
+            x=e(x), h=e(h), r=e(r), out=e(out), plain_sum=gate is None and y is out and is_plain_sum(parts),
+            name=call.info.name, y=e(y) if (gate is not None and y is not out) else None,
+            gate=e(gate) if gate is not None else None)
+
+    def on_top(self, last, g: Tensor) -> None:
+        self._through(last, self.carrier.start(g))
+
+    def _through(self, call, stack: PathStack) -> None:
+        graph = self._graphs.pop(id(call), None)
+        if graph is None:
+            if call.info.name not in self.stopped:
+                self.stopped.append(call.info.name)
+            return
+        self._stacks[id(call)] = self.carrier.through_unit(graph, stack)
+
+    def on_grad(self, call, g: Tensor, p: int = 0, keep=None) -> None:
+        """dE/dx_l of unit ``call`` is complete: record its components and carry them to the unit below.
+
+        ``keep(t)``, when given, receives the components [K+1, *x_l.shape] (float64).
+        """
+        stack = self._stacks.pop(id(call), None)
+        if stack is None:
+            return
+        m = call.micro
+        gd = g.detach()
+        self._raw.append((dict(step=m.step, micro=m.micro, backward=p, unit=call.index, name=call.info.name,
+                               stage=call.info.stage),
+                          len(m.calls) - call.index, stack.ks, stack.per_sample_norms(),
+                          stack.per_sample_dots(gd),
+                          torch.linalg.vector_norm(gd.flatten(1), dim=1, dtype=torch.float64)))
+        if keep is not None:
+            keep(stack.values())
+        if call.index > 0:
+            prev = m.calls[call.index - 1]
+            if getattr(call, "link_edges", None) is not None:
+                stack = self.carrier.through_link(call.link_edges[0], call.link_edges[1], stack)
+            self._through(prev, stack)
+
+    def table(self) -> "pd.DataFrame":
+        """One row per recorded unit, backward pass and path length (k = -1: the remainder)."""
+        import pandas as pd
+        for meta, n, ks, norms, dots, gn in self._raw:
+            self._rows += stack_rows(ks, norms.cpu().numpy(), dots.cpu().numpy(), gn.cpu().numpy(), meta, n,
+                                     self.max_len)
+        self._raw.clear()
+        if not self._rows:
+            return pd.DataFrame()
+        t = pd.DataFrame(self._rows)
+        t["_k"] = t["k"].where(t["k"] >= 0, 10 ** 9)
+        return t.sort_values(["step", "micro", "backward", "unit", "_k"]).drop(columns="_k").reset_index(drop=True)
