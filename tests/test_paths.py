@@ -243,3 +243,19 @@ def test_bad_input_is_named():
         sample_paths(m, x, y=y, ks=[99], samples=1)
     with pytest.raises(gradflow.GradflowError, match="loss_fn"):
         path_components(m, x)
+
+
+@pytest.mark.parametrize("name", ["vit-cifar-tiny", "gpt-tiny"])
+def test_transformer_units_split_and_close(name):
+    """Blocks with two units each (attention, MLP): the components add up to plain autograd's dE/dx_l."""
+    if name not in gradflow.list_models():
+        pytest.skip(f"{name} is not in this zoo")
+    torch.manual_seed(0)
+    m = gradflow.create_model(name).double()
+    inp = gradflow.registry.model_inputs(name)
+    x = torch.randint(0, inp["vocab_size"], (2, 16)) if inp["kind"] == "tokens" else batch(2, dtype=torch.float64)[0]
+    res = path_components(m, x, loss_fn=lambda out: (out[0] if isinstance(out, tuple) else out).pow(2).mean(),
+                          max_len=2)
+    n = len(res.units)
+    assert n >= 4 and res.units["sum_rel_err"].max() < 1e-10
+    assert res.table.loc[res.table["unit"] == 0, "n_paths"].sum() == 2 ** n
