@@ -209,8 +209,9 @@ def test_user_network_found_by_fx():
     x, y = batch(2, 8)
     tr = traced(m, x, y)
     _check_user(m, tr, x, y)
-    body = tr.units[~tr.units["is_top"]]
-    assert "direct_norm" not in body or body["direct_norm"].isna().all()   # no parts, no split
+    # issue 10: parts read from the graph's addition; identity shortcuts, so direct == dE/dx_L (eq. 5)
+    assert all(i.found == "fx" and i.split for i in infos)
+    np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
 
 
 def test_user_network_declared_by_pattern_with_parts_gets_the_split():

@@ -1,8 +1,14 @@
-"""Hook-based instrumentation of residual networks: find units, record, split."""
+"""Hook-based instrumentation of residual networks: find units, record, split, stream."""
 from .discover import UnitInfo, find_units
+from .listing import UnitList, units
+from .quantities import (Backward, Forward, Quantity, Weights, Signal, Branches, Gradient, Split,
+                         WeightGradNorm, UpdateRatio, Spectra, PRESETS)
 from .recorder import Tracer, trace
-from .tables import QUANTITIES
 from .schedule import Schedule, at, every, log_spaced
+from .sinks import CSVSink, JSONLSink, Sink, TensorBoardSink
+from .tables import QUANTITIES
 
-__all__ = ["trace", "Tracer", "find_units", "UnitInfo", "Schedule", "every", "log_spaced", "at",
-           "QUANTITIES"]
+__all__ = ["trace", "Tracer", "find_units", "units", "UnitInfo", "UnitList", "Schedule", "every",
+           "log_spaced", "at", "QUANTITIES", "Quantity", "Forward", "Backward", "Weights", "Signal",
+           "Branches", "Gradient", "Split", "WeightGradNorm", "UpdateRatio", "Spectra", "PRESETS",
+           "Sink", "CSVSink", "JSONLSink", "TensorBoardSink"]

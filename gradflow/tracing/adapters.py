@@ -1,19 +1,65 @@
-"""Parts of third-party residual blocks: torchvision's and timm's ResNets.
+"""Adapters: the parts of third-party residual blocks, found by class.
 
 Each adapter re-expresses a block's ``forward`` as :class:`~gradflow.parts.Parts`
-calling the block's own submodules in the block's own order, so the traced
-forward computes the same numbers (the tests check equality) while exposing
-h, F and y as separate tensors. Blocks are matched by their class's module and
-name, so neither torchvision nor timm is imported unless the model uses them.
+(one residual unit) or a :class:`~gradflow.parts.Block` (several units run in
+sequence, e.g. a transformer block's attention and MLP units), calling the
+block's own submodules in the block's own order, so the traced forward computes
+the same numbers (the tracer checks this on the first call of every unit) while
+exposing h, F and y as separate tensors. Blocks are matched by their class's
+module and name, so neither torchvision nor timm is imported unless the model
+uses them.
+
+Writing an adapter
+------------------
+An adapter is ``factory(module) -> Parts | Block``, registered for a class::
+
+    from gradflow.parts import Block, Parts
+    from gradflow.tracing.adapters import register_adapter
+
+    def gpt2_block(m):
+        def forward(run, hidden_states, *args, **kwargs):
+            rest = []
+            def attn(z):                       # the branch; the extra arguments reach it here
+                out = m.attn(z, *args, **kwargs)
+                rest.append(out[1:])           # outputs besides the hidden state
+                return out[0]
+            x = run.unit(0, Parts(branch=attn, preact=m.ln_1, modules=(m.ln_1, m.attn)), hidden_states)
+            x = run.unit(1, Parts(branch=m.mlp, preact=m.ln_2), x)
+            return (x,) + rest[0]              # packed as the block's own forward packs it
+        return Block(("attn", "mlp"), forward)
+
+    register_adapter("transformers.models.gpt2.modeling_gpt2", "GPT2Block", gpt2_block,
+                     stage=None)
+
+* The block's ``forward(run, *args, **kwargs)`` receives exactly the arguments
+  the module was called with; ``run.unit(k, parts, x, *extra, **kw)`` evaluates
+  unit k and passes ``extra``/``kw`` to its branch (a :class:`Parts` returned
+  directly does the same: its branch receives the module's extra arguments).
+* Outputs are packed by the block's forward, so tuples, caches and attention
+  weights come back as the module returns them.
+* ``stage``: an int fixes the stage of the block's units; None (default) lets
+  the tracer number stages as runs of consecutive units whose x_l keeps its
+  shape.
+* ``scalar_coef``: the closed-form coefficient of h (1.0 for a plain sum), or
+  None where it depends on the data.
+
+Adapters for other libraries live in their own files beside this one
+(``adapters_transformers.py``) and register themselves on import; discovery
+imports every ``gradflow.tracing.adapters_*`` module it finds the first time it
+looks for units, and silently skips none: an adapter module that fails to import
+is an error.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
-from ..parts import Parts, as_fn
+from ..parts import Block, Parts, as_fn
 
 
 def out_of_place(act: Optional[nn.Module]) -> Optional[nn.Module]:
@@ -90,8 +136,37 @@ def _timm_v2_bottleneck(m: nn.Module) -> Parts:
     return Parts(branch=branch, shortcut=as_fn(m.downsample), post=out_of_place(m.act3))
 
 
-# (module of the class, class name) -> parts factory
-ADAPTERS: dict[tuple[str, str], Callable[[nn.Module], Parts]] = {
+Factory = Callable[[nn.Module], Union[Parts, Block]]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A registered adapter: its factory, and what it knows about the block's units."""
+
+    factory: Factory
+    stage: Optional[int] = None
+    scalar_coef: Optional[float] = 1.0
+
+
+# (module of the class, class name) -> adapter
+ADAPTERS: dict[tuple[str, str], Adapter] = {}
+
+
+def register_adapter(module: str, name: str, factory: Factory, stage: Optional[int] = None,
+                     scalar_coef: Optional[float] = 1.0) -> None:
+    """Make blocks of class ``module.name`` units, split by ``factory(block)``.
+
+    Args:
+        module: the class's ``__module__`` (``"timm.models.resnet"``).
+        name: the class's ``__name__`` (``"Bottleneck"``).
+        factory: ``block -> Parts | Block`` (see the module docstring).
+        stage: the stage of every unit of such blocks, or None to number stages by shape.
+        scalar_coef: the closed-form coefficient of h, or None where it depends on the data.
+    """
+    ADAPTERS[(module, name)] = Adapter(factory, stage, scalar_coef)
+
+
+for _key, _factory in {
     ("torchvision.models.resnet", "BasicBlock"): _tv_basic,
     ("torchvision.models.resnet", "Bottleneck"): _tv_bottleneck,
     ("timm.models.resnet", "BasicBlock"): _timm_basic,
@@ -99,10 +174,26 @@ ADAPTERS: dict[tuple[str, str], Callable[[nn.Module], Parts]] = {
     ("timm.models.resnetv2", "PreActBasic"): _timm_preact_basic,
     ("timm.models.resnetv2", "PreActBottleneck"): _timm_preact_bottleneck,
     ("timm.models.resnetv2", "Bottleneck"): _timm_v2_bottleneck,
-}
+}.items():
+    register_adapter(*_key, _factory)
+
+_loaded = False
 
 
-def adapter_for(module: nn.Module) -> Optional[Callable[[nn.Module], Parts]]:
-    """The parts factory for a known third-party block class, else None."""
+def load_adapter_modules() -> None:
+    """Import every ``gradflow.tracing.adapters_*`` module once, so they register their adapters."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    pkg = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("adapters_"):
+            importlib.import_module(f"{__package__}.{info.name}")
+
+
+def adapter_for(module: nn.Module) -> Optional[Adapter]:
+    """The adapter registered for a block's class, else None."""
+    load_adapter_modules()
     cls = type(module)
     return ADAPTERS.get((cls.__module__, cls.__name__))

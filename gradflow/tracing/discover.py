@@ -1,25 +1,37 @@
 """Finding the residual units of a network.
 
-Order of preference: gradflow's own units and known third-party blocks
-(torchvision, timm), found by class; units the user declares (a name pattern or
-a list of modules, optionally with their parts); and, for any other network
-whose code torch.fx can trace, the modules in which a residual addition happens.
+Order of preference: modules that follow the unit protocol (a ``parts()``
+method and a ``stage``: gradflow's own units, see :mod:`gradflow.parts`) and
+blocks with a registered adapter (torchvision, timm, ...), found by class;
+units the user declares (a name pattern or a list of modules, optionally with
+their parts); and, for any other network whose code torch.fx can trace, the
+modules in which a residual addition happens, with their parts read from the
+graph (:mod:`gradflow.tracing.fxgraph`).
+
+One module may hold several units (a transformer block: attention, then MLP);
+each is a :class:`UnitInfo` of its own, named ``<module>.<slot>``, sharing the
+module's :class:`~gradflow.parts.Block`.
+
+Stages: a unit that knows its stage (the zoo's) keeps it. Otherwise stages are
+first guessed from names (``layer3.1`` -> 2, ``stages.1.blocks.0`` -> 1, else a
+new stage where the parent module changes) and, on the first traced forward,
+renumbered as runs of consecutive units whose output keeps the shape of the
+previous unit's output: the stretches where the direct path is the identity.
 """
 from __future__ import annotations
 
-import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
 from ..errors import GradflowError
-from ..parts import Parts, as_fn
+from ..parts import Block, Parts, as_block, as_fn, is_residual_module
 from .adapters import adapter_for, out_of_place
+from .fxgraph import fx_block, residual_module_paths
 
-PartsSpec = Union[None, dict, Callable[[nn.Module], Parts]]
+PartsSpec = Union[None, dict, Callable[[nn.Module], Union[Parts, Block]]]
 UnitsSpec = Union[None, str, Sequence[nn.Module]]
 
 
@@ -27,36 +39,79 @@ UnitsSpec = Union[None, str, Sequence[nn.Module]]
 class UnitInfo:
     """A residual unit found in a model.
 
-    ``parts`` is None for units known only by their input and output (then the
-    direct/residual split is not available for them). ``scalar_coef`` is the
-    closed-form coefficient of h (1 for a plain sum, lambda for constant
-    scaling) or None where it depends on the data.
+    ``parts`` is None for units known only by their module's input and output
+    (then the direct/residual split is not available for them, and ``note``
+    says why); else it returns the module's :class:`~gradflow.parts.Block`, of
+    which this unit is number ``slot``. ``scalar_coef`` is the closed-form
+    coefficient of h (1 for a plain sum, lambda for constant scaling) or None
+    where it depends on the data. ``found``: ``zoo`` (the unit protocol),
+    ``adapter``, ``declared`` or ``fx``.
     """
 
     name: str
     module: nn.Module
     kind: str
     stage: Optional[int] = None
-    parts: Optional[Callable[[], Parts]] = None
+    parts: Optional[Callable[[], Block]] = None
     scalar_coef: Optional[float] = None
+    found: str = "declared"
+    slot: int = 0
+    note: str = ""
+    stage_fixed: bool = False      # the stage comes from the unit itself, not from shapes
+    x_shape: str = ""              # the input's shape (without the batch), once traced
+    owned: tuple = field(default=(), repr=False)  # modules/parameters of this unit (weight quantities)
+    module_name: str = ""          # the module's path (the unit's name without its slot)
+
+    def __post_init__(self) -> None:
+        if not self.module_name and self.slot == 0:
+            self.module_name = self.name
+
+    @property
+    def split(self) -> bool:
+        """Whether the direct/residual split is available for this unit."""
+        return self.parts is not None
 
 
 def _kind(m: nn.Module) -> str:
+    spec = getattr(m, "spec", None)
+    if spec is not None and hasattr(spec, "unit") and hasattr(spec, "shortcut"):
+        return f"gradflow.{spec.unit}/{spec.shortcut}"
     return f"{type(m).__module__}.{type(m).__name__}"
 
 
-def _known(name: str, m: nn.Module) -> Optional[UnitInfo]:
-    from ..models.units import ResidualUnit  # models sit below tracing
-    if isinstance(m, ResidualUnit):
-        return UnitInfo(name, m, f"gradflow.{m.spec.unit}/{m.spec.shortcut}", m.stage,
-                        m.parts, m.shortcut_scalar())
-    factory = adapter_for(m)
-    if factory is not None:
-        return UnitInfo(name, m, _kind(m), None, lambda m=m: factory(m), 1.0)
+def _expand(name: str, m: nn.Module, block: Block, found: str, stage: Optional[int],
+            coef: Optional[float], fixed: bool) -> list[UnitInfo]:
+    """One UnitInfo per unit of the module's block."""
+    kind = _kind(m)
+    out = []
+    for k, slot in enumerate(block.names):
+        full = name if len(block.names) == 1 else (f"{name}.{slot}" if name else slot)
+        if block.unit_modules:
+            owned = tuple(block.unit_modules[k])
+        elif len(block.names) == 1:
+            owned = (m,)
+        else:
+            owned = ()
+        out.append(UnitInfo(full, m, kind, stage, lambda b=block: b, coef, found, k,
+                            stage_fixed=fixed, owned=owned, module_name=name))
+    return out
+
+
+def _known(name: str, m: nn.Module) -> Optional[list[UnitInfo]]:
+    if is_residual_module(m):
+        block = as_block(m.parts())
+        scalar = getattr(m, "shortcut_scalar", None)
+        coef = scalar() if callable(scalar) else None
+        stage = getattr(m, "stage", None)
+        return _expand(name, m, block, "zoo", stage, coef, stage is not None)
+    adapter = adapter_for(m)
+    if adapter is not None:
+        return _expand(name, m, as_block(adapter.factory(m)), "adapter", adapter.stage,
+                       adapter.scalar_coef, adapter.stage is not None)
     return None
 
 
-def _declared_parts(m: nn.Module, spec: PartsSpec) -> Optional[Callable[[], Parts]]:
+def _declared_parts(m: nn.Module, spec: PartsSpec) -> Optional[Callable[[], Union[Parts, Block]]]:
     if spec is None:
         return None
     if callable(spec):
@@ -87,45 +142,72 @@ def _declared_parts(m: nn.Module, spec: PartsSpec) -> Optional[Callable[[], Part
 def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None) -> list[UnitInfo]:
     """The residual units of ``model``, in module order, each with name, stage and parts.
 
-    ``units``: None (find them), a pattern on module names (``"layer*.*"``;
-    ``*`` stays within one dotted segment, ``**`` crosses them), a list of modules, or ``"fx"`` (find residual additions by
-    tracing the code with torch.fx). ``parts``: for declared units, a dict of
-    submodule names (``{"shortcut": "downsample", "branch": "residual"}``) or a
-    function ``module -> Parts``.
+    Args:
+        model: any ``nn.Module``.
+        units: None (find them), a pattern on module names (``"layer*.*"``; ``*``
+            stays within one dotted segment, ``**`` crosses them), a list of
+            modules, or ``"fx"`` (find residual additions by tracing the code
+            with torch.fx).
+        parts: for declared units, a dict of submodule names (``{"shortcut":
+            "downsample", "branch": "residual"}``) or a function ``module ->
+            Parts | Block``. Declared units without parts get theirs from
+            torch.fx where it can read them.
+    Returns:
+        The units, in module order.
     """
     if hasattr(model, "_orig_mod"):
         raise GradflowError("this model is torch.compile'd: trace the original module "
                             "(model._orig_mod) instead; hooks do not survive compilation")
     named = list(model.named_modules())
+    reason = ""
     if units is None:
         found = _find_known(named)
         if not found:
-            found = _find_fx(model)
+            found, reason = _find_fx(model)
     elif isinstance(units, str) and units == "fx":
-        found = _find_fx(model)
+        found, reason = _find_fx(model)
     else:
-        if isinstance(units, str):
-            rx = _pattern(units)
-            chosen = [(n, m) for n, m in named if n and rx.fullmatch(n)]
-            if not chosen:
-                raise GradflowError(f"units={units!r} matches no module name; names look like "
-                                    f"{[n for n, _ in named[1:6]]}")
-        else:
-            ids = {id(m) for m in units}
-            chosen = [(n, m) for n, m in named if id(m) in ids]
-            if len(chosen) != len(ids):
-                raise GradflowError("units=[...] holds modules that are not part of this model")
-        found = []
-        for n, m in chosen:
-            info = _known(n, m) if parts is None else None
-            found.append(info or UnitInfo(n, m, _kind(m), None, _declared_parts(m, parts), 1.0))
+        found = _find_declared(model, named, units, parts)
     if not found:
+        why = f" torch.fx could not read this model: {reason}." if reason else ""
         raise GradflowError(
             f"no residual unit found in {type(model).__name__}: gradflow knows its own units, "
-            "torchvision's and timm's ResNet blocks, and residual additions torch.fx can trace. "
-            "Declare yours: trace(model, units='blocks.*') or units=[...], with "
-            "parts={'shortcut': ..., 'branch': ...} for the direct/residual split")
+            "torchvision's and timm's ResNet blocks, registered adapters, and residual additions "
+            f"torch.fx can trace.{why} Declare yours: trace(model, units='blocks.*') or units=[...], "
+            "with parts={'shortcut': ..., 'branch': ...} for the direct/residual split")
     _assign_stages(found)
+    return found
+
+
+def _find_declared(model, named, units, parts) -> list[UnitInfo]:
+    if isinstance(units, str):
+        rx = _pattern(units)
+        chosen = [(n, m) for n, m in named if n and rx.fullmatch(n)]
+        if not chosen:
+            raise GradflowError(f"units={units!r} matches no module name; names look like "
+                                f"{[n for n, _ in named[1:6]]}")
+    else:
+        ids = {id(m) for m in units}
+        chosen = [(n, m) for n, m in named if id(m) in ids]
+        if len(chosen) != len(ids):
+            raise GradflowError("units=[...] holds modules that are not part of this model")
+    leaves = {id(m) for _, m in chosen}
+    found: list[UnitInfo] = []
+    for n, m in chosen:
+        known = _known(n, m) if parts is None else None
+        if known:
+            found += known
+            continue
+        factory = _declared_parts(m, parts)
+        if factory is not None:
+            found += _expand(n, m, as_block(factory()), "declared", None, 1.0, False)
+            continue
+        block, why = fx_block(m, leaves)
+        if block is not None:
+            found += _expand(n, m, block, "fx", None, 1.0, False)
+        else:
+            found.append(UnitInfo(n, m, _kind(m), None, None, 1.0, "declared",
+                                  note=f"no split: no parts declared, and {why}", owned=(m,)))
     return found
 
 
@@ -155,65 +237,68 @@ def _find_known(named) -> list[UnitInfo]:
             continue  # never descend into a unit
         info = _known(n, m)
         if info is not None:
-            found.append(info)
+            found += info
             inside = n
     return found
 
 
-_ADD = {operator.add, operator.iadd, torch.add}
-
-
-def _find_fx(model: nn.Module) -> list[UnitInfo]:
-    """Modules whose forward adds a tensor to another computed from the same input."""
-    try:
-        import torch.fx as fx
-        graph = fx.symbolic_trace(model).graph
-    except Exception:  # untraceable code: fall through to the "declare" error
-        return []
-    ancestors: dict = {}
-    names: list[str] = []
-    for node in graph.nodes:
-        anc = set()
-        for a in node.all_input_nodes:
-            anc |= ancestors[a] | {a}
-        ancestors[node] = anc
-        is_add = (node.op == "call_function" and node.target in _ADD) or (
-            node.op == "call_method" and node.target in ("add", "add_"))
-        if not is_add or len(node.all_input_nodes) != 2:
-            continue
-        a, b = node.all_input_nodes
-        if a in ancestors[b] or b in ancestors[a] or (ancestors[a] & ancestors[b]) - _placeholders(graph):
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path = list(stack.values())[-1]
-                path = path[0] if isinstance(path, tuple) else path
-                if path and path not in names:
-                    names.append(path)
+def _find_fx(model: nn.Module) -> tuple[list[UnitInfo], str]:
+    """Units from the residual additions torch.fx finds, each with parts from the graph."""
+    paths, reason = residual_module_paths(model)
     modules = dict(model.named_modules())
-    return [UnitInfo(n, modules[n], _kind(modules[n])) for n in names if n in modules]
+    paths = [p for p in paths if p in modules]
+    leaves = {id(modules[p]) for p in paths}
+    found: list[UnitInfo] = []
+    for p in paths:
+        m = modules[p]
+        block, why = fx_block(m, leaves)
+        if block is not None:
+            found += _expand(p, m, block, "fx", None, 1.0, False)
+        else:
+            found.append(UnitInfo(p, m, _kind(m), None, None, 1.0, "fx",
+                                  note=f"no split: {why}", owned=(m,)))
+    return found, reason
 
 
-def _placeholders(graph) -> set:
-    return {n for n in graph.nodes if n.op == "placeholder"}
-
-
-_STAGE = re.compile(r"(?:layer|stage|stages|blocks?)[._]?(\d+)")
+_STAGE = re.compile(r"(?:^|\.)(?:layer|stages?)[._]?(\d+)")
 
 
 def _assign_stages(units: list[UnitInfo]) -> None:
-    """Stage numbers from the units themselves or their names (``layer3.1`` -> 2)."""
+    """Provisional stage numbers from the units' names (``layer3.1`` -> 2); fixed ones are kept."""
     if all(u.stage is not None for u in units):
         return
-    found = [_STAGE.search(u.name) for u in units]
+    found = [_STAGE.search(u.module_name) for u in units]
     if all(found):
         nums = [int(f.group(1)) for f in found]
         base = min(nums)
         for u, k in zip(units, nums):
-            u.stage = k - base
-    else:  # a new stage wherever the unit's parent module changes
-        parents = [u.name.rsplit(".", 1)[0] if "." in u.name else "" for u in units]
-        stage = 0
-        for i, u in enumerate(units):
-            if i and parents[i] != parents[i - 1]:
-                stage += 1
+            if u.stage is None:
+                u.stage = k - base
+        return
+    parents = [u.module_name.rsplit(".", 1)[0] if "." in u.module_name else "" for u in units]
+    stage = 0
+    for i, u in enumerate(units):
+        if i and parents[i] != parents[i - 1]:
+            stage += 1
+        if u.stage is None:
+            u.stage = stage
+
+
+def renumber_stages(units: list[UnitInfo], out_shapes: list[str]) -> None:
+    """Stages as runs of consecutive units whose output keeps the previous unit's output shape.
+
+    ``units`` in call order, with their output shapes; units whose stage is
+    fixed by the unit itself are left alone.
+    """
+    if all(u.stage_fixed for u in units):
+        return
+    stage, prev, seen = 0, None, set()
+    for u, shape in zip(units, out_shapes):
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        if prev is not None and shape != prev:
+            stage += 1
+        prev = shape
+        if not u.stage_fixed:
             u.stage = stage

@@ -2,18 +2,34 @@
 
 Usage::
 
-    with gradflow.trace(model) as tr:     # hooks attached here, removed on exit
-        loss = criterion(model(x), y)
-        loss.backward()
-    tr.units                              # one row per unit per recorded step
+    with gradflow.trace(model, optimizer=opt) as tr:   # hooks attached here, removed on exit
+        for x, y in batches:
+            loss = criterion(model(x), y)
+            loss.backward()
+            opt.step(); opt.zero_grad()
+    tr.units                              # one row per unit per micro-batch per recorded step
 
 How it works, and its sharp edges
 ---------------------------------
-* Each unit's ``forward`` is replaced, for the duration of the ``with`` block,
-  by one that evaluates the unit from its parts (:func:`gradflow.parts.run_parts`;
-  for gradflow's own units that is exactly their forward) and hands every
-  intermediate to the recorder. Units known only by input and output run their
-  own forward. Everything is restored on exit, exceptions included.
+* Steps: with ``optimizer=``, a step is one ``optimizer.step()`` and every
+  forward of the model inside it is a micro-batch (``micro`` column); without,
+  a step is one forward call of the model. Any order of forwards and backwards
+  PyTorch allows is recorded: accumulation over micro-batches, several
+  backward passes through a retained graph (each its own rows, ``backward``
+  column, exact for its own loss), tables read at any time (rows appear once
+  their backward has arrived; reading never closes a step), forwards under
+  ``no_grad`` (``phase="eval"`` rows, activations only), AMP with a
+  ``GradScaler`` (pass ``scaler=``: gradients are unscaled, and a step whose
+  update the scaler skipped is marked ``skipped``). What cannot be recorded
+  (a backward that never came, one that reached only some units, one that came
+  after its rows were written) is said once, as a warning, and left NaN.
+* Each unit's module runs, for the duration of the ``with`` block, from its
+  parts (:mod:`gradflow.parts`: ``Block.forward(run, *args, **kwargs)``), with
+  the call's extra arguments passed to the branches; on its first call the
+  result is checked against the module's own forward (:mod:`.check`). Units
+  known only by input and output run their own forward. Everything is
+  restored on exit, exceptions included. Nested traces of the same modules are
+  refused.
 * Gradients are captured with ``Tensor.register_hook`` on each unit's input,
   not with module backward hooks, so in-place operations inside a block, units
   whose input does not require grad and modules called more than once are fine.
@@ -24,17 +40,19 @@ How it works, and its sharp edges
   the recorded forward (same BN batch statistics, same dropout masks, no
   running-statistic update, no random numbers drawn), gives direct_l. The
   residual term is total - direct.
-* Per-sample statistics are reduced on the device inside the hooks and moved
-  to the host once per step. No activation or gradient outlives the step
-  unless ``keep=`` asks for it.
-* ``torch.compile``d models are refused with a message: trace the original
-  module. Under ``torch.no_grad()`` only activations are recorded.
+* What is measured is a list of :mod:`.quantities` (plug-ins); per-sample
+  reductions are computed on the device inside the hooks and moved to the host
+  once per step. No activation or gradient outlives the step unless ``keep=``
+  asks for it. ``sinks=`` stream each step's rows as they are made
+  (:mod:`.sinks`); ``history=`` bounds what stays in memory.
+* ``torch.compile``d models are refused with a message: trace the original module.
 """
 from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass, field
+import warnings
+from collections import deque
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -45,90 +63,116 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from ..errors import GradflowError
-from ..parts import run_parts
+from ..parts import PLAIN, run_parts
 from . import stats
-from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units
+from .check import compare, describe, reference_output
+from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units, renumber_stages
+from .quantities import Backward, Derive, Forward, Quantity, Weights, resolve
 from .schedule import as_schedule
-from .tables import RAW, derive, step_tables
+from .steps import Call, Micro
+from .tables import step_tables, to_host, unscale
 
-@dataclass
-class _Call:
-    """One call of one unit in one step: stats (device tensors [B]) and graph edges."""
+_ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
+_MAX_PENDING = 16       # micro-batches waiting for a backward before they are written as they are
 
-    info: UnitInfo
-    index: int
-    stats: dict = field(default_factory=dict)
-    x_edge: Any = None
-    out_edge: Any = None
-    y_edge: Any = None
-    h_edge: Any = None
-    coef: Any = 1.0
-    has_post: bool = False
-    identity_shortcut: bool = True
-    direct: Optional[Tensor] = None     # direct term at this unit's input, while pending
-    ref: Optional[Tensor] = None        # the same with every h-coefficient set to 1
-    link_edges: Optional[tuple] = None  # (x_edge, previous out_edge) when ops sit between units
-    direct_norm: Optional[Tensor] = None  # its per-sample norm, when already known
-    d_ls: Any = 0.0                     # direct = exp(d_ls) * direct: deep products underflow float32
-    r_ls: Any = 0.0                     # the same for ref
-    carries: int = 0                    # changed carries since the last rescale
-    x_shape: str = ""
-    out_shape: str = ""
-    scalars: dict = field(default_factory=dict)  # batch-level numbers (Jacobian spectra)
+
+class _Group:
+    """One patched module: its units (in block order), its block, and whether it was checked."""
+
+    def __init__(self, module: nn.Module, infos: list, block):
+        self.module, self.infos, self.block = module, infos, block
+        self.checked = False
+        self.params = [_params(i.owned) for i in infos]
+
+
+def _params(owned) -> list:
+    out, seen = [], set()
+    for o in owned:
+        ps = [o] if isinstance(o, nn.Parameter) else list(o.parameters())
+        for p in ps:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 class Tracer:
     """Attach with ``with Tracer(model) as tr`` (or :func:`trace`); read ``tr.units``.
 
-    Parameters
-    ----------
-    units, parts
-        Which modules are residual units and what their parts are; see
-        :func:`gradflow.tracing.find_units`. By default they are found.
-    split
-        Compute the direct/residual split of dE/dx_l (eq. 5 and 8).
-    schedule
-        When to record: None (every step), an int n (every n-th), or a
-        schedule such as ``gradflow.tracing.log_spaced()``. A step is one
-        forward call of ``model`` and the backward that follows.
-    keep
-        Names of full tensors to keep per unit and step, moved to the CPU:
-        any of ``"x"``, ``"grad"``, ``"direct"``. Off by default: they cost memory.
-    cancel_tol
-        A sample counts as "residual cancels direct" when
-        ||dE/dx_l|| < cancel_tol * ||direct_l||.
-    spectra
-        Also estimate, per unit and recorded step, the top singular value of
-        the unit's Jacobian and of its branch's, and ||J - I||_2
-        (:mod:`gradflow.theory.jacobian`). Dear: off by default.
+    Args:
+        model: the network.
+        units, parts: which modules are residual units and what their parts
+            are; see :func:`gradflow.tracing.find_units`. By default they are found.
+        split: compute the direct/residual split of dE/dx_l (eq. 5 and 8).
+        schedule: which steps to record: None (every step), an int n (every
+            n-th), or a schedule such as ``gradflow.tracing.log_spaced()``.
+        keep: full tensors to keep per unit and step, moved to the CPU: any of
+            ``"x"``, ``"grad"``, ``"direct"``; keyed ``(step, unit)`` for the
+            first micro-batch's first backward, ``(step, unit, micro, backward)``
+            for the others. Off by default: they cost memory.
+        cancel_tol: a sample counts as "residual cancels direct" when
+            ||dE/dx_l|| < cancel_tol * ||direct_l||.
+        spectra, spectra_iters: add the Jacobian-spectra quantity (dear).
+        optimizer: a step is then one ``optimizer.step()``; adds the update size.
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
+        quantities: extra :class:`~gradflow.tracing.Quantity` objects, or a
+            preset name first (``"cheap"``, ``"standard"``, ``"full"``).
+        sinks: objects with ``write(units, samples)`` (and ``open``/``close``)
+            receiving each step's rows as they are made.
+        history: how many recorded steps to keep in memory (None: all).
+        check: compare each unit's parts with its own forward on the first call.
     """
 
     def __init__(self, model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
                  split: bool = True, schedule=None, keep: Sequence[str] = (),
-                 cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20):
+                 cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20,
+                 optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
+                 quantities: Optional[Sequence] = None, sinks: Sequence = (),
+                 history: Optional[int] = None, check: bool = True):
         bad = set(keep) - {"x", "grad", "direct"}
         if bad:
             raise GradflowError(f"keep={sorted(bad)!r}: choose from 'x', 'grad', 'direct'")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise GradflowError(f"optimizer={type(optimizer).__name__}: give a torch.optim.Optimizer "
+                                "(the one whose step() ends a training step)")
+        if history is not None and history < 0:
+            raise GradflowError(f"history={history!r}: give None (keep every step) or a count >= 0")
         self.model = model
         self.infos = find_units(model, units, parts)
         self.split = split
         self.schedule = as_schedule(schedule)
         self.keep = tuple(keep)
         self.cancel_tol = cancel_tol
-        self.spectra, self.spectra_iters = spectra, spectra_iters
-        self.step = -1              # index of the current step (forward call of the model)
-        self.tensors: dict = {}     # (step, unit) -> {name: CPU tensor}, when keep= is set
-        self._units: list[pd.DataFrame] = []
-        self._samples: list[pd.DataFrame] = []
-        self._calls: list[_Call] = []
-        self._top: Optional[Tensor] = None      # per-sample ||dE/dx_L||
-        self._last_out: Optional[Tensor] = None  # x_L so far: the last unit's output
+        self.optimizer, self.scaler = optimizer, scaler
+        self.quantities = resolve(quantities, spectra, spectra_iters)
+        self._q_fwd = [q for q in self.quantities if q.needs == "forward"]
+        self._q_before = [q for q in self._q_fwd if type(q).before is not Quantity.before]
+        self._q_bwd = [q for q in self.quantities if q.needs in ("grad", "split")]
+        self._q_w = [q for q in self.quantities if q.needs == "weights"]
+        self._q_upd = [q for q in self.quantities if q.needs == "update"] if optimizer is not None else []
+        self._columns = tuple(c for q in self.quantities for c in q.columns)
+        self._scalar_cols = tuple(c for q in self.quantities for c in q.scalars)
+        self.sinks = list(sinks)
+        self.history = history
+        self.check = check
+        self.step = -1              # index of the current step
+        self.tensors: dict = {}     # keep= tensors
+        self._frames: deque = deque()   # (step, units, samples) of written steps
+        self._micro: Optional[Micro] = None
+        self._open: list[Micro] = []    # recorded micro-batches not written yet
+        self._n_micro = self._n_eval = 0
         self._recording = False
         self._busy = False          # inside our own re-entrant autograd.grad
-        self._top_handle = None
+        self._in_bw, self._bw_id, self._touched = False, 0, []
         self._handles: list = []
         self._buffers: dict = {}    # scratch tensors for the residual term, per shape
         self._patched: list = []
+        self._groups: list[_Group] = []
+        self._warned: set = set()
+        self._stages_done = False
+        self._step_w: dict = {}     # optimizer mode: id(info) -> weight reductions of this step
+        self._before: dict = {}     # id(param) -> its value before the update
+        self._updated = False
         self._attached = False
 
     # -- attach / detach -------------------------------------------------------------
@@ -141,152 +185,341 @@ class Tracer:
         self.detach()
 
     def attach(self) -> "Tracer":
+        """Attach the hooks and patch the units' modules (``with`` does this)."""
         if self._attached:
             return self
+        mods = [self.model] + [i.module for i in self.infos]
+        busy = [m for m in mods if id(m) in _ACTIVE]
+        if busy:
+            name = {id(m): n for n, m in self.model.named_modules()}.get(id(busy[0]), "?")
+            raise GradflowError(
+                f"module {name or type(busy[0]).__name__!r} of this model is already traced by an "
+                "active gradflow.trace: nested traces of the same modules are not supported (the inner "
+                "one would patch what the outer one records). Read everything from the outer trace, "
+                "or leave it before starting another")
+        for m in mods:
+            _ACTIVE[id(m)] = self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_opt_pre))
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_post))
+            self._begin_step(0)
+        if self.scaler is not None:
+            self._patch_scaler()
+        by_module: dict = {}
         for info in self.infos:
-            self._patch(info)
+            by_module.setdefault(id(info.module), []).append(info)
+        for infos in by_module.values():
+            block = infos[0].parts() if infos[0].parts is not None else None
+            group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot), block)
+            self._groups.append(group)
+            self._patch(group)
+        for s in self.sinks:
+            if hasattr(s, "open"):
+                s.open(self)
         self._attached = True
         return self
 
     def detach(self) -> None:
-        """Remove every hook and restore every patched forward; flush the last step."""
+        """Remove every hook and restore every patched forward; write the pending steps."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, had, old in reversed(self._patched):
+        for obj, name, had, old in reversed(self._patched):
             if had:
-                module.forward = old
+                setattr(obj, name, old)
             else:
-                del module.forward
+                delattr(obj, name)
         self._patched.clear()
+        for m in [self.model] + [i.module for i in self.infos]:
+            if _ACTIVE.get(id(m)) is self:
+                del _ACTIVE[id(m)]
+        was = self._attached
         self._attached = False
-        self._flush()
+        self._write([m for m in self._open], final=True)
+        self._micro = None
+        if was:
+            for s in self.sinks:
+                if hasattr(s, "close"):
+                    s.close()
 
-    def _patch(self, info: UnitInfo) -> None:
-        module = info.module
-        had = "forward" in module.__dict__
-        old = module.__dict__.get("forward")
+    def _save_attr(self, obj, name: str) -> None:
+        had = name in obj.__dict__
+        self._patched.append((obj, name, had, obj.__dict__.get(name)))
+
+    def _patch(self, group: _Group) -> None:
+        module = group.module
         original = module.forward
-        parts = info.parts() if info.parts is not None else None
+        self._save_attr(module, "forward")
         tracer = self
 
         def forward(self_module, *args, **kwargs):
-            if tracer.step < 0:   # a unit called before any forward of the model itself
-                tracer.next_step()
+            if tracer._micro is None:   # a unit called before any forward of the model itself
+                tracer._open_micro()
             if not tracer._recording:
                 return original(*args, **kwargs)
-            return tracer._run_unit(info, parts, original, args, kwargs)
+            return tracer._run_module(group, original, args, kwargs)
 
         module.forward = types.MethodType(forward, module)
-        self._patched.append((module, had, old))
 
-    # -- forward ----------------------------------------------------------------------
+    def _patch_scaler(self) -> None:
+        scaler, original = self.scaler, self.scaler.update
+        self._save_attr(scaler, "update")
+
+        def update(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self._close_step(skipped=not self._updated)
+            return out
+        scaler.update = update
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _begin_step(self, step: int) -> None:
+        self.step = step
+        self._recording = bool(self.schedule(step))
+        self._n_micro = self._n_eval = 0
+        self._step_w, self._before, self._updated = {}, {}, False
 
     def _on_model_forward(self, module, args) -> None:
-        self.next_step()
+        self._open_micro()
+
+    def _open_micro(self) -> None:
+        if self.optimizer is None:
+            self._begin_step(self.step + 1)
+        elif self.step < 0:
+            self._begin_step(0)
+        self._settle()
+        train = torch.is_grad_enabled()
+        n = self._n_micro if train else self._n_eval
+        if train:
+            self._n_micro += 1
+        else:
+            self._n_eval += 1
+        self._micro = Micro(self.step, n, "train" if train else "eval")
+        if self._recording:
+            self._open.append(self._micro)
 
     def next_step(self) -> None:
         """Close the current step and open the next one.
 
-        Each forward call of the traced model does this; call it yourself when
-        you run units or submodules directly, which otherwise join the open step.
+        Each forward call of the traced model does this (each ``optimizer.step()``
+        when an optimizer is traced); call it yourself when you run units or
+        submodules directly, which otherwise join the open step.
         """
-        self._flush()
-        self.step += 1
-        self._recording = bool(self.schedule(self.step))
-
-    def _run_unit(self, info: UnitInfo, parts, original, args, kwargs):
-        x = args[0]
-        grad = torch.is_grad_enabled() and isinstance(x, Tensor) and x.is_floating_point()
-        if grad and not x.requires_grad:        # e.g. a frozen stem: make dE/dx_0 exist
-            x = x.detach().requires_grad_()
-            args = (x,) + tuple(args[1:])
-        call = _Call(info, len(self._calls))
-        if parts is not None and not kwargs and len(args) == 1:
-            if self.spectra:
-                from ..theory.jacobian import unit_spectra
-                call.scalars = unit_spectra(info.module, parts, x, self.spectra_iters)
-            out = run_parts(parts, x, tap=lambda **t: self._tap(call, grad, **t))
-            call.identity_shortcut = parts.shortcut is None
-            call.has_post = parts.post is not None
+        if self.optimizer is not None:
+            self._close_step()
+            self._open_micro()
         else:
-            out = original(*args, **kwargs)
-            self._tap_x(call, x)
-        call.out_shape = _shape(out)
-        self._after_unit(call, x, out, grad)
+            self._open_micro()
+
+    def _settle(self) -> None:
+        """Write the micro-batches that are complete (and bound how many wait)."""
+        if self.optimizer is None:
+            ready = [m for m in self._open if m.complete]
+        else:
+            ready = [m for m in self._open if m.phase == "eval"]
+        waiting = [m for m in self._open if m not in ready]
+        if len(waiting) > _MAX_PENDING:
+            ready += waiting[:len(waiting) - _MAX_PENDING]
+        if ready:
+            self._write(ready, final=True)
+
+    def _close_step(self, skipped: bool = False) -> None:
+        """Optimizer mode: the step's update happened (or was skipped); write its rows."""
+        mine = [m for m in self._open if m.step == self.step]
+        for m in mine:
+            m.skipped = skipped
+        if skipped and mine:
+            self._warn("skipped", f"step {self.step}: the optimizer's update was skipped (GradScaler "
+                       "found inf/NaN gradients); its rows are kept with skipped=True")
+        self._write(mine, final=True)
+        self._micro = None
+        self._begin_step(self.step + 1)
+
+    def _on_opt_pre(self, opt, args, kwargs) -> None:
+        if not (self._recording and any(m.step == self.step for m in self._open)):
+            return
+        self._step_w = self._weight_stats(self._q_w, None)
+        if self._q_upd:
+            self._before = {id(p): p.detach().clone() for g in self._groups for ps in g.params for p in ps}
+
+    def _on_opt_post(self, opt, args, kwargs) -> None:
+        self._updated = True
+        if self._before:
+            upd = self._weight_stats(self._q_upd, self._before)
+            for k, v in upd.items():
+                self._step_w.setdefault(k, {}).update(v)
+            self._before = {}
+        if self.scaler is None:
+            self._close_step()
+
+    def _weight_stats(self, qs, before: Optional[dict]) -> dict:
+        out: dict = {}
+        for g in self._groups:
+            for info, ps in zip(g.infos, g.params):
+                t = Weights(ps, self.step, info, [before[id(p)] for p in ps] if before is not None else None)
+                st: dict = {}
+                for q in qs:
+                    if q.should_compute(self.step):
+                        st.update(q.weights(t))
+                out[id(info)] = st
         return out
 
-    def _tap_x(self, call: _Call, x: Tensor) -> None:
-        call.x_shape = _shape(x)
-        call.stats["x_norm"] = stats.norm(x)
-        call.stats["x_mean"] = stats.mean(x)
+    # -- forward ----------------------------------------------------------------------
 
-    def _tap(self, call: _Call, grad: bool, *, x, z, s_in, h, r, y, coef, out) -> None:
-        self._tap_x(call, x)
-        s = call.stats
-        s["h_norm"] = s["x_norm"] if h.data_ptr() == x.data_ptr() and h.shape == x.shape else stats.norm(h)
-        s["r_norm"] = stats.norm(r)
-        if isinstance(coef, Tensor):
-            s["coef"] = stats.mean(coef)
+    def _run_module(self, group: _Group, original, args: tuple, kwargs: dict):
+        if args and isinstance(args[0], Tensor) and torch.is_grad_enabled() and \
+                args[0].is_floating_point() and not args[0].requires_grad:
+            args = (args[0].detach().requires_grad_(),) + tuple(args[1:])   # e.g. a frozen stem
+        if group.block is None:
+            out = original(*args, **kwargs)
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            first = _first_tensor(out)
+            if isinstance(x, Tensor) and isinstance(first, Tensor):
+                call = self._new_call(group.infos[0], group, None, ())
+                self._forward_stats(call, Forward(x=x, step=self.step, info=call.info, module=group.module))
+                call.x_shape = _shape(x)
+                self._after_unit(call, x, first)
+            return out
+        ref = None
+        if self.check and not group.checked:
+            ref = reference_output(original, group.module, args, kwargs)
+        out = group.block.forward(_Run(self, group), *args, **kwargs)
+        if ref is not None:
+            compare(group.infos[0].module_name or type(group.module).__name__,
+                    describe(group.block, group.module), ref, out)
+            group.checked = True
+        return out
+
+    def _new_call(self, info: UnitInfo, group: _Group, parts, args: tuple) -> Call:
+        m = self._micro
+        return Call(info, len(m.calls), m, group.module, parts, args)
+
+    def _forward_stats(self, call: Call, t: Forward) -> None:
+        t.stats = call.fwd
+        for q in self._q_fwd:
+            if q.should_compute(self.step):
+                for k, v in q.forward(t).items():
+                    (call.scalars if k in self._scalar_cols else call.fwd)[k] = v
+
+    def _before_unit(self, call: Call, x: Tensor) -> None:
+        t = Forward(x=x, step=self.step, info=call.info, module=call.module, parts=call.parts,
+                    args=call.args, stats=call.fwd)
+        for q in self._q_before:
+            if q.should_compute(self.step):
+                for k, v in q.before(t).items():
+                    (call.scalars if k in self._scalar_cols else call.fwd)[k] = v
+
+    def _tap(self, call: Call, *, x, z, s_in, h, r, y, coef, out) -> None:
+        call.x_shape = _shape(x)
+        self._forward_stats(call, Forward(x=x, step=self.step, info=call.info, module=call.module,
+                                          parts=call.parts, z=z, h=h, r=r, y=y, out=out, coef=coef,
+                                          args=call.args))
         call.coef = coef.detach() if isinstance(coef, Tensor) else float(coef)
-        if grad and self.split and out.requires_grad:
+        if torch.is_grad_enabled() and self.split and out.requires_grad:
             call.y_edge = get_gradient_edge(y) if y is not out else None
             call.h_edge = get_gradient_edge(h)
 
-    def _after_unit(self, call: _Call, x: Tensor, out: Tensor, grad: bool) -> None:
+    def _after_unit(self, call: Call, x: Tensor, out: Tensor) -> None:
+        m = call.micro
+        call.out_shape = _shape(out)
         if "x" in self.keep:
-            self._keep(call, "x", x)
-        prev_out, self._last_out = self._last_out, out
-        self._calls.append(call)
-        if not (grad and isinstance(out, Tensor) and out.requires_grad):
+            self._keep(call, "x", x, 0)
+        prev_out, m.last_out = m.last_out, out
+        m.calls.append(call)
+        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad
+                and x.requires_grad):
             return
+        call.expects_grad = m.expects_grad = True
         if self.split:
             call.x_edge = get_gradient_edge(x)
             call.out_edge = get_gradient_edge(out)
-            prev = self._calls[-2] if len(self._calls) > 1 else None
+            prev = m.calls[-2] if len(m.calls) > 1 else None
             if prev is not None and prev.out_edge is not None and x is not prev_out:
                 call.link_edges = (call.x_edge, prev.out_edge)
         x.register_hook(lambda g, c=call: self._on_grad(c, g))
         # dE/dx_L arrives at the output of the last unit called; move that hook along.
-        if self._top_handle is not None:
-            self._top_handle.remove()
-        self._top_handle = out.register_hook(lambda g, c=call: self._on_top_grad(c, g))
+        if m.top_handle is not None:
+            m.top_handle.remove()
+        m.top_handle = out.register_hook(lambda g, c=call: self._on_top_grad(c, g))
 
     # -- backward -----------------------------------------------------------------------
 
-    def _on_top_grad(self, last: _Call, g: Tensor) -> None:
+    def _pass(self, m: Micro) -> Optional[int]:
+        """The number of the running backward pass for micro-batch ``m`` (None: too late)."""
+        if m.final:
+            self._warn("late", f"a backward pass reached the units of step {m.step} (micro {m.micro}) "
+                       "after its rows were written (a retained graph's backward after the next forward "
+                       "or optimizer step): it is not recorded")
+            return None
+        if not self._in_bw:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._in_bw, self._touched = True, []
+        if m not in self._touched:
+            self._touched.append(m)
+        return m.passes.setdefault(self._bw_id, len(m.passes))
+
+    def _end_backward(self) -> None:
+        touched, self._touched, self._in_bw = self._touched, [], False
+        for m in touched:
+            p = m.passes[self._bw_id]
+            m.done.append(p)
+            if self.optimizer is None and self._q_w:
+                m.weights[p] = self._weight_stats(self._q_w, None)
+        self._bw_id += 1
+        self._buffers.clear()
+
+    def _on_top_grad(self, last: Call, g: Tensor) -> None:
         if self._busy:
             return
-        self._top = stats.norm(g)
+        m = last.micro
+        p = self._pass(m)
+        if p is None:
+            return
+        self._top_forward(m)
+        m.top[p] = stats.norm(g)
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
+                and self.scaler.is_enabled():
+            m.scale[p] = self.scaler._scale.detach().clone()
         if self.split:
             self._carry(last, g, g)
 
-    def _on_grad(self, call: _Call, g: Tensor) -> None:
+    def _top_forward(self, m: Micro) -> None:
+        """Forward reductions of x_L, made once; x_L is then let go."""
+        if m.last_out is None or m.top_fwd:
+            return
+        x_L, m.last_out = m.last_out, None
+        t = Forward(x=x_L, step=m.step, is_top=True, stats=m.top_fwd)
+        for q in self._q_fwd:
+            if q.top and q.should_compute(m.step):
+                m.top_fwd.update({k: v for k, v in q.forward(t).items() if k not in self._scalar_cols})
+
+    def _on_grad(self, call: Call, g: Tensor) -> None:
         if self._busy:
             return
-        s = call.stats
-        s["grad_norm"] = stats.norm(g)
-        if "grad" in self.keep:
-            self._keep(call, "grad", g)
-        if not (self.split and call.direct is not None):
+        p = self._pass(call.micro)
+        if p is None:
             return
+        s = call.bwd.setdefault(p, {})
         d = call.direct
-        s["direct_norm"] = call.direct_norm if call.direct_norm is not None else stats.norm(d)
-        s["direct_log_scale"] = _expand(call.d_ls, g)
-        res = self._residual(g, d, call.d_ls)
-        s["residual_norm"] = stats.norm(res)
-        s["dot_direct_residual"] = stats.dot(d, res)   # times exp(direct_log_scale)
-        s["ref_norm"] = s["direct_norm"] if call.ref is d else stats.norm(call.ref)
-        s["ref_log_scale"] = _expand(call.r_ls, g)
+        t = Backward(grad=g, step=call.micro.step, info=call.info, stats=s, direct=d, d_ls=call.d_ls,
+                     ref=call.ref, r_ls=call.r_ls, direct_norm=call.direct_norm,
+                     residual=lambda: self._residual(g, d, call.d_ls))
+        for q in self._q_bwd:
+            if (q.needs != "split" or d is not None) and q.should_compute(call.micro.step):
+                s.update(q.backward(t))
+        if "grad" in self.keep:
+            self._keep(call, "grad", g, p)
+        if not (self.split and d is not None):
+            return
         if "direct" in self.keep:
-            self._keep(call, "direct", d * _exp(call.d_ls))
+            self._keep(call, "direct", d * _exp(call.d_ls), p)
         if call.index > 0:
-            prev = self._calls[call.index - 1]
+            prev = call.micro.calls[call.index - 1]
             v, vr = d, call.ref
             if call.link_edges is not None:  # ops between the two units
                 v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
-            self._carry(prev, v, vr, s["direct_norm"] if v is d else None,
+            self._carry(prev, v, vr, s.get("direct_norm") if v is d else None,
                         call.d_ls, call.r_ls, call.carries)
         call.direct = call.ref = None
 
@@ -294,7 +527,7 @@ class Tracer:
         """g - exp(d_ls) d into a buffer reused across units of the same shape.
 
         A fresh tensor per unit would cost an allocation (and, on the CPU, page
-        faults) per unit; the buffer lives until the step's tables are made.
+        faults) per unit; the buffers live until the end of the backward pass.
         """
         key = (g.shape, g.dtype, g.device, g.stride())
         buf = self._buffers.get(key)
@@ -304,7 +537,7 @@ class Tracer:
             return torch.addcmul(g, d, torch.exp(d_ls).neg().to(d.dtype), out=buf)
         return torch.sub(g, d, alpha=math.exp(d_ls), out=buf)
 
-    def _carry(self, call: _Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
+    def _carry(self, call: Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
                d_ls=0.0, r_ls=0.0, carries: int = 0) -> None:
         """direct at unit ``call``'s input from direct at its output (and the same for ref).
 
@@ -345,77 +578,203 @@ class Tracer:
         finally:
             self._busy = False
 
-    def _keep(self, call: _Call, name: str, t: Tensor) -> None:
-        self.tensors.setdefault((self.step, call.index), {})[name] = t.detach().to("cpu", copy=True)
+    def _keep(self, call: Call, name: str, t: Tensor, p: int) -> None:
+        m = call.micro
+        key = (m.step, call.index) if m.micro == 0 and p == 0 and m.phase == "train" \
+            else (m.step, call.index, m.micro, p)
+        self.tensors.setdefault(key, {})[name] = t.detach().to("cpu", copy=True)
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"gradflow.trace: {msg}", RuntimeWarning, stacklevel=3)
 
     # -- tables -----------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Move the finished step's statistics to the host in one transfer and tabulate them."""
-        calls, self._calls = self._calls, []
-        self._buffers.clear()
-        top, self._top = self._top, None
-        x_L, self._last_out = self._last_out, None
-        if self._top_handle is not None:
-            self._top_handle.remove()
-            self._top_handle = None
-        if not calls:
+    def _write(self, micros: list, final: bool) -> list:
+        """Tabulate micro-batches (one host transfer each); when final, store and stream them."""
+        frames = []
+        for m in micros:
+            if final:
+                m.final = True
+                if m.top_handle is not None:
+                    m.top_handle.remove()
+                    m.top_handle = None
+                if m in self._open:
+                    self._open.remove(m)
+            if m.calls:
+                frames.append(self._tables(m, final))
+        if not (final and frames):
+            return frames
+        units = pd.concat([f[0] for f in frames], ignore_index=True)
+        samples = pd.concat([f[1] for f in frames], ignore_index=True)
+        self._frames.append((units, samples))
+        if self.history is not None:
+            while len(self._frames) > max(self.history, 0):
+                self._frames.popleft()
+        for s in self.sinks:
+            s.write(units, samples)
+        return frames
+
+    def _tables(self, m: Micro, final: bool) -> tuple:
+        calls = m.calls
+        if not self._stages_done:
+            renumber_stages([c.info for c in calls], [c.out_shape for c in calls])
+            self._stages_done = True
+        for c in calls:
+            if not c.info.x_shape:
+                c.info.x_shape = c.x_shape
+        self._top_forward(m)
+        passes = sorted(m.done) or [None]
+        if final and m.expects_grad:
+            self._check_complete(m)
+        metas, rows, scalars, scales = [], [], [], []
+        for p in passes:
+            start = len(rows)
+            w = m.weights.get(p, {}) if self.optimizer is None else self._step_w if m.phase == "train" else {}
+            for c in calls:
+                rows.append({**c.fwd, **(c.bwd.get(p, {}) if p is not None else {})})
+                scalars.append({**c.scalars, **w.get(id(c.info), {})})
+                metas.append(self._meta(m, p, c.index, c.info, c.x_shape, c.info.scalar_coef))
+            top = dict(m.top_fwd)
+            if p is not None and p in m.top:
+                g = m.top[p]
+                top["grad_norm"] = g
+                if self.split:
+                    zero = torch.zeros_like(g)
+                    top.update(direct_norm=g, ref_norm=g, direct_log_scale=zero, ref_log_scale=zero,
+                               residual_norm=zero, dot_direct_residual=zero)
+            rows.append(top)
+            scalars.append({})
+            last = calls[-1]
+            metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
+            if p is not None and p in m.scale:
+                scales.append((slice(start, len(rows)), m.scale[p]))
+        raw, sc, B = to_host(rows, scalars)
+        for sl, s in scales:
+            unscale(raw, sl, float(s))
+            if self.optimizer is None and "weight_grad_norm" in sc:
+                sc["weight_grad_norm"][sl] /= float(s)
+        n = len(rows)
+        top_rows = np.array([i for i, meta in enumerate(metas) if meta["is_top"]])
+        top = None
+        if "grad_norm" in raw:   # ||dE/dx_L|| of each row's own pass
+            owner = np.searchsorted(top_rows, np.arange(n))
+            top = raw["grad_norm"][top_rows[owner]]
+        numel = np.array([_numel(meta["x_shape"]) for meta in metas], dtype=float)
+        ctx = Derive(numel, top, self.cancel_tol)
+        for q in self.quantities:
+            q.derive(raw, ctx)
+        for meta_i, meta in enumerate(metas):
+            for k in self._scalar_cols:
+                if k in sc:
+                    meta[k] = sc[k][meta_i]
+        if B == 0:
+            B = 1
+        return step_tables(metas, raw, self._columns, B)
+
+    def _meta(self, m: Micro, p, index: int, info: UnitInfo, shape: str, coef, top: bool = False) -> dict:
+        d = dict(step=m.step, micro=m.micro, phase=m.phase, backward=p if p is not None else 0,
+                 unit=index, name="head_input" if top else info.name, stage=info.stage,
+                 kind="x_L" if top else info.kind, is_top=top,
+                 scalar_coef=coef, x_shape=shape)
+        if self.optimizer is not None:
+            d["skipped"] = m.skipped
+        return d
+
+    def _check_complete(self, m: Micro) -> None:
+        if not m.done:
+            self._warn("nobackward", f"step {m.step} (micro {m.micro}): no backward pass reached its "
+                       "units before its rows were written; their gradient columns are NaN")
             return
-        top_stats = {}
-        if isinstance(x_L, Tensor):
-            top_stats = {"x_norm": stats.norm(x_L), "x_mean": stats.mean(x_L)}
-            if top is not None:
-                zero = torch.zeros_like(top)
-                top_stats.update(grad_norm=top, direct_norm=top, ref_norm=top, direct_log_scale=zero,
-                                 ref_log_scale=zero,
-                                 residual_norm=torch.zeros_like(top), dot_direct_residual=torch.zeros_like(top))
-        rows = [c.stats for c in calls] + [top_stats]
-        flat = [(i, k, t) for i, st in enumerate(rows) for k, t in st.items()]
-        host = torch.stack([t for _, _, t in flat]).to("cpu", torch.float64).numpy()
-        n, B = len(rows), host.shape[1]
-        raw = {k: np.full((n, B), np.nan) for k in RAW if any(k in st for st in rows)}
-        for (i, k, _), values in zip(flat, host):
-            raw[k][i] = values
-        shapes = [c.x_shape for c in calls] + [calls[-1].out_shape]
-        numel = np.array([_numel(s) for s in shapes], dtype=float)
-        top_row = raw["grad_norm"][n - 1] if "grad_norm" in top_stats else None  # ||dE/dx_L|| per sample
-        q = derive(raw, numel, top_row, self.cancel_tol)
-        last = calls[-1].info
-        meta = [dict(unit=c.index, name=c.info.name, stage=c.info.stage, kind=c.info.kind, is_top=False,
-                     scalar_coef=c.info.scalar_coef, x_shape=c.x_shape, **c.scalars) for c in calls]
-        meta.append(dict(unit=len(calls), name="head_input", stage=last.stage, kind="x_L", is_top=True,
-                         scalar_coef=np.nan, x_shape=calls[-1].out_shape))
-        units, samples = step_tables(self.step, meta, q)
-        self._units.append(units)
-        self._samples.append(samples)
+        want = [c for c in m.calls if c.expects_grad]
+        for p in m.done:
+            got = sum(1 for c in want if p in c.bwd)
+            if got < len(want):
+                self._warn("partial", f"step {m.step} (micro {m.micro}): backward pass {p} reached "
+                           f"dE/dx_l at {got} of {len(want)} units; the others' gradient columns are NaN")
+
+    def _all(self, which: int) -> pd.DataFrame:
+        frames = [f[which] for f in self._frames]
+        if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
+            ready = [m for m in self._open if m.complete and m.calls]
+            frames += [f[which] for f in self._write(ready, final=False)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     @property
     def units(self) -> pd.DataFrame:
-        """One row per unit per recorded step, plus an ``is_top`` row for x_L.
+        """One row per unit per micro-batch per backward pass per recorded step, plus x_L's.
 
-        Columns: identification (step, unit, name, stage, kind, x_shape), then each
-        per-sample quantity's batch mean under its own name with ``_std``,
-        ``_q05``, ``_q50`` and ``_q95`` beside it, ``x_var`` (variance over the
-        batch's elements) and ``cancel_frac`` (share of samples where the
-        residual term cancels the direct one).
+        Columns: identification (step, micro, phase, backward, unit, name,
+        stage, kind, is_top, x_shape), then each per-sample quantity's batch
+        mean under its own name with ``_std``, ``_q05``, ``_q50`` and ``_q95``
+        beside it, ``x_var`` (variance over the batch's elements),
+        ``cancel_frac`` (share of samples where the residual term cancels the
+        direct one) and the one-number quantities (``weight_grad_norm``,
+        ``update_ratio`` with an optimizer). Reading never closes a step.
         """
-        self._flush_if_done()
-        return pd.concat(self._units, ignore_index=True) if self._units else pd.DataFrame()
+        return self._all(0)
 
     @property
     def samples(self) -> pd.DataFrame:
         """One row per unit per sample per recorded step: the per-sample values."""
-        self._flush_if_done()
-        return pd.concat(self._samples, ignore_index=True) if self._samples else pd.DataFrame()
+        return self._all(1)
 
-    def _flush_if_done(self) -> None:
-        if self._calls and not self._busy:
-            self._flush()
+    def summary(self, step: Optional[int] = None, pool: bool = False, **kwargs) -> dict:
+        """Fitted rates against the paper's predictions, per step (plain Python numbers).
 
-    def summary(self, **kwargs) -> dict:
-        """Network-level fits against the paper's predictions (see :func:`gradflow.theory.summarize`)."""
-        from ..theory import summarize
-        return summarize(self.units, **kwargs)
+        Args:
+            step: the step to fit; None fits each recorded step.
+            pool: fit all recorded steps together instead (said in the result: ``pooled_steps``).
+            kwargs: passed to :func:`gradflow.theory.summarize`.
+        Returns:
+            One step's summary dict; with several steps and neither ``step`` nor
+            ``pool``, ``{step: summary}``.
+
+        This is the faces layer's call into theory: the import is late, so
+        tracing never imports theory itself.
+        """
+        from .summary import summarize_steps
+        return summarize_steps(self.units, step, pool, **kwargs)
+
+    def __repr__(self) -> str:
+        from .listing import unit_table
+        return f"gradflow.Tracer of {type(self.model).__name__}: {len(self.infos)} units\n" + \
+            unit_table(self.infos)
+
+
+class _Run:
+    """The runner a block's forward calls while traced (see :mod:`gradflow.parts`)."""
+
+    def __init__(self, tracer: Tracer, group: _Group):
+        self.tracer, self.group = tracer, group
+
+    def unit(self, k: int, parts, x: Tensor, *args, **kwargs) -> Tensor:
+        tr = self.tracer
+        if k >= len(self.group.infos) or not isinstance(x, Tensor):
+            return PLAIN.unit(k, parts, x, *args, **kwargs)
+        call = tr._new_call(self.group.infos[k], self.group, parts, args)
+        if tr._q_before:
+            tr._before_unit(call, x)
+        out = run_parts(parts, x, tap=lambda **t: tr._tap(call, **t), args=args, kwargs=kwargs)
+        call.identity_shortcut = parts.shortcut is None
+        call.has_post = parts.post is not None
+        tr._after_unit(call, x, out)
+        return out
+
+    def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
+        tr = self.tracer
+        if k >= len(self.group.infos):
+            return h + r
+        call = tr._new_call(self.group.infos[k], self.group, None, ())
+        identity = h is x
+        if identity:
+            h = x.view_as(x)
+        y = h + r
+        tr._tap(call, x=x, z=x, s_in=x, h=h, r=r, y=y, coef=1.0, out=y)
+        call.identity_shortcut = identity
+        tr._after_unit(call, x, y)
+        return y
 
 
 _RESCALE_EVERY = 4
@@ -431,10 +790,14 @@ def _exp(ls):
     return torch.exp(ls) if isinstance(ls, Tensor) else math.exp(ls)
 
 
-def _expand(ls, like: Tensor) -> Tensor:
-    if isinstance(ls, Tensor):
-        return ls.expand(like.shape[0])
-    return torch.full((like.shape[0],), float(ls), device=like.device)
+def _first_tensor(out):
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, Tensor)), None)
+    if isinstance(out, dict):
+        return next((o for o in out.values() if isinstance(o, Tensor)), None)
+    return None
 
 
 def _shape(t) -> str:
@@ -443,6 +806,7 @@ def _shape(t) -> str:
 
 def _numel(shape: str) -> int:
     return int(np.prod([int(v) for v in shape.split("x")])) if shape else 1
+
 
 def trace(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None, **kwargs) -> Tracer:
     """Trace ``model``'s residual units; use as ``with trace(model) as tr:``.

@@ -1,69 +1,78 @@
-"""From raw per-sample reductions of one step to the tidy tables, vectorised.
+"""From a step's device reductions to the tidy tables, with one host transfer.
 
-Hooks only reduce tensors on the device (norms and means, shape [B]); every
-derived number (ratios, cosines, variances, quantiles) is computed here, once
-per step, in float64 on the host.
+Hooks only reduce tensors on the device (norms and means, shape [B]; weight
+quantities, one number per unit); every derived number (ratios, cosines,
+variances, quantiles) is computed here, once per step, in float64 on the host.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+import torch
 
-# Raw per-sample reductions a hook may record, shape [B] each.
-RAW = ("x_norm", "x_mean", "h_norm", "r_norm", "coef", "grad_norm", "direct_norm",
-       "residual_norm", "dot_direct_residual", "ref_norm", "direct_log_scale", "ref_log_scale")
-# Per-sample quantities of the tables (raw and derived), in column order.
+# Per-sample quantities of the built-in tables, in column order.
 QUANTITIES = ("x_norm", "x_rms", "x_mean", "h_norm", "r_norm", "coef", "grad_norm", "grad_ratio",
               "direct_norm", "direct_ratio", "ref_ratio", "residual_norm", "cos_direct_residual",
               "cancel")
 SUMMARIES = ("std", "q05", "q50", "q95")
+# Raw reductions proportional to the loss's scale (AMP's GradScaler multiplies the loss).
+GRAD_SCALED = ("grad_norm", "direct_norm", "residual_norm", "ref_norm")
+GRAD_SCALED_SQ = ("dot_direct_residual",)
 
 
-def derive(raw: dict[str, np.ndarray], numel: np.ndarray, top: np.ndarray | None,
-           cancel_tol: float) -> dict[str, np.ndarray]:
-    """All per-sample quantities, [units, B], from the raw reductions and dE/dx_L's norms ``top``."""
-    q = dict(raw)
-    n, B = next(iter(raw.values())).shape
-    nan = np.full((n, B), np.nan)
-    if "x_norm" in q:
-        q["x_rms"] = q["x_norm"] / np.sqrt(numel)[:, None]
-    if top is not None and "grad_norm" in q:
-        q["grad_ratio"] = q["grad_norm"] / top
-    if "direct_norm" in q:
-        # the direct and reference vectors are carried scaled by exp(-log_scale)
-        scale = np.exp(q.pop("direct_log_scale", np.zeros((n, B))))
-        q["direct_norm"] = q["direct_norm"] * scale
-        if "dot_direct_residual" in q:
-            q["dot_direct_residual"] = q["dot_direct_residual"] * scale
-        if "ref_norm" in q:
-            q["ref_norm"] = q["ref_norm"] * np.exp(q.pop("ref_log_scale", np.zeros((n, B))))
-        g, d, r = q["grad_norm"], q["direct_norm"], q.get("residual_norm", nan)
-        if top is not None:
-            q["direct_ratio"] = d / top
-            q["ref_ratio"] = q.get("ref_norm", nan) / top
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q["cos_direct_residual"] = np.clip(q.get("dot_direct_residual", nan) / (d * r), -1.0, 1.0)
-        q["cancel"] = np.where(np.isnan(d), np.nan, (g < cancel_tol * d).astype(float))
-    q.pop("ref_norm", None)
-    q.pop("dot_direct_residual", None)
-    return q
+def to_host(rows: list[dict], scalars: list[dict]) -> tuple[dict, dict, int]:
+    """Per-sample reductions ([rows, B] arrays by name) and one-number ones ([rows]), one transfer."""
+    flat = [(i, k, t) for i, st in enumerate(rows) for k, t in st.items()]
+    flat_s = [(i, k, t) for i, st in enumerate(scalars) for k, t in st.items()]
+    if not flat and not flat_s:
+        return {}, {}, 0
+    parts = []
+    B = flat[0][2].shape[0] if flat else 0
+    if flat:
+        parts.append(torch.stack([t.float() for _, _, t in flat]).flatten())
+    if flat_s:
+        dev = parts[0].device if parts else flat_s[0][2].device
+        parts.append(torch.stack([t.detach().float().reshape(()).to(dev) for _, _, t in flat_s]))
+    host = torch.cat(parts).to("cpu", torch.float64).numpy() if len(parts) > 1 else \
+        parts[0].to("cpu", torch.float64).numpy()
+    n = len(rows)
+    raw: dict = {}
+    for j, (i, k, _) in enumerate(flat):
+        raw.setdefault(k, np.full((n, B), np.nan))[i] = host[j * B:(j + 1) * B]
+    off = len(flat) * B
+    sc: dict = {}
+    for j, (i, k, _) in enumerate(flat_s):
+        sc.setdefault(k, np.full(n, np.nan))[i] = host[off + j]
+    return raw, sc, B
 
 
-def step_tables(step: int, meta: list[dict], q: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(units table, samples table) of one step: meta gives one dict per unit row."""
+def unscale(raw: dict, rows: slice, scale: float) -> None:
+    """Undo a GradScaler's loss scale on the gradient reductions of ``rows``."""
+    for k in GRAD_SCALED:
+        if k in raw:
+            raw[k][rows] /= scale
+    for k in GRAD_SCALED_SQ:
+        if k in raw:
+            raw[k][rows] /= scale * scale
+
+
+def step_tables(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES,
+                B: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(units table, samples table) of one set of rows: ``meta`` gives one dict per row."""
     n = len(meta)
-    B = next(iter(q.values())).shape[1]
     units = pd.DataFrame(meta)
-    units.insert(0, "step", step)
     units["batch"] = B
     if "x_rms" in q:  # Var over every element of the batch (equal counts per sample)
         units["x_var"] = np.mean(q["x_rms"] ** 2, axis=1) - np.mean(q["x_mean"], axis=1) ** 2
     cols = {}
-    for name in QUANTITIES:
+    for name in columns:
         if name not in q:
             continue
         v = q[name]
-        with np.errstate(invalid="ignore"), _quiet():
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             if name == "cancel":
                 cols["cancel_frac"] = np.mean(v, axis=1)
                 continue
@@ -71,21 +80,11 @@ def step_tables(step: int, meta: list[dict], q: dict[str, np.ndarray]) -> tuple[
             cols[name + "_std"] = np.std(v, axis=1)
             qs = np.quantile(v, [0.05, 0.5, 0.95], axis=1)
         cols[name + "_q05"], cols[name + "_q50"], cols[name + "_q95"] = qs
-    units = pd.concat([units, pd.DataFrame(cols)], axis=1)
-    samples = pd.DataFrame({"step": step, "unit": np.repeat(units["unit"].to_numpy(), B),
-                            "sample": np.tile(np.arange(B), n)})
-    for name in QUANTITIES:
-        if name in q:
+    units = pd.concat([units, pd.DataFrame(cols, index=units.index)], axis=1)
+    key = {c: np.repeat(units[c].to_numpy(), B) for c in ("step", "micro", "backward", "unit")
+           if c in units}
+    samples = pd.DataFrame({**key, "sample": np.tile(np.arange(B), n)})
+    for name in columns:
+        if name in q and name != "cancel" or name == "cancel" and "cancel" in q:
             samples[name] = q[name].ravel()
     return units, samples
-
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)

@@ -1,0 +1,207 @@
+"""Residual additions found in torch.fx graphs, and the parts they give.
+
+Discovery traces the whole model once and keeps the modules in whose own code
+a residual addition happens (an addition whose operands are computed from a
+common input). Each such module is then traced alone, with every other unit
+kept as a leaf, and each of its residual additions becomes one unit:
+
+* x_l is the residual stream entering the addition: the operand that the other
+  one is computed from (an identity shortcut), else the previous unit's output
+  or the module's input when both operands descend from it, else their latest
+  common ancestor;
+* the shortcut side h is that operand (or, for ``a(x) + b(x)``, the operand
+  with the shorter computation from x_l), the branch side r the other;
+* the addition is replaced by ``run.add(k, x_l, h, r)`` (see
+  :mod:`gradflow.parts`), so a hand-written ``x + f(x)`` network, a pre-LN
+  block with two additions or a ResNet block written by hand gets the
+  direct/residual split with no declaration. Whatever follows the last
+  addition (a ReLU, a post-LN LayerNorm) sits between units, and the direct
+  term is carried through it exactly.
+
+The parts are checked against the module's own forward on the first traced
+call, like every other unit's. When torch.fx cannot trace the code, its reason
+is kept and shown in the error that asks for a declaration.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..parts import Block, Runner
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = ("add", "add_")
+
+
+def is_add(node) -> bool:
+    """A plain two-tensor addition node (no ``alpha=``)."""
+    if node.kwargs:
+        return False
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS)
+
+
+def _ancestors(graph) -> dict:
+    anc: dict = {}
+    for node in graph.nodes:
+        s: set = set()
+        for a in node.all_input_nodes:
+            s |= anc[a]
+            s.add(a)
+        anc[node] = s
+    return anc
+
+
+def _operands(node):
+    args = [a for a in node.args if isinstance(a, type(node))]
+    return args if len(args) == 2 and len(node.args) == 2 else None
+
+
+def residual_module_paths(model: nn.Module) -> tuple[list[str], str]:
+    """Paths of the modules whose own code holds a residual addition, and fx's failure reason."""
+    import torch.fx as fx
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as e:  # the reason goes into the "declare your units" error
+        return [], f"{type(e).__name__}: {e}".strip()
+    anc = _ancestors(graph)
+    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
+    params = {n for n in graph.nodes if n.op == "get_attr"}
+    names: list[str] = []
+    for node in graph.nodes:
+        ops = _operands(node) if is_add(node) else None
+        if ops is None:
+            continue
+        a, b = ops
+        common = (anc[a] & anc[b]) - placeholders - params
+        if a in anc[b] or b in anc[a] or common:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = ""
+            if stack:
+                path = list(stack.values())[-1]
+                path = path[0] if isinstance(path, tuple) else path
+            if path not in names:
+                names.append(path)
+    return names, ""
+
+
+class _UnitTracer:
+    """torch.fx tracer that keeps other units (and torch.nn's own modules) as leaves."""
+
+    def __new__(cls, leaves: set):
+        import torch.fx as fx
+
+        class T(fx.Tracer):
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return id(m) in leaves or super().is_leaf_module(m, qualname)
+        return T()
+
+
+def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
+    """The :class:`Block` of a module from its own graph's residual additions, or (None, reason)."""
+    import torch.fx as fx
+    try:
+        tracer = _UnitTracer(leaves - {id(module)})
+        graph = tracer.trace(module)
+        gm = fx.GraphModule(module, graph)
+    except Exception as e:
+        return None, f"torch.fx could not trace {type(module).__name__} alone: {type(e).__name__}: {e}"
+    graph = gm.graph
+    anc = _ancestors(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    params = {n for n in graph.nodes if n.op == "get_attr"}
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    stream = inputs[0] if inputs else None
+    holder: dict[str, Any] = {}
+    names: list[str] = []
+    owned: list[tuple] = []
+    for node in list(graph.nodes):
+        ops = _operands(node) if is_add(node) else None
+        if ops is None or (node.meta.get("nn_module_stack") or {}):
+            continue   # additions inside child modules belong to them
+        a, b = ops
+        if a in anc[b]:
+            x, h, r = a, a, b
+        elif b in anc[a]:
+            x, h, r = b, b, a
+        else:
+            common = (anc[a] & anc[b]) - params
+            if not common:
+                continue
+            if stream is not None and stream in common:
+                x = stream
+            else:
+                x = max(common, key=order.__getitem__)
+            own = anc[x] | {x}
+            h, r = (a, b) if len(anc[a] - own) <= len(anc[b] - own) else (b, a)
+        k = len(names)
+        region = (anc[h] | anc[r] | {h, r}) - anc[x] - {x}
+        names.append(_slot_name(r, anc, k))
+        owned.append(_owned(gm, region))
+        with graph.inserting_after(node):
+            new = graph.call_function(_adder(holder, k), (x, h, r))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        stream = new
+    if not names:
+        return None, f"no residual addition in {type(module).__name__}'s own code"
+    gm.recompile()
+
+    def forward(run: Runner, *args: Any, **kwargs: Any):
+        prev, holder["run"] = holder.get("run"), run
+        try:
+            return gm(*args, **kwargs)
+        finally:
+            holder["run"] = prev
+    return Block(tuple(_unique(names)), forward, tuple(owned)), ""
+
+
+def _adder(holder: dict, k: int):
+    def gradflow_residual_add(x, h, r):
+        return holder["run"].add(k, x, h, r)
+    gradflow_residual_add.__name__ = f"gradflow_residual_add_{k}"
+    return gradflow_residual_add
+
+
+def _slot_name(r, anc: dict, k: int) -> str:
+    """A unit's name within its module: the child module that computes its branch's output, else add<k>."""
+    node, seen = r, 0
+    while node is not None and seen < 64:
+        if node.op == "call_module":
+            return str(node.target).split(".")[0]
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        node = max(inputs, key=lambda a: len(anc[a]), default=None)
+        seen += 1
+    return f"add{k}"
+
+
+def _owned(gm, region: set) -> tuple:
+    """The modules and parameters a unit's region of the graph uses."""
+    out: list = []
+    for n in region:
+        if n.op == "call_module":
+            out.append(gm.get_submodule(str(n.target)))
+        elif n.op == "get_attr":
+            t = _getattr(gm, str(n.target))
+            if isinstance(t, nn.Parameter):
+                out.append(t)
+    return tuple(out)
+
+
+def _getattr(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}{seen[n] - 1}")
+    return out

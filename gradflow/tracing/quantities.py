@@ -1,0 +1,335 @@
+"""Measurements as small plug-ins, in the spirit of Cockpit's quantities.
+
+A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
+
+* ``before(t)`` before a unit runs, on its input (for quantities that run the
+  unit themselves, as :class:`Spectra` does: after the forward, restoring
+  buffers would break the backward);
+* ``forward(t)`` at each unit's call, with the unit's tensors (``t.x``, ``t.z``,
+  ``t.h``, ``t.r``, ``t.y``, ``t.out``, ``t.coef``; ``t.h`` is None for units
+  known only by input and output, and for the ``x_L`` row, where ``t.is_top``);
+* ``backward(t)`` when dE/dx_l is complete (``t.grad``; with the split, the
+  carried direct term, see :class:`Split`);
+* ``weights(t)`` once per step on the unit's parameters (``t.params``, their
+  ``.grad``; ``t.before`` holds the weights before the optimizer's update when
+  the tracer was given an optimizer);
+* ``should_compute(step)``: its own schedule (Cockpit's habit);
+* ``derive(q, t)`` on the host, once per step: derived per-sample columns from
+  the raw ones (``q``: name -> array [rows, batch]).
+
+``forward``/``backward`` return per-sample reductions, tensors of shape [B]
+kept on the device until the step's single host transfer; ``weights`` returns
+0-d tensors (one number per unit). Per-sample columns are listed in
+``columns`` and get ``_std``, ``_q05``, ``_q50``, ``_q95`` beside their batch
+mean in ``tr.units``; one-number columns are listed in ``scalars``.
+
+Adding one (this is the README's example)::
+
+    class XKurtosis(gradflow.tracing.Quantity):
+        columns = ("x_kurtosis",)
+        top = True                      # also on x_L
+        def forward(self, t):
+            x = t.x.detach().flatten(1).float()
+            z = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+            return {"x_kurtosis": z.pow(4).mean(1)}
+
+    with gradflow.trace(model, quantities=[XKurtosis()]) as tr: ...
+
+The built-in columns are quantities too (:data:`STANDARD`); ``quantities=``
+adds to them, ``quantities=("cheap", ...)`` or a preset name picks a preset.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import stats
+
+
+@dataclass
+class Forward:
+    """What a quantity sees at a unit's call."""
+
+    x: Tensor
+    step: int
+    info: Any = None
+    module: Any = None
+    parts: Any = None
+    z: Optional[Tensor] = None
+    h: Optional[Tensor] = None
+    r: Optional[Tensor] = None
+    y: Optional[Tensor] = None
+    out: Optional[Tensor] = None
+    coef: Any = 1.0
+    args: tuple = ()
+    is_top: bool = False
+    stats: dict = field(default_factory=dict)   # reductions made so far for this row
+
+
+@dataclass
+class Backward:
+    """What a quantity sees when dE/dx_l is complete."""
+
+    grad: Tensor
+    step: int
+    info: Any = None
+    stats: dict = field(default_factory=dict)
+    direct: Optional[Tensor] = None       # the direct term, scaled by exp(-d_ls)
+    d_ls: Any = 0.0
+    ref: Optional[Tensor] = None          # the same with every h-coefficient set to 1
+    r_ls: Any = 0.0
+    direct_norm: Optional[Tensor] = None  # ||direct|| per sample when already known
+    residual: Any = None                  # residual() -> grad - direct, in a reused buffer
+
+
+@dataclass
+class Weights:
+    """What a quantity sees once per step for a unit's parameters."""
+
+    params: list
+    step: int
+    info: Any = None
+    before: Optional[list] = None         # the weights before the update, when an optimizer is traced
+
+
+@dataclass
+class Derive:
+    """Host-side context of :meth:`Quantity.derive`: per-row element counts and ||dE/dx_L||."""
+
+    numel: np.ndarray
+    top: Optional[np.ndarray]
+    cancel_tol: float
+
+
+class Quantity:
+    """One measured quantity: what it reduces (columns), on which tensor, and when."""
+
+    columns: tuple = ()       # per-sample columns shown in the tables
+    scalars: tuple = ()       # one-number-per-row columns
+    needs: str = "forward"    # "forward", "grad", "split", "weights" or "update"
+    top: bool = False         # also computed on x_L, the head's input
+
+    def should_compute(self, step: int) -> bool:
+        return True
+
+    def before(self, t: Forward) -> dict:
+        return {}
+
+    def forward(self, t: Forward) -> dict:
+        return {}
+
+    def backward(self, t: Backward) -> dict:
+        return {}
+
+    def weights(self, t: Weights) -> dict:
+        return {}
+
+    def derive(self, q: dict, t: Derive) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Signal(Quantity):
+    """x_l: ``x_norm``, ``x_rms``, ``x_mean`` (and ``x_var`` in the tables)."""
+
+    columns = ("x_norm", "x_rms", "x_mean")
+    top = True
+
+    def forward(self, t: Forward) -> dict:
+        return {"x_norm": stats.norm(t.x), "x_mean": stats.mean(t.x)}
+
+    def derive(self, q: dict, t: Derive) -> None:
+        if "x_norm" in q:
+            q["x_rms"] = q["x_norm"] / np.sqrt(t.numel)[:, None]
+
+
+class Branches(Quantity):
+    """``h_norm``, ``r_norm``: the shortcut's and the branch's outputs; ``coef``: h's coefficient."""
+
+    columns = ("h_norm", "r_norm", "coef")
+
+    def forward(self, t: Forward) -> dict:
+        if t.h is None:
+            return {}
+        x, h = t.x, t.h
+        same = h.data_ptr() == x.data_ptr() and h.shape == x.shape and "x_norm" in t.stats
+        out = {"h_norm": t.stats["x_norm"] if same else stats.norm(h), "r_norm": stats.norm(t.r)}
+        if isinstance(t.coef, Tensor):
+            out["coef"] = stats.mean(t.coef)
+        return out
+
+
+class Gradient(Quantity):
+    """dE/dx_l: ``grad_norm`` and ``grad_ratio`` = ||dE/dx_l|| / ||dE/dx_L||."""
+
+    columns = ("grad_norm", "grad_ratio")
+    needs = "grad"
+
+    def backward(self, t: Backward) -> dict:
+        return {"grad_norm": stats.norm(t.grad)}
+
+    def derive(self, q: dict, t: Derive) -> None:
+        if t.top is not None and "grad_norm" in q:
+            q["grad_ratio"] = q["grad_norm"] / t.top
+
+
+class Split(Quantity):
+    """The direct/residual split of dE/dx_l (eq. 5 and 8), from the carried direct term."""
+
+    columns = ("direct_norm", "direct_ratio", "ref_ratio", "residual_norm", "cos_direct_residual",
+               "cancel")
+    needs = "split"
+    RAW = ("direct_norm", "direct_log_scale", "residual_norm", "dot_direct_residual", "ref_norm",
+           "ref_log_scale")
+
+    def backward(self, t: Backward) -> dict:
+        if t.direct is None:
+            return {}
+        d = t.direct
+        s = {"direct_norm": t.direct_norm if t.direct_norm is not None else stats.norm(d),
+             "direct_log_scale": _expand(t.d_ls, t.grad)}
+        res = t.residual()
+        s["residual_norm"] = stats.norm(res)
+        s["dot_direct_residual"] = stats.dot(d, res)   # times exp(direct_log_scale)
+        s["ref_norm"] = s["direct_norm"] if t.ref is d else stats.norm(t.ref)
+        s["ref_log_scale"] = _expand(t.r_ls, t.grad)
+        return s
+
+    def derive(self, q: dict, t: Derive) -> None:
+        if "direct_norm" not in q:
+            for k in ("ref_norm", "dot_direct_residual", "direct_log_scale", "ref_log_scale"):
+                q.pop(k, None)
+            return
+        n, B = q["direct_norm"].shape
+        nan = np.full((n, B), np.nan)
+        # the direct and reference vectors are carried scaled by exp(-log_scale)
+        scale = np.exp(q.pop("direct_log_scale", np.zeros((n, B))))
+        q["direct_norm"] = q["direct_norm"] * scale
+        if "dot_direct_residual" in q:
+            q["dot_direct_residual"] = q["dot_direct_residual"] * scale
+        if "ref_norm" in q:
+            q["ref_norm"] = q["ref_norm"] * np.exp(q.pop("ref_log_scale", np.zeros((n, B))))
+        g, d, r = q.get("grad_norm", nan), q["direct_norm"], q.get("residual_norm", nan)
+        if t.top is not None:
+            q["direct_ratio"] = d / t.top
+            q["ref_ratio"] = q.get("ref_norm", nan) / t.top
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q["cos_direct_residual"] = np.clip(q.get("dot_direct_residual", nan) / (d * r), -1.0, 1.0)
+        q["cancel"] = np.where(np.isnan(d) | np.isnan(g), np.nan, (g < t.cancel_tol * d).astype(float))
+        q.pop("ref_norm", None)
+        q.pop("dot_direct_residual", None)
+
+
+class WeightGradNorm(Quantity):
+    """``weight_grad_norm``: ||dE/dW|| over the unit's parameters, as the optimizer sees it."""
+
+    scalars = ("weight_grad_norm",)
+    needs = "weights"
+
+    def weights(self, t: Weights) -> dict:
+        grads = [p.grad for p in t.params if p.grad is not None]
+        if not grads:
+            return {}
+        return {"weight_grad_norm": _total_norm(grads)}
+
+
+class UpdateRatio(Quantity):
+    """``update_ratio``: ||W_after - W_before|| / ||W_before|| over the unit's parameters.
+
+    Needs ``trace(model, optimizer=opt)``: measured around each recorded ``opt.step()``.
+    """
+
+    scalars = ("update_ratio",)
+    needs = "update"
+
+    def weights(self, t: Weights) -> dict:
+        if t.before is None or not t.params:
+            return {}
+        diffs = torch._foreach_sub([p.detach() for p in t.params], t.before)
+        return {"update_ratio": _total_norm(diffs) / _total_norm(t.before).clamp_min(1e-30)}
+
+
+class Spectra(Quantity):
+    """``sigma_unit``, ``sigma_branch``, ``dist_identity``: Jacobian spectra by power iteration.
+
+    Dear: ``iters`` x (jvp + vjp) per unit and recorded step. Units run with
+    extra call arguments or found in a graph (no callable parts) get NaN.
+    """
+
+    scalars = ("sigma_unit", "sigma_branch", "dist_identity")
+
+    def __init__(self, iters: int = 20):
+        self.iters = iters
+
+    def before(self, t: Forward) -> dict:
+        if t.parts is None or t.is_top or t.args:
+            return {}
+        from .spectra import unit_spectra
+        vals = unit_spectra(t.module, t.parts, t.x, self.iters)
+        return {k: torch.tensor(v) for k, v in vals.items()}
+
+    def __repr__(self) -> str:
+        return f"Spectra(iters={self.iters})"
+
+
+def _total_norm(ts: list) -> Tensor:
+    norms = torch._foreach_norm([t.detach() for t in ts])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _expand(ls, like: Tensor) -> Tensor:
+    if isinstance(ls, Tensor):
+        return ls.expand(like.shape[0])
+    return torch.full((like.shape[0],), float(ls), device=like.device)
+
+
+STANDARD = (Signal(), Branches(), Gradient(), Split(), WeightGradNorm(), UpdateRatio())
+PRESETS = {
+    "cheap": (Signal(), Gradient()),
+    "standard": STANDARD,
+    "full": STANDARD + (Spectra(),),
+}
+
+
+def resolve(quantities: Optional[Sequence], spectra: bool = False, spectra_iters: int = 20) -> list:
+    """The tracer's quantity list: the standard set plus ``quantities``, or a named preset.
+
+    Args:
+        quantities: None (the standard set), Quantity objects to add to it, or a
+            sequence starting with a preset name (``"cheap"``, ``"standard"``,
+            ``"full"``) followed by extra Quantity objects.
+        spectra, spectra_iters: add :class:`Spectra` (the tracer's old flag).
+    Returns:
+        The quantities, built-ins first, in column order.
+    """
+    from ..errors import GradflowError
+    items = list(quantities or ())
+    base = list(STANDARD)
+    if items and isinstance(items[0], str):
+        name = items.pop(0)
+        if name not in PRESETS:
+            raise GradflowError(f"quantities preset {name!r}: choose one of {sorted(PRESETS)}")
+        base = list(PRESETS[name])
+    for q in items:
+        if not isinstance(q, Quantity):
+            raise GradflowError(f"quantities=[... {q!r} ...]: give gradflow.tracing.Quantity objects "
+                                "(subclass it: columns, forward/backward/weights) or a preset name first")
+    out = base + items
+    if spectra and not any(isinstance(q, Spectra) for q in out):
+        out.append(Spectra(spectra_iters))
+    names = [c for q in out for c in q.columns + q.scalars]
+    dup = {c for c in names if names.count(c) > 1}
+    if dup:
+        raise GradflowError(f"two quantities write the column(s) {sorted(dup)}: rename one")
+    return out
+
+
+def isfinite_number(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -1,0 +1,222 @@
+"""Sinks: each recorded step's rows streamed as they are made.
+
+A sink is any object with ``write(units, samples)`` (two DataFrames: the
+step's rows of ``tr.units`` and ``tr.samples``), and optionally ``open(tracer)``
+(called when the trace attaches) and ``close()`` (when it detaches). Pass them
+as ``trace(model, sinks=[...])``; with ``history=0`` nothing stays in memory.
+
+* :class:`CSVSink` / :class:`JSONLSink`: one line per unit row, appended and
+  flushed once per step, so memory stays bounded however long the run is.
+  Each step is written with a single ``write`` call (a crash leaves whole
+  steps, at most a torn last line that a reader skips).
+* :class:`TensorBoardSink`: per-unit scalars through
+  ``torch.utils.tensorboard``, grouped by stage (tag
+  ``<column>.stage<s>/<unit name>``), and each column's profile over depth
+  as a histogram whose buckets are the units (tag ``<column>/over_depth``:
+  TensorBoard's histogram view then shows how the profile moves with the step).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import GradflowError
+
+
+class Sink:
+    """Base class: receives each written step's rows."""
+
+    def open(self, tracer: Any) -> None:
+        pass
+
+    def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return None if not math.isfinite(v) else v
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+class _LineSink(Sink):
+    """Shared by CSV and JSONL: a path, extra constant columns, samples or units."""
+
+    def __init__(self, path, samples: bool = False, append: bool = False,
+                 extra: Optional[dict] = None):
+        self.path = Path(path)
+        self.samples, self.append = samples, append
+        self.extra = dict(extra or {})
+        self._f = None
+        self.rows = 0
+
+    def _file(self):
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and not self.append:
+                self.path.unlink()
+            self._f = open(self.path, "a", newline="")
+        return self._f
+
+    def _frame(self, units: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+        df = samples if self.samples else units
+        if self.extra:
+            df = df.copy()
+            for i, (k, v) in enumerate(self.extra.items()):
+                df.insert(i, k, v)
+        return df
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class CSVSink(_LineSink):
+    """Append each step's rows to a CSV file (``samples=True``: the per-sample table).
+
+    Args:
+        path: the file. Replaced when the trace starts, unless ``append=True``.
+        samples: write ``tr.samples`` rows instead of ``tr.units`` rows.
+        append: add to an existing file; its header is kept, and columns the
+            file has no place for are named once in a warning.
+        extra: constant columns put first (``{"iteration": 1200}``).
+    """
+
+    def __init__(self, path, samples: bool = False, append: bool = False,
+                 extra: Optional[dict] = None):
+        super().__init__(path, samples, append, extra)
+        self.header: Optional[list] = None
+        self._dropped: set = set()
+
+    def open(self, tracer: Any) -> None:
+        if self.append and self.path.exists() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                self.header = next(csv.reader(f), None)
+
+    def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
+        df = self._frame(units, samples)
+        if df.empty:
+            return
+        f = self._file()
+        new = self.header is None
+        if new:
+            self.header = list(df.columns)
+        missing = [c for c in df.columns if c not in self.header and c not in self._dropped]
+        if missing:   # said once per column
+            warnings.warn(f"gradflow CSVSink {self.path}: the file's header has no column for "
+                          f"{missing}; those values are not written to it (use a new file or "
+                          "JSONLSink)", RuntimeWarning, stacklevel=2)
+            self._dropped |= set(missing)
+        buf = io.StringIO()
+        df.reindex(columns=self.header).to_csv(buf, header=new, index=False)
+        f.write(buf.getvalue())
+        f.flush()
+        self.rows += len(df)
+
+
+class JSONLSink(_LineSink):
+    """Append each step's rows to a JSON-lines file, one object per row (NaN as null).
+
+    Args: as :class:`CSVSink`; columns may differ from row to row.
+    """
+
+    def open(self, tracer: Any) -> None:
+        pass
+
+    def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
+        df = self._frame(units, samples)
+        if df.empty:
+            return
+        cols = list(df.columns)
+        lines = [json.dumps({c: _value(v) for c, v in zip(cols, row)}) for row in
+                 df.itertuples(index=False, name=None)]
+        f = self._file()
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        self.rows += len(df)
+
+
+DEFAULT_TB = ("grad_ratio", "direct_ratio", "x_rms", "r_norm", "weight_grad_norm", "update_ratio")
+
+
+class TensorBoardSink(Sink):
+    """Per-unit scalars grouped by stage, and profiles over depth, to TensorBoard.
+
+    Args:
+        log_dir: where a new ``SummaryWriter`` writes (ignored with ``writer``).
+        writer: an existing ``torch.utils.tensorboard.SummaryWriter`` (a
+            Lightning ``TensorBoardLogger``'s ``experiment``); it is not closed.
+        columns: which columns of ``tr.units`` to log (those absent are skipped).
+        histograms: also log each column's profile over depth.
+        prefix: put before every tag (``"gradflow/"``).
+        scalars: log the per-unit scalars (off: only the depth profiles).
+
+    Micro-batches of one step are averaged; ``phase="eval"`` rows go under
+    ``eval/``. The global step is the tracer's step.
+    """
+
+    def __init__(self, log_dir: Optional[str] = None, writer: Any = None,
+                 columns: Sequence[str] = DEFAULT_TB, histograms: bool = True,
+                 prefix: str = "gradflow/", scalars: bool = True):
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise GradflowError("TensorBoardSink needs the tensorboard package: pip install "
+                                    "'gradflow[tensorboard]' (or pip install tensorboard)") from e
+            writer, self._own = SummaryWriter(log_dir=log_dir), True
+        else:
+            self._own = False
+        self.writer = writer
+        self.columns, self.histograms, self.prefix, self.scalars = tuple(columns), histograms, prefix, scalars
+
+    def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
+        if units.empty:
+            return
+        w = self.writer
+        for phase, df in units.groupby("phase", sort=False):
+            pre = self.prefix + ("eval/" if phase == "eval" else "")
+            step = int(df["step"].iloc[0])
+            cols = [c for c in self.columns if c in df]
+            if not cols:
+                continue
+            # one value per unit: the mean over micro-batches and backward passes
+            per = df.groupby("unit", sort=True).agg({**{c: "mean" for c in cols},
+                                                     "name": "first", "stage": "first"})
+            for c in cols:
+                vals = per[c].to_numpy(dtype=float)
+                if self.scalars:
+                    for (name, stage), v in zip(per[["name", "stage"]].itertuples(index=False), vals):
+                        if math.isfinite(v):
+                            w.add_scalar(f"{pre}{c}.stage{stage}/{name}", v, step)
+                ok = np.isfinite(vals)
+                if self.histograms and ok.any():
+                    v = np.where(ok, np.abs(vals), 0.0)
+                    depth = np.arange(len(v), dtype=float)
+                    w.add_histogram_raw(f"{pre}{c}/over_depth", min=0.0, max=float(len(v) - 1),
+                                        num=float(v.sum()), sum=float((depth * v).sum()),
+                                        sum_squares=float((depth * depth * v).sum()),
+                                        bucket_limits=(depth + 0.5).tolist(), bucket_counts=v.tolist(),
+                                        global_step=step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        if self._own:
+            self.writer.close()
