@@ -19,7 +19,6 @@ Library: :func:`lesion_study` (and the pieces it calls); CLI:
 """
 from __future__ import annotations
 
-import math
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import GradflowError
-from .parts import Parts, run_parts
+from .parts import Parts
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 

@@ -154,7 +154,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import platform
     import torch
-    import torch.nn.functional as F
     from . import create_model
     from .errors import GradflowError
     from .io import atomic_write

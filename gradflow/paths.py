@@ -31,10 +31,9 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from .errors import GradflowError
-from .models.units import Sum
-from .parts import Parts, combine_sum, run_parts
+from .parts import Parts, run_parts
 from .tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
-from .tracing.paths import PathCarrier, PathStack, UnitGraph, n_paths, stack_rows
+from .tracing.paths import PathCarrier, PathStack, UnitGraph, is_plain_sum, n_paths, stack_rows
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -73,10 +72,6 @@ class Recording:
     loss: Tensor
 
 
-def _is_plain_sum(parts: Parts) -> bool:
-    return parts.post is None and (parts.combine is combine_sum or type(parts.combine) is Sum)
-
-
 def _recording_parts(parts: Parts, rec: dict) -> Parts:
     """The unit's parts with the combine reading an alias of x, so the gate's own path is separable."""
     combine = parts.combine
@@ -102,7 +97,7 @@ class _Runner:
 
         def tap(**t):
             rec.update(t)
-        plain = _is_plain_sum(parts)
+        plain = is_plain_sum(parts)
         if self.gate_rerun:   # as inside gradflow.trace: the gate's path from a second combine
             out = run_parts(parts, x, tap, args, kwargs) if (args or kwargs) else run_parts(parts, x, tap)
             y, coef, gate = rec["y"], rec["coef"], None

@@ -5,6 +5,7 @@ Tiny runs on generated data: ResNet-20 at width 1/8, 3 seeds, batch 16, 8 iterat
 """
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -158,3 +159,22 @@ def test_rows_and_paper_numbers_come_from_the_presets():
     assert any(r.missing for r in t3)   # 1-layer skips: listed, not run
     assert [r.model for r in experiment_rows("fig1")] == ["resnet1001", "resnet1001"]
     assert [r.paper_error for r in experiment_rows("depth")][-1] == "4.92"
+
+
+def test_a_run_another_process_holds_is_left_to_it(tmp_path):
+    import socket
+    from gradflow.experiments import execute
+    from gradflow.experiments.runner import _lock
+    scale = make_scale("laptop", 0.125, 8, 4, 16)
+    spec = plan(select_rows(experiment_rows("depth"), ["resnet20"]), 1, tmp_path)[0]
+    lock = spec.folder.parent / f".{spec.key}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{socket.gethostname()}:{os.getpid()}")   # a live process holds it
+    logged = []
+    [out] = execute([spec], scale, str(tmp_path), False, [{}], "cpu", tmp_path / "logs", logged.append)
+    assert out.action == "error" and "held by" in out.message and "left to it" in logged[0]
+    assert not spec.folder.exists()                            # nothing started
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()}:{dead.pid}")      # its process is gone: stale
+    assert _lock(spec) is None and lock.read_text().endswith(f":{os.getpid()}")

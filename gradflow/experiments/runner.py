@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -81,37 +82,64 @@ class Outcome:
     message: str = ""
 
 
-def _prepare(spec: RunSpec, scale: Scale, log: Callable[[str], None]) -> str:
-    state = run_state(spec.folder)
-    if state == "broken":   # made, then stopped before its first checkpoint: nothing to keep
+def _prepare(spec: RunSpec, scale: Scale, log: Callable[[str], None]) -> None:
+    """A folder stopped before its first checkpoint has nothing to resume: move it aside, say so."""
+    if run_state(spec.folder) == "broken":
         check_folder(spec, scale)
-        log(f"{spec.key}: the folder holds no checkpoint to resume from (stopped before its first); "
-            f"starting it again (the old folder moves to {spec.folder.name}.stale)")
         stale = spec.folder.with_name(spec.folder.name + ".stale")
+        log(f"{spec.key}: the folder holds no checkpoint to resume from (stopped before its first); "
+            f"starting it again (the old folder moves to {stale.name})")
         shutil.rmtree(stale, ignore_errors=True)
         spec.folder.rename(stale)
-        state = "missing"
-    return state
+
+
+def _lock(spec: RunSpec) -> Optional[str]:
+    """Claim ``spec`` for this process (a ``.<run>.lock`` file beside its folder); None if claimed,
+    else the claim that stands (another runner or array task of this machine is training it)."""
+    path = spec.folder.parent / f".{spec.key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            host, _, pid = text.partition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)   # its process is gone: a stale claim
+                continue
+            return text or "unknown"
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()}:{os.getpid()}")
+        return None
+    return "unknown"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlock(spec: RunSpec) -> None:
+    (spec.folder.parent / f".{spec.key}.lock").unlink(missing_ok=True)
 
 
 def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: list[dict],
             device: Optional[str], log_dir: Path, log: Callable[[str], None] = print) -> list[Outcome]:
     """Run every unfinished spec, ``len(slots)`` at a time (each slot: extra environment variables).
 
-    Finished runs are skipped, interrupted ones resumed from their checkpoint. A
-    child's output goes to ``log_dir/<run>.out``. SIGINT/SIGTERM reach the
-    children (they checkpoint and stop); no new run starts after that.
+    Finished runs are skipped, interrupted ones resumed from their checkpoint, and a
+    run another process holds (its lock file) is left to it; the state is read again
+    just before each launch. A child's output goes to ``log_dir/<run>.out``.
+    SIGINT/SIGTERM reach the children (they checkpoint and stop); no new run starts after that.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
-    todo: list[tuple[RunSpec, list[str], str]] = []
-    for spec in specs:
-        cmd = command_for(spec, scale, data, verify, device)   # folder checks fail before anything runs
-        if cmd is None:
-            outcomes.append(Outcome(spec, "skipped", message="finished before"))
-            log(f"{spec.key}: finished before, skipped")
-        else:
-            todo.append((spec, cmd, "resumed" if run_state(spec.folder) == "resumable" else "trained"))
+    todo = list(specs)
     running: dict[int, tuple[subprocess.Popen, RunSpec, str, float, object]] = {}
     stop = {"sig": None}
 
@@ -126,16 +154,26 @@ def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: 
         free = list(range(len(slots)))
         while todo or running:
             while todo and free and stop["sig"] is None:
-                spec, _, _ = todo[0]
+                spec = todo.pop(0)
+                holder = None if run_state(spec.folder) == "finished" else _lock(spec)
+                if holder is not None:
+                    outcomes.append(Outcome(spec, "error", 75, message=f"held by {holder}"))
+                    log(f"{spec.key}: another process ({holder}) is training it: left to it")
+                    continue
                 _prepare(spec, scale, log)
-                spec, cmd, action = todo.pop(0)
-                cmd = command_for(spec, scale, data, verify, device) or cmd
+                cmd = command_for(spec, scale, data, verify, device)
+                if cmd is None:
+                    _unlock(spec)
+                    outcomes.append(Outcome(spec, "skipped", message="finished before"))
+                    log(f"{spec.key}: finished before, skipped")
+                    continue
+                action = "resumed" if "--resume" in cmd else "trained"
                 slot = free.pop(0)
                 out = open(log_dir / f"{spec.key}.out", "a")
                 out.write(f"$ {' '.join(cmd)}\n")
                 out.flush()
-                env = {**os.environ, **slots[slot]}
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **slots[slot]})
                 running[slot] = (proc, spec, action, time.perf_counter(), out)
                 where = ", ".join(f"{k}={v}" for k, v in slots[slot].items()) or "this process's device"
                 log(f"{spec.key}: {'resuming' if action == 'resumed' else 'training'} ({where})")
@@ -146,6 +184,7 @@ def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: 
                 if proc.poll() is None:
                     continue
                 out.close()
+                _unlock(spec)
                 del running[slot]
                 free.append(slot)
                 outcomes.append(_finish(spec, action, proc.returncode, time.perf_counter() - t0,
@@ -153,7 +192,7 @@ def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    for spec, _, _ in todo:
+    for spec in todo:
         outcomes.append(Outcome(spec, "error", 130, message="not started: the sweep was interrupted"))
     return outcomes
 

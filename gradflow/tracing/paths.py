@@ -356,7 +356,7 @@ class PathTracker:
                 stack = self.carrier.through_link(call.link_edges[0], call.link_edges[1], stack)
             self._through(prev, stack)
 
-    def table(self) -> "pd.DataFrame":
+    def table(self):
         """One row per recorded unit, backward pass and path length (k = -1: the remainder)."""
         import pandas as pd
         for meta, n, ks, norms, dots, gn in self._raw:
