@@ -118,7 +118,7 @@ def probe_model(built: BuiltModel, inputs: Inputs, cfg: ProbeConfig, device: tor
                         weight_grads=False)
     t0 = time.perf_counter()
     units = traced.units
-    summary = traced.tracer.summary()
+    summary = traced.tracer.summary(pool=True)   # every batch of the probe in one fit
     units = predict_direct(units) if "direct_ratio" in units else units
     units = _with_direct_share(units, traced.samples)
     timings = dict(build=build_s, steps=traced.step_s, tables=time.perf_counter() - t0)
