@@ -305,7 +305,16 @@ def get_args_parser():
     return p
 
 
-def _test_batches(info: dict, args, device) -> tuple[list, str]:
+def cifar_test_batches(info: dict, args, device) -> tuple[list, str]:
+    """The checkpoint's CIFAR test set, normalised as the trainer does (the training images' channel stats).
+
+    Args:
+        info: what :func:`gradflow.load_checkpoint` returns beside the model (its ``config``).
+        args: ``synthetic``, ``data``, ``no_verify``, ``test_images`` (0: all), ``batch_size``.
+        device: where the batches go.
+    Returns:
+        ([(images, labels), ...], a description of the data).
+    """
     from .data import DeviceCifar, load_cifar, synthetic_arrays
     cfg = info.get("config") or {}
     dataset = cfg.get("dataset", "cifar10")
@@ -334,7 +343,7 @@ def run_cli(args) -> dict:
     ks, swaps = _ints(args.ks, "--ks"), _ints(args.swaps, "--swaps")
     device = resolve_device(args.device)
     model, info = load_checkpoint(args.checkpoint, map_location=device)
-    batches, described = _test_batches(info, args, device)
+    batches, described = cifar_test_batches(info, args, device)
     results = [lesion_study(model, batches, ks=ks, draws=args.draws, swaps=swaps, seed=args.seed,
                             network=info.get("model", "model"))]
     if args.plain:

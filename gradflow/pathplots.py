@@ -142,6 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=20, help="Veit's sampled paths per k (he used 1,000)")
     p.add_argument("--k-step", type=int, default=1, help="sample every k-step-th path length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="measure the paths of this trained run (on its test images, train-mode BN)")
     p.add_argument("--lesion", help="a trained residual run folder: also draw the lesion curves")
     p.add_argument("--plain", help="a trained plain run folder (the contrast)")
     p.add_argument("--data", help="the CIFAR folder for the lesion study")
@@ -157,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import create_model
     from .errors import GradflowError
     from .io import atomic_write
-    from .paths import path_components, sample_paths
+    from .paths import compare_table, path_components, sample_paths
     from .provenance import code_version, hardware
     matplotlib.use("Agg")
     args = get_args_parser().parse_args(argv)
@@ -177,45 +178,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         torch.manual_seed(args.seed)
-        model = create_model(args.model)
-        g = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (args.batch,), generator=g)
+        if args.checkpoint:
+            from .lesion import cifar_test_batches
+            from .training.checkpoint import load_checkpoint
+            if not args.data:
+                raise GradflowError("--checkpoint needs --data (the CIFAR folder of the run's test set)")
+            model, info = load_checkpoint(args.checkpoint)
+            model.train()
+            ns = argparse.Namespace(synthetic=False, data=args.data, no_verify=True, test_images=args.batch,
+                                    batch_size=args.batch)
+            x, y = cifar_test_batches(info, ns, torch.device("cpu"))[0][0]
+            name = Path(args.checkpoint).resolve().name
+            made = (f"the trained run {args.checkpoint} ({info.get('model')} {info.get('options')}, "
+                    f"{info.get('step')} iterations), its first {args.batch} test images, train mode "
+                    "(BN batch statistics), mean cross-entropy")
+        else:
+            model = create_model(args.model)
+            g = torch.Generator().manual_seed(args.seed)
+            x = torch.randn(args.batch, 3, 32, 32, generator=g)
+            y = torch.randint(0, 10, (args.batch,), generator=g)
+            name = args.model
+            made = (f"made at initialisation (He init, seed {args.seed}), batch {args.batch} of N(0,1) images "
+                    f"[{args.batch}, 3, 32, 32], uniform labels, train mode (BN batch statistics), mean "
+                    f"cross-entropy; create_model({args.model!r})")
         exact = path_components(model, x, y=y).table
         n = int(exact["n_units"].max())
         sampled = sample_paths(model, x, y=y, ks=range(0, n + 1, args.k_step), samples=args.samples, seed=args.seed)
         r = effective_range(exact)
         rv = effective_range(sampled.assign(unit=0, n_units=n), column="total")
-        setup = (f"made at initialisation (He init, seed {args.seed}), batch {args.batch} of N(0,1) images "
-                 f"[{args.batch}, 3, 32, 32], uniform labels, train mode (BN batch statistics), mean cross-entropy; "
-                 f"create_model({args.model!r}), n = {n} units; gradients at the first unit's input")
+        setup = f"{made}; n = {n} units; gradients at the first unit's input"
         numbers = (f"exact: 90% of sum_k ||g^(k)|| on k = {r['lo']}-{r['hi']} (peak {r['peak']}, "
                    f"{100 * r['path_share']:.3g}% of all paths); Veit's estimate: k = {rv['lo']}-{rv['hi']} "
                    f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
-        tag = f"paths_{args.model}"
-        save(path_length_distribution({args.model: n}), f"{tag}_length_distribution",
+        tag = f"paths_{name}"
+        save(path_length_distribution({name: n}), f"{tag}_length_distribution",
              [f"share of the 2^{n} paths through k residual branches, C(n,k)/2^n (Veit Fig. 6a)."])
-        save(gradient_per_length(exact, sampled, args.model), f"{tag}_gradient_per_path",
+        save(gradient_per_length(exact, sampled, name), f"{tag}_gradient_per_path",
              ["gradient norm of one path by length k (Veit Fig. 6b): his sampling estimate "
               f"({args.samples} sampled paths per k: k random units pass the gradient through their branch "
               "only, the others through their shortcut only) beside the exact ||g^(k)|| / C(n,k).", setup])
-        save(contribution_by_length(exact, sampled, args.model), f"{tag}_contribution",
+        save(contribution_by_length(exact, sampled, name), f"{tag}_contribution",
              ["gradient by path length (Veit Fig. 6c): sampled path norm x C(n,k) beside the exact ||g^(k)||, "
               "which includes the cancellation between paths.", numbers, setup])
-        save(spectrum_by_unit(exact, args.model), f"{tag}_spectrum",
+        save(spectrum_by_unit(exact, name), f"{tag}_spectrum",
              ["exact ||g_l^(k)|| / ||dE/dx_l|| for every unit l and path length k.", setup])
-        atomic_write(out / f"{tag}.csv", lambda f: f.write(
-            exact.merge(sampled[["k", "path_norm", "path_norm_std", "total", "unbiased_norm", "samples"]],
-                        on="k", how="left").to_csv(index=False).encode()))
+        atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
         if args.lesion:
-            from .lesion import _test_batches, lesion_study, plain_blocks
+            from .lesion import cifar_test_batches, lesion_study, plain_blocks
             from .training.checkpoint import load_checkpoint
             if not args.data:
                 raise GradflowError("--lesion needs --data (the CIFAR folder of the runs' test set)")
             ns = argparse.Namespace(synthetic=False, data=args.data, no_verify=True, test_images=args.test_images,
                                     batch_size=500)
             m, info = load_checkpoint(args.lesion)
-            batches, described = _test_batches(info, ns, torch.device("cpu"))
+            batches, described = cifar_test_batches(info, ns, torch.device("cpu"))
             results = [lesion_study(m, batches, draws=args.draws, seed=args.seed, network=info.get("model", ""))]
             runs = [f"residual: {args.lesion} (trained {info.get('step')} iterations)"]
             if args.plain:

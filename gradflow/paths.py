@@ -406,3 +406,21 @@ def effective_range(table: pd.DataFrame, unit: Optional[int] = None, mass: float
         path_share = sum(math.exp(_log_comb(n, k) - n * math.log(2)) for k in range(lo, hi + 1))
     return dict(lo=lo, hi=hi, peak=int(ks[int(np.argmax(w))]), mass=mass, held=float(held),
                 path_share=path_share, truncated=bool(rem > (1 - mass) * total))
+
+
+def compare_table(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] = None, unit: Optional[int] = None) -> pd.DataFrame:
+    """One row per path length at one unit (default: the first): counts, exact split and Veit's estimate.
+
+    Columns: k, n_paths, path_share (C(n,k)/2^n), norm, share, proj (exact, see :class:`PathResult`)
+    and, with ``sampled``, Veit's path_norm, path_norm_std, total and unbiased_norm.
+    """
+    unit = int(exact["unit"].min()) if unit is None else unit
+    t = exact[(exact["unit"] == unit) & (exact["k"] >= 0)].copy()
+    n = int(t["n_units"].iloc[0])
+    t["path_share"] = [math.exp(_log_comb(n, k) - n * math.log(2)) for k in t["k"]]
+    cols = ["k", "n_paths", "path_share", "norm", "norm_q05", "norm_q95", "share", "proj"]
+    t = t[cols]
+    if sampled is not None:
+        t = t.merge(sampled[["k", "samples", "path_norm", "path_norm_std", "total", "unbiased_norm"]],
+                    on="k", how="left")
+    return t.reset_index(drop=True)
