@@ -35,5 +35,5 @@ timeout 80 python benchmarks/trace_bench.py --models resnet1001 --batch 64 --rep
 echo "== 5. laptop-scale Table 2 sweep (ResNet-110 column, 5 runs x 128 iterations, width 0.25) on the GPU"
 # +100 s to the timeouts above. The same sweep on the 2-core CPU: see figures/table2_laptop_results.md.
 timeout 100 python -m gradflow.experiment table2 --scale laptop --rows 'resnet110-*' --data "$tmp/data" \
-    --no-verify --out "$tmp/exp" --gpus 0 | grep -E "sweep wall time|finished|error" \
+    --no-verify --out "$tmp/exp" --gpus 0 | grep -E "after [0-9]+s|sweep wall time|error" \
   || echo "laptop Table 2 sweep: did not finish within 100 s"
