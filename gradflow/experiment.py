@@ -39,12 +39,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder holding the CIFAR data (as for gradflow.train)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the md5 check")
     p.add_argument("--scale", default="paper", help="'paper' (default: 64k iterations, the paper's "
-                   "widths) or 'laptop' (width x0.25, 128 iterations, the same recipe shape)")
+                   "widths) or 'laptop' (width x0.25, 64 iterations, the same recipe shape)")
     p.add_argument("--width", type=float, help="channel multiplier (overrides the scale's)")
     p.add_argument("--stop", type=int, help="iterations per run (overrides the scale's; the lr "
                    "schedule keeps the paper's proportions)")
     p.add_argument("--probe-every", type=int, help="iterations between gradient-flow probes "
-                   "(default: 16 probes a run at paper scale, 8 at laptop; 0: none)")
+                   "(default: 16 probes a run at paper scale, 4 at laptop; 0: none)")
     p.add_argument("--batch-size", type=int, help="batch (default the paper's 128; another is a "
                    "change of recipe, said in every output)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row: 0..N-1 (default 1)")

@@ -47,7 +47,7 @@ class Scale:
             r = RECIPES["paper"]
             out = dict(stop=self.stop, milestones=tuple(max(1, round(m * f)) for m in r["milestones"]),
                        warmup_iters=max(1, round(r["warmup_iters"] * f)),
-                       eval_every=max(1, self.stop // 8), log_every=max(1, self.stop // 40),
+                       eval_every=max(1, self.stop // 4), log_every=max(1, self.stop // 32),
                        checkpoint_every=max(1, self.stop // 8))
         if self.probe_every:
             out["probe_every"] = self.probe_every
@@ -65,14 +65,14 @@ class Scale:
 def make_scale(name: str, width: Optional[float] = None, stop: Optional[int] = None,
                probe_every: Optional[int] = None, batch_size: Optional[int] = None) -> Scale:
     """The named scale (``paper`` or ``laptop``) with any explicit override."""
-    base = {"paper": Scale("paper", 1.0, PAPER_STOP), "laptop": Scale("laptop", 0.25, 128)}
+    base = {"paper": Scale("paper", 1.0, PAPER_STOP), "laptop": Scale("laptop", 0.25, 64)}
     if name not in base:
         raise unknown("scale", name, base)
     s = base[name]
     width = s.width if width is None else width
     stop = s.stop if stop is None else stop
-    # default probes: 16 over a run (every 4,000 iterations at the paper's 64k); 8 on a laptop
-    probe = (stop // (16 if name == "paper" else 8)) if probe_every is None else probe_every
+    # default probes: 16 over a run (every 4,000 iterations at the paper's 64k); 4 on a laptop
+    probe = (stop // (16 if name == "paper" else 4)) if probe_every is None else probe_every
     if not width > 0:
         raise GradflowError(f"--width {width!r} must be positive (0.25: a quarter of the paper's channels)")
     if stop < 4:
