@@ -304,8 +304,6 @@ class PathTracker:
     def __init__(self, max_len: Optional[int] = None):
         self.carrier = PathCarrier(max_len)
         self.max_len = max_len
-        self._graphs: dict = {}
-        self._stacks: dict = {}
         self._raw: list = []
         self._rows: list = []
         self.stopped: list = []        # units without parts, where the split stops
@@ -317,7 +315,7 @@ class PathTracker:
         gate = None
         if isinstance(coef, Tensor) and coef.requires_grad and parts is not None:
             gate, _ = parts.combine(h.detach(), r.detach(), x)
-        self._graphs[id(call)] = UnitGraph(
+        call.path_graph = UnitGraph(   # on the call: dropped with it, whether or not a backward came
             x=e(x), h=e(h), r=e(r), out=e(out), plain_sum=gate is None and y is out and is_plain_sum(parts),
             name=call.info.name, y=e(y) if (gate is not None and y is not out) else None,
             gate=e(gate) if gate is not None else None)
@@ -326,19 +324,19 @@ class PathTracker:
         self._through(last, self.carrier.start(g))
 
     def _through(self, call, stack: PathStack) -> None:
-        graph = self._graphs.pop(id(call), None)
+        graph = getattr(call, "path_graph", None)
         if graph is None:
             if call.info.name not in self.stopped:
                 self.stopped.append(call.info.name)
             return
-        self._stacks[id(call)] = self.carrier.through_unit(graph, stack)
+        call.path_stack = self.carrier.through_unit(graph, stack)
 
     def on_grad(self, call, g: Tensor, p: int = 0, keep=None) -> None:
         """dE/dx_l of unit ``call`` is complete: record its components and carry them to the unit below.
 
         ``keep(t)``, when given, receives the components [K+1, *x_l.shape] (float64).
         """
-        stack = self._stacks.pop(id(call), None)
+        stack, call.path_stack = getattr(call, "path_stack", None), None
         if stack is None:
             return
         m = call.micro
