@@ -259,3 +259,35 @@ def test_transformer_units_split_and_close(name):
     n = len(res.units)
     assert n >= 4 and res.units["sum_rel_err"].max() < 1e-10
     assert res.table.loc[res.table["unit"] == 0, "n_paths"].sum() == 2 ** n
+
+
+# --- inside gradflow.trace -------------------------------------------------------------------
+
+def _traces_paths() -> bool:
+    import inspect
+    return "paths" in inspect.signature(gradflow.tracing.Tracer.__init__).parameters
+
+
+@pytest.mark.skipif(not _traces_paths(), reason="this tracer has no paths= option yet")
+@pytest.mark.parametrize("kw,max_len", [(dict(), None), (dict(unit="original", shortcut="exclusive_gate",
+                                                               gate_bias=-1.0), 2),
+                                        (dict(unit="bn_after_addition", shortcut="scale", scale=0.5), 3)])
+def test_trace_paths_during_a_real_backward(kw, max_len):
+    """tr.paths during the user's own backward: components close on autograd's dE/dx_l and match the
+    standalone split (gates by a second combine there, by an alias of x here)."""
+    m = gradflow.create_model("resnet20", width=0.25, **kw)     # the tracer reduces in float32
+    x, y = batch()
+    _, grads = unit_inputs_and_grads(m, m.units(), x, y, seed=0)
+    with gradflow.trace(m, paths=True if max_len is None else max_len, keep=("paths",)) as tr:
+        F.cross_entropy(m(x), y).backward()
+    for i, g in enumerate(grads[:-1]):
+        torch.testing.assert_close(tr.tensors[(0, i)]["paths"].sum(0).float(), g, rtol=1e-4,
+                                   atol=1e-5 * g.abs().max().item())
+    ref = path_components(m, x, y=y, max_len=max_len).table
+    got = tr.paths
+    assert len(got) == len(ref)
+    np.testing.assert_allclose(got["norm"], ref["norm"], rtol=1e-4)
+    np.testing.assert_allclose(got["proj"], ref["proj"], rtol=1e-3, atol=1e-6)
+    assert list(got["k"]) == list(ref["k"])
+    with pytest.raises(gradflow.GradflowError, match="paths"):
+        gradflow.trace(m, paths=True, split=False)
