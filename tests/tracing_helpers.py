@@ -119,3 +119,94 @@ def timm_detached_forward(b, x):
     else:
         r = b.bn2(b.conv2(r))
     return torch.relu(s + r.detach())
+
+
+# --- hand-written networks for the tracer-in-training tests (issue 10) --------------------
+
+import torch.nn as nn  # noqa: E402
+
+
+class MLPBlock(nn.Module):
+    """x + f(x), written by hand: found through torch.fx, split with no declaration."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.detach_branch = False   # the oracle's detached-branch network
+
+    def forward(self, x):
+        r = self.fc2(torch.relu(self.fc1(x)))
+        return x + (r.detach() if self.detach_branch else r)
+
+
+class ResMLP(nn.Module):
+    def __init__(self, d=8, n=3, classes=3, block=MLPBlock):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.blocks = nn.ModuleList([block(d) for _ in range(n)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+class TwoAddBlock(nn.Module):
+    """A transformer-style block with two residual additions: pre-LN, or post-LN (LN after each sum)."""
+
+    def __init__(self, d, post_ln=False):
+        super().__init__()
+        self.post_ln = post_ln
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.Linear(d, d)     # a stand-in for attention: any branch works
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.detach_branch = False
+
+    def _d(self, r):
+        return r.detach() if self.detach_branch else r
+
+    def forward(self, x):
+        if self.post_ln:
+            x = self.ln1(x + self._d(self.attn(x)))
+            return self.ln2(x + self._d(self.mlp(x)))
+        x = x + self._d(self.attn(self.ln1(x)))
+        return x + self._d(self.mlp(self.ln2(x)))
+
+
+def grads_at_inputs(modules, run, top=None):
+    """Inputs of ``modules`` (forward pre-hooks) and the output of ``top`` (default: the last
+    module), during ``run()``, which returns a loss; returns (inputs + [x_L], their gradients)."""
+    xs, last = [], []
+    hs = [m.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for m in modules]
+    hs.append((top or modules[-1]).register_forward_hook(lambda m, a, o: last.append(o)))
+    try:
+        loss = run()
+    finally:
+        for h in hs:
+            h.remove()
+    ts = xs + last
+    return ts, list(torch.autograd.grad(loss, ts))
+
+
+def detached_direct(model, x, g_top, modules, top=None):
+    """Direct terms by autograd through the same network with every branch output detached:
+    dE/dx_L carried back through shortcuts (and whatever sits between units) only."""
+    for m in model.modules():
+        if hasattr(m, "detach_branch"):
+            m.detach_branch = True
+    try:
+        xs, outs = [], []
+        hs = [m.register_forward_pre_hook(lambda m, a: xs.append(a[0])) for m in modules]
+        hs.append((top or modules[-1]).register_forward_hook(lambda m, a, o: outs.append(o)))
+        try:
+            model(x)
+        finally:
+            for h in hs:
+                h.remove()
+        return list(torch.autograd.grad(outs[-1], xs, g_top, allow_unused=True))
+    finally:
+        for m in model.modules():
+            if hasattr(m, "detach_branch"):
+                m.detach_branch = False

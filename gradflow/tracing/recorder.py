@@ -138,6 +138,7 @@ class Tracer:
         if history is not None and history < 0:
             raise GradflowError(f"history={history!r}: give None (keep every step) or a count >= 0")
         self.model = model
+        _refuse_nested(model)
         self.infos = find_units(model, units, parts)
         self.split = split
         self.schedule = as_schedule(schedule)
@@ -188,15 +189,8 @@ class Tracer:
         """Attach the hooks and patch the units' modules (``with`` does this)."""
         if self._attached:
             return self
+        _refuse_nested(self.model)
         mods = [self.model] + [i.module for i in self.infos]
-        busy = [m for m in mods if id(m) in _ACTIVE]
-        if busy:
-            name = {id(m): n for n, m in self.model.named_modules()}.get(id(busy[0]), "?")
-            raise GradflowError(
-                f"module {name or type(busy[0]).__name__!r} of this model is already traced by an "
-                "active gradflow.trace: nested traces of the same modules are not supported (the inner "
-                "one would patch what the outer one records). Read everything from the outer trace, "
-                "or leave it before starting another")
         for m in mods:
             _ACTIVE[id(m)] = self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
@@ -283,13 +277,24 @@ class Tracer:
     def _on_model_forward(self, module, args) -> None:
         self._open_micro()
 
+    def new_micro(self) -> None:
+        """Open a new micro-batch of the current step (trainer callbacks call this per batch).
+
+        The next forward of the model then joins it instead of opening another,
+        so it works whether or not the training code calls the traced module itself.
+        """
+        self._open_micro()
+
     def _open_micro(self) -> None:
+        m, train = self._micro, torch.is_grad_enabled()
+        if m is not None and not m.calls and not m.final and m.phase == ("train" if train else "eval") \
+                and (self.optimizer is None or m.step == self.step):
+            return   # an empty micro-batch is reused
         if self.optimizer is None:
             self._begin_step(self.step + 1)
         elif self.step < 0:
             self._begin_step(0)
         self._settle()
-        train = torch.is_grad_enabled()
         n = self._n_micro if train else self._n_eval
         if train:
             self._n_micro += 1
@@ -518,7 +523,14 @@ class Tracer:
             prev = call.micro.calls[call.index - 1]
             v, vr = d, call.ref
             if call.link_edges is not None:  # ops between the two units
-                v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
+                try:
+                    v, vr = self._grad(call.link_edges[0], call.link_edges[1], v, vr)
+                except RuntimeError:    # its input is not computed from the previous unit's output
+                    self._warn("unlinked", f"unit {call.index} ({call.info.name}) of step {call.micro.step} "
+                               "does not take its input from the previous unit's output: the direct term "
+                               "is not carried past it, and the split columns before it are NaN")
+                    call.direct = call.ref = None
+                    return
             self._carry(prev, v, vr, s.get("direct_norm") if v is d else None,
                         call.d_ls, call.r_ls, call.carries)
         call.direct = call.ref = None
@@ -741,6 +753,18 @@ class Tracer:
         from .listing import unit_table
         return f"gradflow.Tracer of {type(self.model).__name__}: {len(self.infos)} units\n" + \
             unit_table(self.infos)
+
+
+def _refuse_nested(model: nn.Module) -> None:
+    """Refuse to trace modules that an active tracer has patched or records."""
+    busy = next(((n, m) for n, m in model.named_modules() if id(m) in _ACTIVE), None)
+    if busy is not None:
+        n, m = busy
+        raise GradflowError(
+            f"module {n or type(m).__name__!r} of this model is already traced by an active "
+            "gradflow.trace: nested traces of the same modules are not supported (the inner one "
+            "would patch what the outer one records). Read everything from the outer trace, or "
+            "leave it before starting another")
 
 
 class _Run:

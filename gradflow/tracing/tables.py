@@ -81,7 +81,7 @@ def step_tables(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES,
             qs = np.quantile(v, [0.05, 0.5, 0.95], axis=1)
         cols[name + "_q05"], cols[name + "_q50"], cols[name + "_q95"] = qs
     units = pd.concat([units, pd.DataFrame(cols, index=units.index)], axis=1)
-    key = {c: np.repeat(units[c].to_numpy(), B) for c in ("step", "micro", "backward", "unit")
+    key = {c: np.repeat(units[c].to_numpy(), B) for c in ("step", "micro", "phase", "backward", "unit")
            if c in units}
     samples = pd.DataFrame({**key, "sample": np.tile(np.arange(B), n)})
     for name in columns:

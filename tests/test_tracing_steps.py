@@ -1,0 +1,235 @@
+"""The tracer inside real training loops (issue 10.1): every pattern against plain autograd.
+
+A step is one optimizer update when the tracer has the optimizer; each forward inside
+it is a micro-batch. Each test runs the same computation untraced on a copy of the
+model and compares the recorded per-sample numbers with autograd's.
+"""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradflow
+from tracing_helpers import ResMLP, grads_at_inputs, per_sample_norm
+
+
+def data(n=4, d=8, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return ResMLP()
+
+
+def rows(tr, **where):
+    s = tr.samples
+    for k, v in where.items():
+        s = s[s[k] == v]
+    return s.sort_values(["unit", "sample"])
+
+
+def check(tr, grads, column="grad_norm", rtol=1e-5, **where):
+    s = rows(tr, **where)
+    for i, g in enumerate(grads):
+        got = s.loc[s["unit"] == i, column].to_numpy()
+        np.testing.assert_allclose(got, per_sample_norm(g).numpy(), rtol=rtol, atol=1e-9,
+                                   err_msg=f"{column} at unit {i} {where}")
+
+
+def no_gradflow_warnings(w):
+    assert not [x for x in w if "gradflow" in str(x.message)], [str(x.message) for x in w]
+
+
+@pytest.mark.parametrize("one_backward", [True, False])
+def test_gradient_accumulation_micro_batches_and_weight_quantities(one_backward):
+    m = model()
+    ref = copy.deepcopy(m)
+    (x1, y1), (x2, y2) = data(seed=1), data(seed=2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    blocks = list(ref.blocks)
+
+    def losses(net):
+        return F.cross_entropy(net(x1), y1) / 2, F.cross_entropy(net(x2), y2) / 2
+    ts, g = grads_at_inputs(blocks, lambda: sum(losses(ref)))     # 3 + 3 inputs, then x_L of each
+    sum(losses(ref)).backward()                                   # the weight gradients of the step
+    with warnings.catch_warnings(record=True) as w, gradflow.trace(m, optimizer=opt) as tr:
+        warnings.simplefilter("always")
+        a, b = losses(m)
+        if one_backward:
+            (a + b).backward()
+        else:
+            a.backward()
+            b.backward()
+        opt.step()
+        opt.zero_grad()
+    no_gradflow_warnings(w)
+    df = tr.units
+    assert set(df["step"]) == {0} and set(df["micro"]) == {0, 1}
+    check(tr, g[0:3] + [g[6]], micro=0)
+    check(tr, g[3:6] + [g[7]], micro=1)
+    # identity shortcuts: the direct term is dE/dx_L in each micro-batch (eq. 5)
+    np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
+    body = df[~df["is_top"] & (df["micro"] == 0)].sort_values("unit")
+    for i, blk in enumerate(blocks):
+        gn = torch.cat([p.grad.flatten() for p in blk.parameters()]).norm().item()
+        w0 = torch.cat([p.detach().flatten() for p in blk.parameters()]).norm().item()
+        assert body["weight_grad_norm"].iloc[i] == pytest.approx(gn, rel=1e-5)
+        assert body["update_ratio"].iloc[i] == pytest.approx(0.1 * gn / w0, rel=1e-4)   # SGD: lr * g
+
+
+def test_retain_graph_and_a_second_backward_each_get_rows():
+    m = model()
+    ref = copy.deepcopy(m)
+    x, y = data()
+    blocks = list(ref.blocks)
+    out = {}
+
+    def loss1():
+        out["o"] = ref(x)
+        return F.cross_entropy(out["o"], y)
+    _, g1 = grads_at_inputs(blocks, loss1)
+    _, g2 = grads_at_inputs(blocks, lambda: ref(x).square().mean())
+    with gradflow.trace(m) as tr:
+        o = m(x)
+        F.cross_entropy(o, y).backward(retain_graph=True)
+        o.square().mean().backward()
+    assert set(tr.units["backward"]) == {0, 1}
+    check(tr, g1, backward=0)
+    check(tr, g2, backward=1)
+    np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_reading_tables_mid_step_loses_nothing(with_optimizer):
+    m = model()
+    ref = copy.deepcopy(m)
+    x, y = data()
+    _, g = grads_at_inputs(list(ref.blocks), lambda: F.cross_entropy(ref(x), y))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1) if with_optimizer else None
+    with gradflow.trace(m, optimizer=opt) as tr:
+        loss = F.cross_entropy(m(x), y)
+        assert tr.units.empty                   # nothing complete yet; reading closes nothing
+        loss.backward()
+        if not with_optimizer:
+            check(tr, g)                        # complete rows, readable before the step ends
+        else:
+            assert tr.units.empty               # a step is the optimizer's update
+            opt.step()
+    check(tr, g)
+    assert len(tr.units) == len(g)
+
+
+def test_amp_grad_scaler_unscaled_and_skipped_steps_marked():
+    m = model()
+    ref = copy.deepcopy(m)
+    x, y = data()
+    _, g = grads_at_inputs(list(ref.blocks), lambda: F.cross_entropy(ref(x), y))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    with gradflow.trace(m, optimizer=opt, scaler=scaler) as tr:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            scaler.scale(F.cross_entropy(m(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            bad = x.clone()
+            bad[0, 0] = float("inf")
+            scaler.scale(F.cross_entropy(m(bad), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+    check(tr, g, step=0)                         # the loss scale (1024) is taken out
+    df = tr.units
+    assert not df.loc[df["step"] == 0, "skipped"].any() and df.loc[df["step"] == 1, "skipped"].all()
+
+
+def test_no_grad_evaluation_between_steps_is_its_own_rows():
+    m = model()
+    ref = copy.deepcopy(m)
+    x, y = data()
+    xe, _ = data(seed=5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    blocks = list(ref.blocks)
+    _, g0 = grads_at_inputs(blocks, lambda: F.cross_entropy(ref(x), y))
+    F.cross_entropy(ref(x), y).backward()
+    ropt.step()
+    ropt.zero_grad()
+    with torch.no_grad():
+        xs_eval, _ = [], None
+        hs = [b.register_forward_pre_hook(lambda mod, a: xs_eval.append(a[0])) for b in blocks]
+        ref(xe)
+        for h in hs:
+            h.remove()
+    _, g1 = grads_at_inputs(blocks, lambda: F.cross_entropy(ref(x), y))
+    with warnings.catch_warnings(record=True) as w, gradflow.trace(m, optimizer=opt) as tr:
+        warnings.simplefilter("always")
+        for step in range(2):
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 0:
+                with torch.no_grad():
+                    m(xe)
+    no_gradflow_warnings(w)
+    check(tr, g0, step=0, phase="train")
+    check(tr, g1, step=1, phase="train")
+    check(tr, xs_eval, column="x_norm", phase="eval")
+    ev = tr.units[tr.units["phase"] == "eval"]
+    assert set(ev["step"]) == {1} and ev["grad_norm"].isna().all()
+
+
+def test_what_cannot_be_recorded_is_said_once():
+    m = model()
+    x, y = data()
+    with pytest.warns(RuntimeWarning, match="no backward pass reached") as w:
+        with gradflow.trace(m) as tr:
+            m(x)
+            m(x)
+    assert sum("no backward" in str(r.message) for r in w) == 1
+    assert tr.units["grad_norm"].isna().all() if "grad_norm" in tr.units else True
+    # a backward from an intermediate output reaches only the units before it
+    with pytest.warns(RuntimeWarning, match="reached dE/dx_l at 2 of 3 units"):
+        with gradflow.trace(m) as tr:
+            mid = []
+            hook = m.blocks[0].register_forward_hook(lambda mod, a, o: mid.append(o))
+            m(x)
+            hook.remove()
+            mid[0].sum().backward()
+    # a second backward through a graph whose rows were already written
+    with pytest.warns(RuntimeWarning, match="after its rows were written"):
+        with gradflow.trace(m) as tr:
+            out = m(x)
+            out.sum().backward(retain_graph=True)
+            m(x)
+            out.sum().backward()
+
+
+def test_nested_traces_of_the_same_model_are_refused():
+    m = model()
+    with gradflow.trace(m):
+        with pytest.raises(gradflow.GradflowError, match="already traced"):
+            gradflow.trace(m).attach()
+        with pytest.raises(gradflow.GradflowError, match="nested traces"):
+            with gradflow.trace(m.blocks[1], units=[m.blocks[1]]):   # a unit of the traced model
+                pass
+    assert "forward" not in m.blocks[1].__dict__
+    with gradflow.trace(m):        # after the outer one ends, a new one is fine
+        pass
+
+
+def test_weight_grad_norm_without_an_optimizer():
+    m = model()
+    x, y = data()
+    with gradflow.trace(m) as tr:
+        F.cross_entropy(m(x), y).backward()
+    body = tr.units[~tr.units["is_top"]].sort_values("unit")
+    for i, blk in enumerate(m.blocks):
+        gn = torch.cat([p.grad.flatten() for p in blk.parameters()]).norm().item()
+        assert body["weight_grad_norm"].iloc[i] == pytest.approx(gn, rel=1e-5)
+    assert "update_ratio" not in body or body["update_ratio"].isna().all()
