@@ -116,6 +116,17 @@ def curve_runs(rows: list[Row], specs: list[RunSpec]) -> dict[str, Run]:
     return out
 
 
+def _about(run: Run) -> str:
+    """A run in one line: folder, status, final test error, its training time, device, code."""
+    err = final_error(run)
+    wall = run.log["wall_time"].dropna() if "wall_time" in run.log else run.log.iloc[:0]
+    code = run.config.get("code", {})
+    commit = (code.get("git_commit") or "unknown")[:10] + (" with uncommitted changes" if code.get("git_dirty") else "")
+    return (f"{run.path} ({run.status.get('status', 'unfinished')}, final test error "
+            f"{'-' if err is None else f'{100 * err:.2f}%'}, {float(wall.iloc[-1]) / 60 if len(wall) else float('nan'):.1f} "
+            f"min wall time at its last log row, device {run.device or '?'}, trained by gradflow git commit {commit})")
+
+
 def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale, out: Path,
                  caption: Callable[[str, list[str]], str], formats=("png",),
                  log: Callable[[str], None] = print) -> list[Path]:
@@ -132,7 +143,7 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
     if not runs:
         log(f"{name}: no run has a log yet: no figures")
         return written
-    label = f"{name}, {scale.name} scale"
+    label = f"{name}, {scale.name} scale: width x{scale.width:g}, {scale.stop:,} iterations"
     groups: dict[str, list[str]] = {}
     for row in rows:
         if row.short in runs:
@@ -151,8 +162,7 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
     atomic_write_text(out / f"{stem}.txt", caption(stem, [
         f"{stem}: training loss (dashed, left axis) and test error (solid, right axis) against iterations; "
         f"one run per row (its lowest seed, seed {seeds[0] if seeds else '?'}).", "runs:"]
-        + [f"  {k}: {r.path} ({r.status.get('status', 'unfinished')}, device {r.device or '?'})"
-           for k, r in runs.items()]))
+        + [f"  {k}: {_about(r)}" for k, r in runs.items()]))
     for short, run in runs.items():
         if run.probe.empty:
             continue
@@ -164,6 +174,6 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
             f"{fstem}: top, log10 of the batch-mean ||dE/dx_l|| / ||dE/dx_L|| per unit at each probed "
             "training step; bottom, its fitted decay rate per unit toward the input (and the direct "
             f"term's), 95% band. Probed iterations: {', '.join(map(str, its))}.",
-            f"run: {run.path} ({run.status.get('status', 'unfinished')}, device {run.device or '?'})"]))
+            f"run: {_about(run)}"]))
     log(f"{name}: {len(written)} figure file(s) in {out}")
     return written
