@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import GradflowError
-from .units import ResidualUnit
+from ..parts import Parts, as_fn, run_parts
 
 TRANSFORMER_UNITS = ("pre_ln", "post_ln", "deepnorm", "rezero", "skipinit")
 TRANSFORMER_SHORTCUTS = ("identity", "scale")
@@ -148,18 +148,19 @@ class ScaledResidual(nn.Module):
         return f"scale={self.scale}, branch_scale={self.branch_scale}, gain={self.gain is not None}"
 
 
-class TransformerUnit(ResidualUnit):
+class TransformerUnit(nn.Module):
     """One residual unit of a transformer block (attention or MLP), with the zoo's named parts.
 
     ``preact`` (LN for pre-LN), ``shortcut`` (identity), ``branch`` (F: attention
     or MLP), ``combine`` (:class:`ScaledResidual`), ``post`` (f: LN for post-LN
-    and DeepNorm); ``spec`` and ``stage`` as on the zoo's units. It subclasses
-    :class:`ResidualUnit` for that protocol only; its parts are built here.
+    and DeepNorm); ``spec`` and ``stage`` as on the zoo's CNN units, and the same
+    unit protocol (``parts()``, ``stage``, ``shortcut_scalar()``), so the tracer
+    finds it by that protocol.
     """
 
     def __init__(self, spec: TransformerSpec, branch: nn.Module, d_model: int, alpha: float = 1.0,
                  stage: int = 0):
-        nn.Module.__init__(self)  # the CNN unit's constructor builds convs: not wanted here
+        super().__init__()
         self.spec, self.stage, self.d_model = spec, stage, d_model
         self.preact = nn.LayerNorm(d_model) if spec.unit == "pre_ln" else nn.Identity()
         self.shortcut = nn.Identity()
@@ -170,6 +171,13 @@ class TransformerUnit(ResidualUnit):
         gain = {"rezero": 0.0, "skipinit": spec.skip_init}.get(spec.unit)
         self.combine = ScaledResidual(scale, mu, gain)
         self.post = nn.LayerNorm(d_model) if spec.unit in ("post_ln", "deepnorm") else nn.Identity()
+
+    def parts(self) -> Parts:
+        return Parts(branch=self.branch, shortcut=as_fn(self.shortcut), combine=self.combine,
+                     post=as_fn(self.post), preact=as_fn(self.preact), shortcut_preact=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, T, d]
+        return run_parts(self.parts(), x)
 
     def shortcut_scalar(self) -> Optional[float]:
         """The coefficient of h: 1, lambda, or DeepNorm's alpha."""

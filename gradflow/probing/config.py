@@ -32,6 +32,7 @@ class ProbeConfig:
     batch_size: Optional[int] = None    # None: 16 at 32x32 (resnet1001 in < 20 s on 2 cores), 8 above
     batches: int = 1                    # statistics over this many batches (one traced step each)
     image_size: Optional[int] = None    # None: the model's own (32 zoo, 224 torchvision, timm's cfg)
+    seq_len: Optional[int] = None       # token models: tokens per sequence (None: min(128, the model's))
     mode: str = "train"                 # BN on batch statistics, as in training and PAPER.md section 8
     device: str = "auto"                # "auto": cuda when visible, else cpu
     seed: int = 0                       # torch.manual_seed before building; the batch draws from it too
@@ -46,6 +47,8 @@ class ProbeConfig:
             raise GradflowError(f"batches={self.batches!r} must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise GradflowError(f"batch_size={self.batch_size!r} must be >= 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise GradflowError(f"seq_len={self.seq_len!r} must be >= 1 token")
         if self.image_size is not None and self.image_size < 8:
             raise GradflowError(f"image_size={self.image_size!r} must be >= 8 pixels")
         if self.checkpoint is not None and self.options:

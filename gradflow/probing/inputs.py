@@ -24,7 +24,8 @@ LABEL_RANGE = 2 ** 20  # synthetic labels are drawn in [0, LABEL_RANGE) and take
 
 @dataclass
 class Inputs:
-    """Where the batches come from, and the batches: (images [B, 3, S, S] float32, labels [B] int64)."""
+    """Where the batches come from, and the batches: (images [B, 3, S, S] float32, labels [B] int64),
+    or (token ids [B, T] int64, targets [B, T] int64) for models that take tokens."""
 
     description: str
     dataset: Optional[str]       # "cifar10", "cifar100" or None (synthetic)
@@ -41,6 +42,15 @@ def synthetic(batch_size: int, batches: int, image_size: int, seed: int) -> Inpu
             torch.randint(0, LABEL_RANGE, (batch_size,), generator=gen)) for _ in range(batches)]
     return Inputs(f"synthetic N(0,1) images, {batches} x {batch_size} at {image_size}x{image_size}, "
                   f"seed {seed}", None, out)
+
+
+def synthetic_tokens(batch_size: int, batches: int, seq_len: int, vocab_size: int, seed: int) -> Inputs:
+    """``batches`` batches of uniform random token ids [B, T] and uniform random targets [B, T] over the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [(torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen),
+            torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)) for _ in range(batches)]
+    return Inputs(f"synthetic uniform random token ids and targets over {vocab_size} ids, {batches} x "
+                  f"{batch_size} sequences of {seq_len} tokens, seed {seed}", None, out)
 
 
 def cifar_test(root: str, batch_size: int, batches: int, image_size: int) -> Inputs:

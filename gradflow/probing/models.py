@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GradflowError, unknown
-from ..registry import create_model
+from ..registry import create_model, model_inputs
 
 
 @dataclass
@@ -28,16 +28,31 @@ class BuiltModel:
     image_size: int           # the input size the model expects
     source: str               # "zoo", "torchvision", "timm" or "checkpoint"
     info: Optional[dict] = None  # the checkpoint's info (step, epoch, ...), JSON-safe parts only
+    tokens: Optional[dict] = None  # {"vocab_size", "seq_len"} for models that take token ids, else None
 
 
-def build_model(name: str, options: dict, seed: int, checkpoint: Optional[str] = None) -> BuiltModel:
-    """Seed torch, then build ``name`` with ``options`` (or load ``checkpoint``) on the CPU."""
+def build_model(name: str, options: dict, seed: int, checkpoint: Optional[str] = None,
+                image_size: Optional[int] = None) -> BuiltModel:
+    """Seed torch, then build ``name`` with ``options`` (or load ``checkpoint``) on the CPU.
+
+    ``image_size`` reaches timm models that take one (ViTs: ``img_size``). For
+    ``hf:TYPE`` models the options are fields of the transformers config.
+    """
     torch.manual_seed(seed)
     if checkpoint is not None:
         return _from_checkpoint(checkpoint)
     source, _, short = name.partition(":") if ":" in name else ("zoo", "", name)
     if source == "zoo":
-        return BuiltModel(create_model(name, **options), name, dict(options), 32, "zoo")
+        spec = model_inputs(name, **options)
+        module = create_model(name, **options)
+        if spec["kind"] == "tokens":
+            return BuiltModel(module, name, dict(options), 0, "zoo",
+                              tokens={"vocab_size": spec["vocab_size"], "seq_len": spec["seq_len"]})
+        return BuiltModel(module, name, dict(options), int(spec.get("image_size", 32)), "zoo")
+    if source == "hf":
+        from ..models.transformer_hf import build_hf
+        module, used, tokens = build_hf(short, dict(options))
+        return BuiltModel(module, name, used, 0, "hf", tokens=tokens)
     if options:
         raise GradflowError(f"model {name!r} takes no gradflow option {', '.join(map(repr, sorted(options)))}: "
                             "--unit, --shortcut and their parameters apply to gradflow's own models "
@@ -45,11 +60,11 @@ def build_model(name: str, options: dict, seed: int, checkpoint: Optional[str] =
     if source == "torchvision":
         return BuiltModel(_torchvision(short), name, {}, 224, "torchvision")
     if source == "timm":
-        module = _timm(short)
+        module = _timm(short, image_size)
         size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
-        return BuiltModel(module, name, {}, int(size), "timm")
-    raise GradflowError(f"model {name!r}: the prefix {source!r} is not 'torchvision' or 'timm'; "
-                        "use a registered name (resnet110), torchvision:NAME or timm:NAME")
+        return BuiltModel(module, name, {}, int(image_size or size), "timm")
+    raise GradflowError(f"model {name!r}: the prefix {source!r} is not 'torchvision', 'timm' or 'hf'; "
+                        "use a registered name (resnet110), torchvision:NAME, timm:NAME or hf:TYPE")
 
 
 def _torchvision(name: str) -> nn.Module:
@@ -63,14 +78,33 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
-def _timm(name: str) -> nn.Module:
+def _timm(name: str, image_size: Optional[int] = None) -> nn.Module:
     try:
         import timm
     except ImportError:
         raise GradflowError("timm:... models need timm: pip install timm") from None
     if not timm.is_model(name):
         raise unknown("timm model", name, _close_first(name, timm.list_models()))
-    return timm.create_model(name, pretrained=False)
+    if image_size is None:
+        return timm.create_model(name, pretrained=False)
+    # ViT-like models fix their patch grid at build time (img_size); convolutional ones take any size
+    import inspect
+    cls = getattr(timm.models.model_entrypoint(name), "__module__", "")
+    takes = any("img_size" in inspect.signature(c.__init__).parameters
+                for c in _timm_classes(cls))
+    try:
+        return timm.create_model(name, pretrained=False, **({"img_size": image_size} if takes else {}))
+    except Exception as e:  # noqa: BLE001  (timm refuses sizes with assertion/value/type errors)
+        raise GradflowError(f"timm:{name} cannot be built for --image-size {image_size}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _timm_classes(module_name: str) -> list:
+    """The nn.Module classes defined in a timm model module (where an entry point's model class lives)."""
+    import sys
+    mod = sys.modules.get(module_name)
+    return [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, nn.Module)
+            and v.__module__ == module_name] if mod else []
 
 
 def _close_first(name: str, known: list[str]) -> list[str]:

@@ -360,7 +360,8 @@ def format_report(report: dict) -> str:
     cfg = report["config"]
     head = [f"input: {report['inputs']}",
             f"mode {cfg['mode']}, device {cfg['device']}, seed {cfg['seed']}, "
-            f"batch {cfg['batch_size']} x {cfg['batches']}, image {cfg['image_size']}px"]
+            f"batch {cfg['batch_size']} x {cfg['batches']}, "
+            + (f"sequence {cfg['seq_len']} tokens" if cfg.get("seq_len") else f"image {cfg['image_size']}px")]
     vs = report["variants"]
     body = _compare_lines(vs) if len(vs) > 1 else _single_lines(vs[0])
     files = report.get("files") or {}

@@ -9,14 +9,16 @@ from typing import Optional
 import pandas as pd
 import torch
 
+from ..errors import GradflowError
 from ..theory import predict_direct
 from .config import ProbeConfig
-from .inputs import Inputs, cifar_test, find_test_file, synthetic
+from .inputs import Inputs, cifar_test, find_test_file, synthetic, synthetic_tokens
 from .models import BuiltModel, build_model
 from .step import trace_once, traced_step  # noqa: F401  (traced_step: re-exported, benchmarks use it)
 
 DEFAULT_BATCH_32 = 16   # resnet1001 at batch 16: benchmarks/probe_bench.py (2 CPU cores)
 DEFAULT_BATCH_LARGE = 8  # 224 px ImageNet-sized models on a laptop CPU
+DEFAULT_BATCH_TOKENS, DEFAULT_SEQ = 8, 128  # token models: gpt-small (12 x 256) in seconds on 2 cores
 
 
 @dataclass
@@ -73,13 +75,23 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
             variants = {k: _with_classes(v, 100) for k, v in variants.items()}
     first = next(iter(variants.values()))
     t0 = time.perf_counter()
-    built: Optional[BuiltModel] = build_model(first.model, first.options, config.seed, first.checkpoint)
+    built: Optional[BuiltModel] = build_model(first.model, first.options, config.seed, first.checkpoint,
+                                              config.image_size)
     build_s = time.perf_counter() - t0
-    image_size = config.image_size or built.image_size
-    batch_size = config.batch_size or (DEFAULT_BATCH_32 if image_size <= 64 else DEFAULT_BATCH_LARGE)
-    inputs = (cifar_test(config.data, batch_size, config.batches, image_size) if config.data
-              else synthetic(batch_size, config.batches, image_size, config.seed))
-    resolved = dict(config.as_dict(), batch_size=batch_size, image_size=image_size, device=str(device),
+    tokens, seq_len = built.tokens, None
+    if tokens is not None:
+        inputs, batch_size, seq_len = _token_inputs(config, first.model, tokens)
+        image_size = None
+    else:
+        if config.seq_len is not None:
+            raise GradflowError(f"--seq-len {config.seq_len}: {first.model} takes images, not token ids; "
+                                "use --image-size")
+        image_size = config.image_size or built.image_size
+        batch_size = config.batch_size or (DEFAULT_BATCH_32 if image_size <= 64 else DEFAULT_BATCH_LARGE)
+        inputs = (cifar_test(config.data, batch_size, config.batches, image_size) if config.data
+                  else synthetic(batch_size, config.batches, image_size, config.seed))
+    resolved = dict(config.as_dict(), batch_size=batch_size, image_size=image_size, seq_len=seq_len,
+                    device=str(device),
                     inputs=inputs.description, versions={"gradflow": __version__, "torch": torch.__version__})
     if config.checkpoint is not None:  # the architecture is the checkpoint's, not the --model default
         resolved.update(model=built.name, options=built.options)
@@ -91,8 +103,9 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
                 bar.set_description(label)
             if i > 0:
                 t0 = time.perf_counter()
-                built = build_model(cfg.model, cfg.options, config.seed, cfg.checkpoint)
+                built = build_model(cfg.model, cfg.options, config.seed, cfg.checkpoint, config.image_size)
                 build_s = time.perf_counter() - t0
+                _same_input_kind(label, built, tokens, seq_len)
             result.variants[label] = probe_model(built, inputs, cfg, device, label, build_s)
             built = None   # release this variant before the next is built
             gc.collect()   # the tracer's patched forwards form reference cycles
@@ -132,6 +145,35 @@ def _with_direct_share(units: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFra
         return units
     share = (samples["direct_norm"] / samples["grad_norm"]).groupby([samples["step"], samples["unit"]]).mean()
     return units.join(share.rename("direct_share"), on=["step", "unit"])
+
+
+def _token_inputs(config: ProbeConfig, model: str, tokens: dict) -> tuple[Inputs, int, int]:
+    """Synthetic token batches for a model that takes token ids: (inputs, batch size, sequence length)."""
+    if config.data:
+        raise GradflowError(f"--data {config.data}: {model} takes token ids, not CIFAR images; leave --data "
+                            "out (the probe draws uniform random tokens)")
+    if config.image_size is not None:
+        raise GradflowError(f"--image-size {config.image_size}: {model} takes token ids; use --seq-len")
+    most = tokens.get("seq_len")
+    seq_len = config.seq_len or min(DEFAULT_SEQ, most or DEFAULT_SEQ)
+    if most is not None and seq_len > most:
+        raise GradflowError(f"--seq-len {seq_len} exceeds the {most} positions {model} has; use "
+                            f"--seq-len {most} or less (or build it with more positions)")
+    batch_size = config.batch_size or DEFAULT_BATCH_TOKENS
+    return (synthetic_tokens(batch_size, config.batches, seq_len, tokens["vocab_size"], config.seed),
+            batch_size, seq_len)
+
+
+def _same_input_kind(label: str, built: BuiltModel, tokens: Optional[dict], seq_len: Optional[int]) -> None:
+    """--compare variants share one input: token models need the same vocabulary and room for the sequence."""
+    if (built.tokens is None) != (tokens is None):
+        raise GradflowError(f"--compare {label!r}: its model takes {'token ids' if built.tokens else 'images'} "
+                            "but the first variant's takes the other; compare models of one input kind")
+    if tokens is not None and (built.tokens["vocab_size"] != tokens["vocab_size"]
+                               or (built.tokens["seq_len"] or seq_len) < seq_len):
+        raise GradflowError(f"--compare {label!r}: vocabulary {built.tokens['vocab_size']} and "
+                            f"{built.tokens['seq_len']} positions do not fit the shared input "
+                            f"({tokens['vocab_size']} ids, sequences of {seq_len})")
 
 
 def _with_classes(cfg: ProbeConfig, n: int) -> ProbeConfig:

@@ -75,8 +75,15 @@ def borrowed(model: nn.Module, device: Optional[torch.device] = None, train: Opt
 
 
 def traced_step(model: nn.Module, x: Tensor, y: Tensor, synthetic_labels: bool) -> Tensor:
-    """Forward, mean cross-entropy, backward; returns the loss. Synthetic labels are taken modulo the classes."""
+    """Forward, mean cross-entropy, backward; returns the loss. Synthetic labels are taken modulo the classes.
+
+    Token models: logits [batch, seq, vocab] against targets [batch, seq] (every position);
+    a Hugging Face output's ``.logits`` is used.
+    """
     logits = model(x)
+    logits = getattr(logits, "logits", logits)      # Hugging Face ModelOutput
+    if logits.ndim == 3 and y.ndim == 2:            # token logits against per-position targets
+        logits, y = logits.flatten(0, 1), y.flatten()
     if logits.ndim != 2:
         raise GradflowError(f"the model returns logits of shape {tuple(logits.shape)}; the probe "
                             "needs [batch, classes] (a classifier)")
@@ -133,7 +140,8 @@ def trace_once(model: nn.Module, inputs: Inputs, seed: int = 0, device: Optional
             for x, y in inputs:
                 # x needs a gradient: with frozen weights the tracer would otherwise make the first unit's
                 # input a leaf with a hook on it, and that leaf keeps the tracer (and the model) alive.
-                x, y = x.to(device).detach().requires_grad_(), y.to(device)
+                x, y = x.to(device).detach(), y.to(device)
+                x.requires_grad_(x.is_floating_point())      # token ids take no gradient
                 t0 = time.perf_counter()
                 traced_step(model, x, y, synthetic_labels=inputs.dataset is None)
                 if device.type == "cuda":
