@@ -2,16 +2,18 @@
 
 Several GPUs or machines: ``torchrun --nproc_per_node N -m gradflow.train ...``.
 Flags map one to one onto gradflow.training.TrainConfig; the logic lives there.
-Bad input prints one line naming the value and the fix, and exits with code 2.
+Exit codes (gradflow.cli): 0 finished, 1 diverged or failed, 2 bad input,
+3 crashed, 75 stopped by --halt-at, 130 SIGINT, 143 SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
-from typing import Any, Optional, Sequence
+import traceback
+from typing import Optional, Sequence
 
+from . import cli as _cli
 from .errors import GradflowError
 
 # --smoke: the whole path (data, steps, eval, checkpoints, logs) in seconds.
@@ -26,19 +28,9 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _option(text: str) -> tuple[str, Any]:
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. scale=0.5)")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradflow.train", description=__doc__.split("\n")[0],
-                                argument_default=argparse.SUPPRESS)
+    p = _cli.Parser(prog="gradflow.train", description=__doc__.split("\n")[0],
+                   argument_default=argparse.SUPPRESS)
     a = p.add_argument
     g = p.add_argument_group("what to train")
     g.add_argument("--model", help="registered model name (default resnet110)")
@@ -46,13 +38,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", help="'paper' (default) or 'official'")
     g.add_argument("--unit", help="residual unit type (Table 2)")
     g.add_argument("--shortcut", help="shortcut type (Table 1)")
-    g.add_argument("--model-opt", type=_option, action="append", metavar="KEY=VALUE",
+    g.add_argument("--model-opt", type=_cli.key_value_arg(), action="append", metavar="KEY=VALUE",
                    help="any other create_model option, e.g. scale=0.5 or gate_bias=-6")
     g.add_argument("--dataset", choices=["cifar10", "cifar100"])
     g.add_argument("--data", help="folder holding the CIFAR tarball or its extracted folder")
     g.add_argument("--download", action="store_true", help="fetch CIFAR through torchvision")
     g.add_argument("--no-verify", dest="verify_data", action="store_false",
                    help="skip the md5 check (synthetic or re-packed data)")
+    g.add_argument("--synthetic", action="store_true",
+                   help="train on generated CIFAR-shaped data, not --data (the default of --smoke "
+                        "without --data)")
     g = p.add_argument_group("recipe (overrides the recipe and preset)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
@@ -84,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, metavar="N")
     g.add_argument("--halt-at", type=int, metavar="ITER", help="stop there with a checkpoint")
     a("--resume", metavar="RUN", help="continue the run folder (or checkpoint) RUN")
-    a("--smoke", action="store_true", help="a few tiny iterations: test the whole path in seconds")
+    a("--smoke", action="store_true", help="a few tiny iterations: test the whole path in seconds "
+                                          "(on generated data unless --data is given)")
     a("--list-presets", action="store_true", help="print the named presets and exit")
     return p
 
@@ -105,26 +101,45 @@ def config_from_args(args: argparse.Namespace):
     if options:
         given["model_options"] = options
     smoke = {k: v for k, v in SMOKE.items() if k not in given} if getattr(args, "smoke", False) else {}
+    if smoke and "data" not in given and not given.get("download"):
+        smoke["synthetic"] = True  # a smoke test needs no CIFAR; the trainer says it uses generated data
     return resolve(given.pop("preset", None), given.pop("recipe", None), **smoke, **given), None
 
 
 def main(args: argparse.Namespace) -> int:
-    from .training import TrainingDiverged, describe_presets, train
+    """Run the parsed command; returns the exit code (see gradflow.cli)."""
+    from .training import TrainingDiverged, describe_presets, run_training
+    from .training.signals import Interrupted
+    from .training.steps import describe_error
     if getattr(args, "list_presets", False):
         print(describe_presets())
-        return 0
+        return _cli.EXIT_OK
     try:
         config, resume = config_from_args(args)
-        run_dir = train(config, resume=resume)
+        outcome = run_training(config, resume=resume)
     except GradflowError as e:
         print(f"gradflow.train: error: {e}", file=sys.stderr)
-        return 2
+        return _cli.EXIT_BAD_INPUT
     except TrainingDiverged as e:
         print(f"gradflow.train: {e}", file=sys.stderr)
-        return 1
+        return _cli.EXIT_FAILED
+    except Interrupted as e:
+        return _cli.EXIT_SIGTERM if e.signal == "SIGTERM" else _cli.EXIT_SIGINT
+    except KeyboardInterrupt:
+        print("gradflow.train: interrupted (SIGINT) before training started", file=sys.stderr)
+        return _cli.EXIT_SIGINT
+    except OSError as e:
+        print(f"gradflow.train: crashed: {describe_error(e)}; status.json says crashed; "
+              "--resume continues from the last checkpoint", file=sys.stderr)
+        return _cli.EXIT_CRASHED
+    except Exception as e:  # noqa: BLE001  (a bug: show where, then say what it means for the run)
+        traceback.print_exc()
+        print(f"gradflow.train: crashed: {describe_error(e)}; status.json says crashed; "
+              "--resume continues from the last checkpoint", file=sys.stderr)
+        return _cli.EXIT_CRASHED
     if os.environ.get("RANK", "0") == "0":
-        print(f"gradflow.train: run folder {run_dir}")
-    return 0
+        print(f"gradflow.train: run folder {outcome.run_dir}")
+    return outcome.exit_code
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

@@ -58,7 +58,7 @@ def test_checksums_are_torchvisions():
 
 def test_checksum_mismatch_is_a_clear_error(cifar10):
     root, _, _ = cifar10
-    with pytest.raises(GradflowError, match="data_batch_1.*corrupt.*cifar-10-python.tar.gz"):
+    with pytest.raises(GradflowError, match="data_batch_1.*md5.*pass --no-verify.*corrupt.*cifar-10-python.tar.gz"):
         load_cifar("cifar10", root)  # synthetic files are not the official release
 
 
@@ -76,6 +76,11 @@ def test_checksums_pass_when_they_match(cifar10, monkeypatch):
 def test_missing_data_says_where_to_put_it(tmp_path):
     with pytest.raises(GradflowError, match=f"not found at {tmp_path}.*cifar-10-batches-py"):
         load_cifar("cifar10", tmp_path)
+
+
+def test_a_missing_data_folder_says_it_is_missing(tmp_path):
+    with pytest.raises(GradflowError, match=f"--data {tmp_path / 'nope'}: no such folder.*--synthetic"):
+        load_cifar("cifar10", tmp_path / "nope")
 
 
 def test_missing_file_and_broken_pickle(cifar10):

@@ -158,6 +158,18 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys, flags, named):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_smoke_without_data_runs_on_generated_data_and_says_so(tmp_path, capsys):
+    args = get_args_parser().parse_args(
+        ["--model", "resnet20", "--smoke", "--stop", "2", "--batch-size", "4", "--log-every", "1",
+         "--eval-every", "2", "--checkpoint-every", "2", "--test-subset", "8", "--fail-error", "1",
+         "--out-dir", str(tmp_path),
+         "--run-name", "run", "--no-progress", "--device", "cpu"])
+    assert main(args) == 0
+    assert "training on generated data, not CIFAR" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["synthetic"] is True and [r["iteration"] for r in read_log(tmp_path / "run")] == [1, 2]
+
+
 def test_a_taken_run_name_is_refused(data, tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(GradflowError, match="already exists.*--resume"):
@@ -178,7 +190,7 @@ def test_checkpoint_rebuilds_the_model_with_one_call(data, tmp_path):
     assert info["model"] == "resnet20"
     assert info["options"] == {"unit": "original", "num_classes": 10}
     assert info["step"] == 10 and not model.training
-    raw = torch.load(run / "checkpoint.pt", weights_only=False)
+    raw = torch.load(run / "checkpoint.pt", weights_only=True)  # tensors and plain data only
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw["model_state"][k])
     assert {"optimizer", "rng", "config", "epoch", "log_acc"} <= set(raw)
@@ -195,7 +207,7 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 

@@ -1,9 +1,10 @@
 """Training: the CIFAR trainer, its config, recipes and presets, checkpoints."""
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_config
-from .loop import TrainingDiverged, resume_config, train
+from .loop import RunOutcome, TrainingDiverged, resume_config, run_training, train
 from .presets import RECIPES, describe_presets, get_preset, presets, resolve, schedule
 
-__all__ = ["TrainConfig", "make_config", "train", "resume_config", "TrainingDiverged",
+__all__ = ["TrainConfig", "make_config", "train", "run_training", "RunOutcome", "resume_config",
+           "TrainingDiverged",
            "load_checkpoint", "save_checkpoint", "RECIPES", "presets", "get_preset", "resolve",
            "schedule", "describe_presets"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import GradflowError
+from ..cli import resolve_device
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,10 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GradflowError(f"device={device!r} but no CUDA device is visible: use --device cpu")
-        dev = torch.device("cuda", local if world > 1 else torch.device(device).index or 0)
+    dev = resolve_device(device, allowed=("cpu", "cuda"))  # the one resolver: bad names end here
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 else dev.index or 0)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, dev)

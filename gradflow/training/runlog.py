@@ -1,25 +1,35 @@
-"""The run folder: resolved config, the JSONL/CSV log, the status, the probe table.
+"""The run folder: resolved config, the JSONL/CSV log, the status, the probe table, the lock.
 
 Only rank 0 writes. Layout of ``runs/<name>/``:
 
 - ``config.json``   the resolved TrainConfig, gradflow version and git commit
 - ``log.jsonl``, ``log.csv``  one row per log point (COLUMNS); test columns empty between evals
 - ``checkpoint.pt`` the latest good checkpoint (see checkpoint.py)
-- ``status.json``   "running", "ok", "fail" (test error above the paper's 20%), "diverged", "interrupted"
+- ``status.json``   "running", "ok", "fail" (test error above the paper's 20%), "diverged",
+  "interrupted", "crashed" (the process died with an exception; ``error`` says which)
 - ``probe.csv``     per-unit gradient-flow records with their iteration (--probe-every)
+- ``.lock``         who trains here now (pid, host, start); flock'ed while a process trains
+
+Guarantees: JSON files and the checkpoint are replaced atomically; a log row is
+appended whole or not at all (a failed append is cut back); resume keeps exactly
+the rows the checkpoint vouches for and replaces the logs atomically; one process
+at a time trains in a folder.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import GradflowError
-from ..io import atomic_write_text
+from ..io import atomic_write, atomic_write_text
 
 COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
            "images_per_s", "wall_time")
@@ -73,45 +83,206 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _append_whole(paths_and_writers: list[tuple[Path, Callable[[Any], None]]]) -> None:
+    """Append to several files, all or nothing: on any error (a full disk) each is cut back to its old size."""
+    sizes = [(p, p.stat().st_size if p.exists() else None) for p, _ in paths_and_writers]
+    try:
+        for path, write in paths_and_writers:
+            with open(path, "a", newline="") as f:
+                write(f)
+                f.flush()
+    except BaseException:
+        for path, size in sizes:
+            try:
+                if size is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.truncate(path, size)  # shrinking needs no free space
+            except OSError:
+                pass
+        raise
+
+
 class RunLog:
-    """Appends log rows to log.jsonl and log.csv in ``run_dir``."""
+    """Appends log rows to log.jsonl and log.csv (and probe tables to probe.csv) in ``run_dir``.
+
+    ``rows`` and ``probe_rows`` count what is on disk; the checkpoint stores them,
+    and :meth:`restore` keeps exactly that many on resume.
+    """
 
     def __init__(self, run_dir: Path):
-        self.jsonl, self.csv = run_dir / "log.jsonl", run_dir / "log.csv"
+        self.run_dir = Path(run_dir)
+        self.jsonl, self.csv = self.run_dir / "log.jsonl", self.run_dir / "log.csv"
+        self.probe = self.run_dir / "probe.csv"
+        self.rows, self.probe_rows = 0, 0
 
     def append(self, row: dict[str, Any]) -> None:
         row = {k: _clean(row.get(k)) for k in COLUMNS}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        new = not self.csv.exists()
-        with open(self.csv, "a", newline="") as f:
+        new = not self.csv.exists() or self.csv.stat().st_size == 0
+
+        def write_csv(f) -> None:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             if new:
                 w.writeheader()
             w.writerow({k: "" if v is None else v for k, v in row.items()})
+        _append_whole([(self.jsonl, lambda f: f.write(json.dumps(row) + "\n")), (self.csv, write_csv)])
+        self.rows += 1
+
+    def append_probe(self, table, iteration: int) -> None:
+        """Append a tracer's per-unit table (a DataFrame) to probe.csv with an ``iteration`` column."""
+        table = table.copy()
+        table.insert(0, "iteration", iteration)
+        header = not self.probe.exists() or self.probe.stat().st_size == 0
+        _append_whole([(self.probe, lambda f: table.to_csv(f, header=header, index=False))])
+        self.probe_rows += len(table)
 
     def truncate(self, last_iteration: int) -> None:
-        """Keep only rows up to ``last_iteration`` (rows written after the checkpoint we resume from)."""
-        rows = read_log(self.jsonl.parent)
-        keep = [r for r in rows if r["iteration"] <= last_iteration]
-        for p in (self.jsonl, self.csv):
-            if p.exists():
-                p.unlink()
-        for r in keep:
-            self.append(r)
+        """Keep only rows up to ``last_iteration``; the replacement is on disk before the old logs go."""
+        keep = [r for r in read_log(self.run_dir) if r["iteration"] <= last_iteration]
+        self._rewrite(keep)
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}) + "\n" for r in rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in COLUMNS})
+        atomic_write(self.jsonl, lambda f: f.write(text.encode()), fsync=True)
+        atomic_write(self.csv, lambda f: f.write(buf.getvalue().encode()), fsync=True)
+        self.rows = len(rows)
+
+    def restore(self, step: int, log_rows: Optional[int], probe_rows: Optional[int]) -> list[str]:
+        """Cut every log back to what the checkpoint at iteration ``step`` vouches for (resume).
+
+        Args:
+            step: the checkpoint's iteration.
+            log_rows, probe_rows: rows of log.jsonl and probe.csv on disk when it was saved
+                (None for checkpoints written before gradflow counted them: then rows are
+                kept by iteration, and a half-written last line is dropped).
+
+        Returns:
+            One line per change made, for the user (nothing is dropped silently).
+
+        Raises:
+            GradflowError if a file is damaged inside the part the checkpoint vouches for.
+        """
+        notes = []
+        lines, tail = _complete_lines(self.jsonl)
+        rows = []
+        for i, line in enumerate(lines[:log_rows] if log_rows is not None else lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                    raise ValueError("not a log row")
+            except ValueError as e:
+                if log_rows is None and i == len(lines) - 1:
+                    tail = True
+                    break
+                raise GradflowError(
+                    f"{self.jsonl} line {i + 1} is damaged ({str(e)[:80]}) inside the {log_rows or len(lines)} "
+                    f"rows the checkpoint at iteration {step} vouches for: the log cannot be trusted. "
+                    "Restore log.jsonl from a copy, or start the run again") from None
+            if row["iteration"] > step:
+                if log_rows is None:
+                    break
+                raise GradflowError(f"{self.jsonl} line {i + 1} is iteration {row['iteration']}, after the "
+                                    f"checkpoint's {step}: this log belongs to another run; start the run again")
+            rows.append(row)
+        if log_rows is not None and len(rows) < log_rows:
+            raise GradflowError(f"{self.jsonl} holds {len(rows)} whole rows but the checkpoint at iteration "
+                                f"{step} vouches for {log_rows}: rows were lost (the file was truncated or "
+                                "replaced). Restore it from a copy, or start the run again")
+        dropped = len(lines) - len(rows)
+        self._rewrite(rows)  # always: log.csv is rebuilt from the JSONL rows, whatever happened to it
+        if dropped:
+            notes.append(f"dropped {dropped} log row(s) written after the checkpoint at iteration {step}")
+        if tail:
+            notes.append(f"dropped a half-written last line of {self.jsonl.name} (an interrupted append)")
+        notes += self._restore_probe(step, probe_rows)
+        return notes
+
+    def _restore_probe(self, step: int, probe_rows: Optional[int]) -> list[str]:
+        if not self.probe.exists():
+            if probe_rows:
+                raise GradflowError(f"{self.probe} is missing but the checkpoint at iteration {step} vouches "
+                                    f"for {probe_rows} probe rows: restore it, or start the run again")
+            self.probe_rows = 0
+            return []
+        lines, tail = _complete_lines(self.probe)
+        if not lines:
+            keep: list[bytes] = []
+        else:
+            header, body = lines[0], lines[1:]
+            width = len(next(csv.reader([header.decode()])))
+            keep = [header]
+            for i, line in enumerate(body if probe_rows is None else body[:probe_rows]):
+                fields = next(csv.reader([line.decode(errors="replace")]), [])
+                good = len(fields) == width
+                if good and probe_rows is None:
+                    try:
+                        if int(fields[0]) >= step:  # the probe of iteration i runs before update i + 1
+                            break
+                    except ValueError:
+                        good = False
+                if not good:
+                    if probe_rows is None and i == len(body) - 1:
+                        tail = True
+                        break
+                    raise GradflowError(
+                        f"{self.probe} line {i + 2} is damaged inside the rows the checkpoint at iteration "
+                        f"{step} vouches for: restore probe.csv from a copy, or start the run again")
+                keep.append(line)
+            if probe_rows is not None and len(keep) - 1 < probe_rows:
+                raise GradflowError(f"{self.probe} holds {len(keep) - 1} whole rows but the checkpoint at "
+                                    f"iteration {step} vouches for {probe_rows}: rows were lost; restore it "
+                                    "from a copy, or start the run again")
+        dropped = max(len(lines) - len(keep), 0)
+        if dropped or tail:
+            data = b"".join(line + b"\n" for line in keep)
+            atomic_write(self.probe, lambda f: f.write(data), fsync=True)
+        self.probe_rows = max(len(keep) - 1, 0)
+        notes = []
+        if dropped:
+            notes.append(f"dropped {dropped} probe row(s) written after the checkpoint at iteration {step}")
+        if tail:
+            notes.append(f"dropped a half-written last line of {self.probe.name} (an interrupted append)")
+        return notes
+
+
+def _complete_lines(path: Path) -> tuple[list[bytes], bool]:
+    """The file's newline-terminated lines (without the newline), and whether a partial line follows."""
+    if not path.exists():
+        return [], False
+    data = path.read_bytes()
+    parts = data.split(b"\n")
+    tail = parts.pop()  # b"" when the file ends with a newline
+    return [p.rstrip(b"\r") for p in parts], bool(tail)
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The log rows of a run folder, as dicts (empty if none yet)."""
+    """The log rows of a run folder, as dicts (empty if none yet).
+
+    A half-written last line (a run killed mid-append) is skipped with a warning;
+    a damaged line elsewhere is a GradflowError naming it.
+    """
     path = Path(run_dir) / "log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: skipped a half-written last line (the run was stopped mid-write; "
+                              "--resume repairs it)", stacklevel=2)
+                break
+            raise GradflowError(f"{path} line {i + 1} is damaged: {line[:60]!r}") from None
+    return rows
 
 
 def append_probe(run_dir: Path, table, iteration: int) -> None:
     """Append a tracer's per-unit table (a pandas DataFrame) to probe.csv with an ``iteration`` column."""
-    table = table.copy()
-    table.insert(0, "iteration", iteration)
-    path = run_dir / "probe.csv"
-    table.to_csv(path, mode="a", header=not path.exists(), index=False)
+    RunLog(run_dir).append_probe(table, iteration)
