@@ -17,6 +17,7 @@ Exit codes (documented in the README, held to by the tests):
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 from dataclasses import dataclass
@@ -38,6 +39,23 @@ SEED_MAX = 2 ** 32 - 1      # numpy's limit; gradflow derives per-epoch seeds fr
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2, no usage block): the shape of every other gradflow error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def key_value_arg(what: str = "--model-opt") -> Callable[[str], tuple[str, Any]]:
+    """An argparse ``type=`` for KEY=VALUE flags, through :func:`parse_key_value`."""
+    def parse(text: str) -> tuple[str, Any]:
+        try:
+            return parse_key_value(text, what)
+        except GradflowError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
 def flag(name: str) -> str:
     """``"weight_decay"`` -> ``"--weight-decay"``."""
     return "--" + name.replace("_", "-")
@@ -55,6 +73,8 @@ class Number:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
+        if self.low == -FLOAT32_MAX and self.high == FLOAT32_MAX:
+            return "a number finite in float32 (|x| < 3.4e38)"
         def num(x: float) -> str:
             return str(int(x)) if self.integer else f"{x:g}"
         parts = []
