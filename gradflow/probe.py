@@ -14,12 +14,22 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from .cli import FLOAT32_MAX, SEED_MAX, Number, Parser, check_number, check_numbers
 from .errors import GradflowError
 
+_Parser = Parser  # one-line errors, exit 2 (gradflow.cli)
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block: the same shape as every other error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+# Every numeric flag's range, checked before any work (flag named in the message).
+NUMBERS: dict[str, Number] = {
+    "scale": Number(-FLOAT32_MAX, FLOAT32_MAX, hint="lambda; the paper uses 0 and 0.5"),
+    "gate_bias": Number(-FLOAT32_MAX, FLOAT32_MAX, hint="b_g; the paper uses 0 to -7"),
+    "dropout": Number(0, 1, hint="the drop ratio; the paper uses 0.5"),
+    "num_classes": Number(1, 100_000, integer=True),
+    "batch_size": Number(1, 10_000, integer=True, hint="a probe needs a few dozen images"),
+    "batches": Number(1, 10_000, integer=True),
+    "image_size": Number(8, 2048, integer=True, hint="pixels; 32 for CIFAR, 224 for ImageNet models"),
+    "seed": Number(0, SEED_MAX, integer=True),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,11 +76,20 @@ OPTION_FLAGS = ("unit", "shortcut", "scale", "scale_branch", "gate_bias", "dropo
 def config_from_args(args: argparse.Namespace):
     """Map parsed flags onto a ProbeConfig."""
     from .probing import ProbeConfig, parse_compare
+    check_numbers(vars(args), NUMBERS)
+    if args.data is not None and not args.data.strip():
+        raise GradflowError("data='' (--data) must be a CIFAR python folder; leave --data out for a "
+                            "synthetic N(0,1) batch")
+    compare = parse_compare(args.compare) if args.compare else None
+    for label, overrides in (compare or {}).items():
+        for key, value in overrides.items():
+            if key in NUMBERS:
+                check_number(key, value, NUMBERS[key], f"--compare {label!r}: {key}={value!r}")
     options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
     return ProbeConfig(model=args.model, options=options, checkpoint=args.checkpoint, data=args.data,
                        batch_size=args.batch_size, batches=args.batches, image_size=args.image_size,
                        mode=args.mode, device=args.device, seed=args.seed, out=args.out,
-                       compare=parse_compare(args.compare) if args.compare else None,
+                       compare=compare,
                        progress=args.progress)
 
 
