@@ -36,10 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gradflow.probe", description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to probe")
     g.add_argument("--model", default="resnet1001",
-                   help="registered name (resnet20 ... resnet1202, resnet164, resnet1001), "
-                        "torchvision:NAME or timm:NAME (default resnet1001)")
+                   help="registered name (resnet20 ... resnet1202, resnet164, resnet1001; gpt-small and the "
+                        "other gpt-* take token ids, vit-cifar-* images), torchvision:NAME, timm:NAME or "
+                        "hf:TYPE (a Hugging Face model built from its config: --hf-config) (default resnet1001)")
     g.add_argument("--unit", help="residual unit (Table 2): original, bn_after_addition, "
-                                  "relu_before_addition, relu_only_preact, full_preact (default)")
+                                  "relu_before_addition, relu_only_preact, full_preact (default); "
+                                  "transformers (gpt-*, vit-cifar-*): pre_ln (default), post_ln, deepnorm, "
+                                  "rezero, skipinit")
     g.add_argument("--shortcut", help="shortcut (Table 1): identity (default), scale, exclusive_gate, "
                                       "shortcut_gate, conv, dropout")
     g.add_argument("--scale", "--lambda", dest="scale", type=float, help="lambda for --shortcut scale")
@@ -49,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help="drop ratio for --shortcut dropout (default 0.5)")
     g.add_argument("--downsample", help="projection (default) or pad")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default 10; 100 with CIFAR-100 data)")
+    g.add_argument("--hf-config", metavar="K=V[,K=V]",
+                   help="hf:TYPE models: fields of the transformers config, e.g. n_layer=12,n_embd=256 "
+                        "(the model is built from it; nothing is downloaded)")
     g.add_argument("--checkpoint", metavar="PATH", help="a gradflow checkpoint or run folder to probe")
     g.add_argument("--compare", nargs="+", metavar="VARIANT",
                    help="several variants in one figure: table1, table2, or KEY=VALUE[,KEY=VALUE] "
@@ -59,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="default 16 at 32x32 (fits 20 s on 2 CPU cores), 8 at 224")
     g.add_argument("--batches", type=int, default=1, metavar="N", help="statistics over N batches (default 1)")
     g.add_argument("--image-size", type=int, help="input size (default: the model's own)")
+    g.add_argument("--seq-len", type=int, help="token models: tokens per sequence (default: 128, or "
+                                               "the model's positions if fewer)")
     g.add_argument("--mode", choices=["train", "eval"], default="train",
                    help="BN on batch statistics (train, default) or running statistics (eval)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -71,6 +79,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 OPTION_FLAGS = ("unit", "shortcut", "scale", "scale_branch", "gate_bias", "dropout", "downsample", "num_classes")
+
+
+def hf_options(model: str, text: str) -> dict:
+    """``--hf-config n_layer=12,n_embd=256`` -> the config fields of an ``hf:TYPE`` model."""
+    from .cli import parse_key_value
+    if not model.startswith("hf:"):
+        raise GradflowError(f"--hf-config applies to hf:TYPE models (hf:gpt2, hf:llama, hf:bert ...); "
+                            f"--model is {model!r}")
+    fields = dict(parse_key_value(part, "--hf-config item") for part in text.split(",") if part.strip())
+    if not fields:
+        raise GradflowError(f"--hf-config {text!r}: give KEY=VALUE[,KEY=VALUE], e.g. n_layer=12,n_embd=256")
+    return fields
 
 
 def config_from_args(args: argparse.Namespace):
@@ -86,8 +106,11 @@ def config_from_args(args: argparse.Namespace):
             if key in NUMBERS:
                 check_number(key, value, NUMBERS[key], f"--compare {label!r}: {key}={value!r}")
     options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
+    if args.hf_config is not None:
+        options.update(hf_options(args.model, args.hf_config))
     return ProbeConfig(model=args.model, options=options, checkpoint=args.checkpoint, data=args.data,
                        batch_size=args.batch_size, batches=args.batches, image_size=args.image_size,
+                       seq_len=args.seq_len,
                        mode=args.mode, device=args.device, seed=args.seed, out=args.out,
                        compare=compare,
                        progress=args.progress)
