@@ -108,10 +108,20 @@ def _acc(t: Tensor) -> torch.dtype:
 
 
 def _rescale(v: Tensor, ls: Tensor) -> tuple[Tensor, Tensor]:
-    """Each entry divided by its max |v| (entries that are all zero, or not finite, kept as they are)."""
-    m = v.detach().flatten(1).abs().amax(dim=1).float()
+    """Each entry divided (in place: v is a fresh product) by its max |v|; all-zero or non-finite entries kept."""
+    lo, hi = torch.aminmax(v.detach().flatten(1), dim=1)     # max |v| in one pass, no copy
+    m = torch.maximum(hi, -lo).float()
     m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
-    return v / m.to(v.dtype).view(-1, *([1] * (v.ndim - 1))), ls + torch.log(m.double())
+    return v.div_(m.to(v.dtype).view(-1, *([1] * (v.ndim - 1)))), ls + torch.log(m.double())
+
+
+def _shift_scaled(g: Tensor, f: Tensor, up: bool) -> Tensor:
+    """[M+1, ...]: entries of g [M, ...] times f[:M] or f[1:], shifted up by one (a zero entry 0) or not."""
+    out = g.new_empty((g.shape[0] + 1,) + g.shape[1:])
+    body, free = (out[1:], out[0]) if up else (out[:-1], out[-1])
+    torch.mul(g, _bcast(f[1:] if up else f[:-1], g), out=body)
+    free.zero_()
+    return out
 
 
 def _bcast(f: Tensor, like: Tensor) -> Tensor:
@@ -134,7 +144,7 @@ class PathCarrier:
     def start(self, g_top: Tensor) -> PathStack:
         """The stack at x_L: dE/dx_L is the one path through no branch."""
         ls = torch.zeros(1, dtype=torch.float64, device=g_top.device)
-        v, ls = _rescale(g_top.detach().unsqueeze(0), ls)
+        v, ls = _rescale(g_top.detach().unsqueeze(0).clone(), ls)   # never scale the real gradient
         if self.max_len == 0:  # the remainder exists from the start (empty)
             v = torch.cat([v, torch.zeros_like(v)])
             ls = torch.cat([ls, torch.zeros_like(ls)])
@@ -173,10 +183,9 @@ class PathCarrier:
             ls_h, ls_b = torch.cat([ls, neg]), torch.cat([neg, ls])
             new = torch.maximum(ls_h, ls_b)
             fh, fb = torch.exp(ls_h - new), torch.exp(ls_b - new)
-            zero = torch.zeros_like(gh[:1])
-            out_h = torch.cat([gh, zero]) * _bcast(fh, gh)
-            out_r = torch.cat([zero, gr]) * _bcast(fb, gr)
-            out_x = torch.cat([torch.zeros_like(gx[:1]), gx]) * _bcast(fb, gx) if gx is not None else None
+            out_h = _shift_scaled(gh, fh, up=False)
+            out_r = _shift_scaled(gr, fb, up=True)
+            out_x = _shift_scaled(gx, fb, up=True) if gx is not None else None
             remainder = K is not None and m == K + 1
         else:
             # entries 0..K and R: entry k <= K as above; R = S(R) + B(R + g^(K))
