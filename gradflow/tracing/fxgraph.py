@@ -118,6 +118,7 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
     holder: dict[str, Any] = {}
     names: list[str] = []
     owned: list[tuple] = []
+    found = []
     for node in list(graph.nodes):
         ops = _operands(node) if is_add(node) else None
         if ops is None or (node.meta.get("nn_module_stack") or {}):
@@ -141,11 +142,15 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
         region = (anc[h] | anc[r] | {h, r}) - anc[x] - {x}
         names.append(_slot_name(r, anc, k))
         owned.append(_owned(gm, region))
+        found.append((node, x, h, r, k))
+        stream = node
+    new_of: dict = {}
+    for node, x, h, r, k in found:      # rewrite after every decision: the ancestry is of the original graph
         with graph.inserting_after(node):
-            new = graph.call_function(_adder(holder, k), (x, h, r))
+            new = graph.call_function(_adder(holder, k), tuple(new_of.get(v, v) for v in (x, h, r)))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        stream = new
+        new_of[node] = new
     if not names:
         return None, f"no residual addition in {type(module).__name__}'s own code"
     gm.recompile()

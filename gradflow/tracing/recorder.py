@@ -82,7 +82,9 @@ class _Group:
     def __init__(self, module: nn.Module, infos: list, block):
         self.module, self.infos, self.block = module, infos, block
         self.checked = False
-        self.params = [_params(i.owned) for i in infos]
+        # per unit, its parameters; units of several-unit blocks without declared modules learn
+        # theirs from the Parts they run with, on their first call
+        self.params = [_params(i.owned) if i.owned else None for i in infos]
 
 
 def _params(owned) -> list:
@@ -346,7 +348,8 @@ class Tracer:
             return
         self._step_w = self._weight_stats(self._q_w, None)
         if self._q_upd:
-            self._before = {id(p): p.detach().clone() for g in self._groups for ps in g.params for p in ps}
+            self._before = {id(p): p.detach().clone() for g in self._groups for ps in g.params
+                            for p in ps or ()}
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
         self._updated = True
@@ -362,6 +365,8 @@ class Tracer:
         out: dict = {}
         for g in self._groups:
             for info, ps in zip(g.infos, g.params):
+                if ps is None:
+                    continue
                 t = Weights(ps, self.step, info, [before[id(p)] for p in ps] if before is not None else None)
                 st: dict = {}
                 for q in qs:
@@ -778,6 +783,8 @@ class _Run:
         if k >= len(self.group.infos) or not isinstance(x, Tensor):
             return PLAIN.unit(k, parts, x, *args, **kwargs)
         call = tr._new_call(self.group.infos[k], self.group, parts, args)
+        if self.group.params[k] is None:
+            self.group.params[k] = _params(parts.owned_modules())
         if tr._q_before:
             tr._before_unit(call, x)
         out = run_parts(parts, x, tap=lambda **t: tr._tap(call, **t), args=args, kwargs=kwargs)
