@@ -487,3 +487,36 @@ def test_two_sigterms_exit_143_and_resume_doubles_nothing(data, tmp_path):
     rows_per_probe = pd.read_csv(run / "probe.csv").groupby("iteration").size()
     assert probe_iters == list(range(0, reached + 2)) and rows_per_probe.nunique() == 1
     assert ckpt or "starting it over" in out.stderr
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 3 MB tmpfs: room for one resnet20 checkpoint (2.2 MB) but not for the temporary of the next."""
+    where = tmp_path / "small-fs"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small filesystem needs root and mount privileges here "
+                    "(the ENOSPC path is also tested with an injected error above)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_real_full_disk_exits_3_names_enospc_and_keeps_the_last_checkpoint(data, small_filesystem, capsys):
+    from gradflow.train import get_args_parser, main
+    args = get_args_parser().parse_args(
+        ["--model", "resnet20", "--data", str(data), "--no-verify", "--device", "cpu", "--batch-size", "4",
+         "--stop", "8", "--warmup-iters", "0", "--milestones", "", "--log-every", "2", "--eval-every", "4",
+         "--checkpoint-every", "4", "--out-dir", str(small_filesystem), "--run-name", "run",
+         "--no-progress"])
+    assert main(args) == gcli.EXIT_CRASHED
+    err = capsys.readouterr().err
+    assert "ENOSPC" in err and "Traceback" not in err
+    run = small_filesystem / "run"
+    st = status(run)
+    assert st["status"] == "crashed" and "ENOSPC" in st["error"]
+    assert read_checkpoint(run)["step"] == 4  # the last good checkpoint, whole (its digest checks)
+    assert [r["iteration"] for r in read_log(run)] in ([2, 4], [2, 4, 6], [2, 4, 6, 8])
+    assert not list(run.glob(".*.tmp"))

@@ -22,6 +22,7 @@ the step (see gradflow.data).
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import warnings
 from pathlib import Path
@@ -44,7 +45,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """
     payload = {"format": FORMAT, **state}
     payload["sha256"] = digest(payload)
-    return atomic_write(path, lambda f: torch.save(payload, f), fsync=True)
+    # serialise in memory, then write the bytes: a full disk is then an OSError (ENOSPC) from the
+    # write itself, not torch's RuntimeError about stream positions
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write(path, lambda f: f.write(buf.getbuffer()), fsync=True)
 
 
 def digest(payload: dict[str, Any]) -> str:
