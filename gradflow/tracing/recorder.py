@@ -70,7 +70,7 @@ from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units, renumber_stage
 from .quantities import Backward, Derive, Forward, Quantity, Weights, resolve
 from .schedule import as_schedule
 from .steps import Call, Micro
-from .tables import step_tables, to_host, unscale
+from .tables import SUMMARIES, step_tables, to_host, unscale
 
 _ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
 _MAX_PENDING = 16       # micro-batches waiting for a backward before they are written as they are
@@ -717,6 +717,20 @@ class Tracer:
             ready = [m for m in self._open if m.complete and m.calls]
             frames += [f[which] for f in self._write(ready, final=False)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def columns(self, samples: bool = False) -> list:
+        """Every column ``tr.units`` (or ``tr.samples``) can hold with these quantities, in order."""
+        per = list(self._columns)
+        if samples:
+            return ["step", "micro", "phase", "backward", "unit", "sample"] + per
+        cols = ["step", "micro", "phase", "backward", "unit", "name", "stage", "kind", "is_top",
+                "scalar_coef", "x_shape"] + (["skipped"] if self.optimizer is not None else [])
+        cols += [c for q in self.quantities if q.needs != "update" or self.optimizer is not None
+                 for c in q.scalars]
+        cols += ["batch"] + (["x_var"] if "x_rms" in per else [])
+        for c in per:
+            cols += ["cancel_frac"] if c == "cancel" else [c] + [f"{c}_{s}" for s in SUMMARIES]
+        return cols
 
     @property
     def units(self) -> pd.DataFrame:

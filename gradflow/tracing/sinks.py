@@ -104,19 +104,24 @@ class CSVSink(_LineSink):
         super().__init__(path, samples, append, extra)
         self.header: Optional[list] = None
         self._dropped: set = set()
+        self._new = True          # the header line is still to be written
 
     def open(self, tracer: Any) -> None:
         if self.append and self.path.exists() and self.path.stat().st_size:
             with open(self.path, newline="") as f:
                 self.header = next(csv.reader(f), None)
+            self._new = False
+        elif hasattr(tracer, "columns"):   # every column the trace can make, whatever comes first
+            self.header = list(self.extra) + tracer.columns(samples=self.samples)
 
     def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
         df = self._frame(units, samples)
         if df.empty:
             return
         f = self._file()
-        new = self.header is None
-        if new:
+        new = self._new
+        self._new = False
+        if self.header is None:
             self.header = list(df.columns)
         missing = [c for c in df.columns if c not in self.header and c not in self._dropped]
         if missing:   # said once per column
