@@ -26,7 +26,7 @@ from gradflow.training import TrainingDiverged, resolve, resume_config, run_trai
 from gradflow.training import runlog as runlog_mod
 from gradflow.training import steps as steps_mod
 from gradflow.training.checkpoint import read_checkpoint, save_checkpoint
-from gradflow.training.folder import RunLock
+from gradflow.training.folder import holder as lock_holder
 from gradflow.training.runlog import TIMING, RunLog, read_log
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
@@ -333,6 +333,7 @@ def test_a_second_process_is_locked_out_and_told_who_holds_the_folder(data, tmp_
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(run)["pid"] == holder.pid
         before = (run / "log.jsonl").read_bytes()
         with pytest.raises(GradflowError, match=f"in use: process {holder.pid} on .*started"):
             train(resume_config(run), resume=run)
@@ -340,7 +341,8 @@ def test_a_second_process_is_locked_out_and_told_who_holds_the_folder(data, tmp_
     finally:
         holder.kill()
         holder.wait()
-    train(resume_config(run), resume=run)  # the lock went with the process
+    assert lock_holder(run) is None  # the lock went with the process
+    train(resume_config(run), resume=run)
     assert status(run)["status"] == "ok"
 
 

@@ -12,6 +12,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from ..errors import GradflowError
 
@@ -83,6 +84,28 @@ def clean_temporaries(run_dir: Path) -> list[str]:
         except OSError:
             pass
     return sorted(gone)
+
+
+def holder(run_dir: str | Path) -> Optional[dict]:
+    """Who trains in ``run_dir`` now: the lock holder's {pid, host, started}, or None if nobody.
+
+    A status.json saying ``running`` with no holder means the process died without a
+    word (SIGKILL, power loss): ``--resume`` continues it. (Checking takes the lock for
+    an instant; a trainer starting in that instant is told the folder is in use.)
+    """
+    path = Path(run_dir) / ".lock"
+    if fcntl is None or not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return json.loads(f.read())
+            except ValueError:
+                return {"pid": None, "host": None, "started": None}
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 def read_status(run_dir: Path) -> dict:
