@@ -219,7 +219,8 @@ class PathResult:
 
 def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = None, y: Optional[Tensor] = None,
                     max_len: Optional[int] = None, keep: bool = False, units: UnitsSpec = None,
-                    parts: PartsSpec = None, _gate_rerun: bool = False) -> PathResult:
+                    parts: PartsSpec = None, batched: Optional[bool] = None,
+                    _gate_rerun: bool = False) -> PathResult:
     """dE/dx_l of every unit split by path length k, exactly, from one forward and backward.
 
     Args:
@@ -228,6 +229,8 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
         max_len: keep lengths 0..max_len apart and sum the longer ones (k = -1); None: all.
         keep: also return the component tensors (float64, on the CPU).
         units, parts: as for :func:`gradflow.trace`.
+        batched: vector-Jacobian products of all components in one vmap'ed call (True) or
+            one call each (False); None: batched on CUDA, one by one on the CPU (faster there).
     Returns:
         A :class:`PathResult`.
     """
@@ -235,7 +238,7 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
     calls = rec.calls
     xs = [c.x for c in calls]
     grads = torch.autograd.grad(rec.loss, xs + [calls[-1].out], retain_graph=True)
-    carrier = PathCarrier(max_len)
+    carrier = PathCarrier(max_len, batched)
     stack = carrier.start(grads[-1])
     n = len(calls)
     rows, unit_rows, kept = [], [], {}
@@ -285,7 +288,8 @@ def _n_paths(n: int, k: int, max_len) -> float:
 
 def sample_paths(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = None, y: Optional[Tensor] = None,
                  ks: Optional[Sequence[int]] = None, samples: int = 100, seed: int = 0, chunk: int = 64,
-                 units: UnitsSpec = None, parts: PartsSpec = None) -> pd.DataFrame:
+                 units: UnitsSpec = None, parts: PartsSpec = None,
+                 batched: Optional[bool] = None) -> pd.DataFrame:
     """Veit et al.'s sampling estimate of the gradient per path length, at the first unit's input.
 
     For each k, ``samples`` times: k units chosen uniformly at random pass the
@@ -317,7 +321,7 @@ def sample_paths(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = None, 
                       if calls[i].x is not calls[i - 1].out else None for i in range(1, n)]
     gen = torch.Generator().manual_seed(seed)
     plan = [(k, torch.randperm(n, generator=gen)[:k]) for k in ks for _ in range(samples)]
-    carrier = PathCarrier()
+    carrier = PathCarrier(None, batched)
     norms: dict = {k: [] for k in ks}
     sums: dict = {}
     for lo in range(0, len(plan), chunk):

@@ -65,13 +65,14 @@ def test_components_sum_to_autograd_gradient(kw):
     assert top["n_paths"].sum() == 2 ** len(m.units())
 
 
-@pytest.mark.parametrize("max_len", [0, 3])
-def test_remainder_keeps_the_sum_and_equals_the_long_paths(max_len):
+@pytest.mark.parametrize("max_len,batched", [(0, False), (3, True)])
+def test_remainder_keeps_the_sum_and_equals_the_long_paths(max_len, batched):
+    """Also: one vmap'ed product for all components (batched) equals one product each."""
     m = gradflow.create_model("resnet20", width=0.25, unit="original", shortcut="exclusive_gate",
                               gate_bias=-1.0).double()
     x, y = batch(dtype=torch.float64)
-    full = path_components(m, x, y=y, keep=True)
-    cut = path_components(m, x, y=y, keep=True, max_len=max_len)
+    full = path_components(m, x, y=y, keep=True, batched=not batched)
+    cut = path_components(m, x, y=y, keep=True, max_len=max_len, batched=batched)
     for i, comp in cut.components.items():
         every = full.components[i]
         n_kept = min(max_len + 1, every.shape[0])

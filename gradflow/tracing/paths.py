@@ -134,12 +134,19 @@ class PathCarrier:
     Args:
         max_len: the longest path length kept as its own entry; longer paths
             are summed into one remainder entry. None keeps every length.
+        batched: one vmap'ed ``autograd.grad`` per product (True) or one call per
+            entry (False); None: batched on CUDA, a loop elsewhere (see :func:`_vjp`).
     """
 
-    def __init__(self, max_len: Optional[int] = None):
+    def __init__(self, max_len: Optional[int] = None, batched: Optional[bool] = None):
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
             raise GradflowError(f"max_len={max_len!r} must be None (every length) or an int >= 0")
         self.max_len = max_len
+        self.batched = batched
+
+    def _vjp(self, outputs: list, inputs: list, grads: list, allow_unused: bool = False):
+        batched = self.batched if self.batched is not None else grads[0].is_cuda
+        return _vjp(outputs, inputs, grads, allow_unused, batched)
 
     def start(self, g_top: Tensor) -> PathStack:
         """The stack at x_L: dE/dx_L is the one path through no branch."""
@@ -158,14 +165,14 @@ class PathCarrier:
         if unit.plain_sum:
             return v, v, None
         if unit.gate is not None:
-            w = v if unit.y is None else _vjp([unit.out], [unit.y], [v])[0]
+            w = v if unit.y is None else self._vjp([unit.out], [unit.y], [v])[0]
             y = unit.out if unit.y is None else unit.y
-            gh, gr = _vjp([y], [unit.h, unit.r], [w], allow_unused=True)
-            (gx,) = _vjp([unit.gate], [unit.x], [w], allow_unused=True)
+            gh, gr = self._vjp([y], [unit.h, unit.r], [w], allow_unused=True)
+            (gx,) = self._vjp([unit.gate], [unit.x], [w], allow_unused=True)
             z = torch.zeros_like(w)
             return (gh if gh is not None else z), (gr if gr is not None else z), gx
         ins = [unit.h, unit.r] + ([unit.xc] if unit.xc is not None else [])
-        gs = _vjp([unit.out], ins, [v], allow_unused=True)
+        gs = self._vjp([unit.out], ins, [v], allow_unused=True)
         gh, gr = (g if g is not None else torch.zeros_like(v) for g in gs[:2])
         gx = gs[2] if len(gs) > 2 else None
         return gh, gr, gx
@@ -209,7 +216,7 @@ class PathCarrier:
         if out_x is not None and unit.gate is None:
             outs.append(unit.xc)
             grads.append(out_x)
-        (g_in,) = _vjp(outs, [unit.x], grads)
+        (g_in,) = self._vjp(outs, [unit.x], grads)
         if out_x is not None and unit.gate is not None:   # the gate's path is already at x
             g_in = g_in + out_x
         g_in, new = _rescale(g_in, new)
@@ -217,7 +224,7 @@ class PathCarrier:
 
     def through_link(self, x_next: Any, out_prev: Any, stack: PathStack) -> PathStack:
         """Through the operations between one unit's output and the next unit's input (no branch)."""
-        (g,) = _vjp([x_next], [out_prev], [stack.v])
+        (g,) = self._vjp([x_next], [out_prev], [stack.v])
         v, ls = _rescale(g, stack.log_scale)
         return PathStack(v, ls, stack.remainder)
 
@@ -242,29 +249,47 @@ class PathCarrier:
             if gx is not None and unit.gate is None:
                 outs.append(unit.xc)
                 grads.append(gx.index_select(0, idx_b))
-            (gb,) = _vjp(outs, [unit.x], grads)
+            (gb,) = self._vjp(outs, [unit.x], grads)
             if gx is not None and unit.gate is not None:
                 gb = gb + gx.index_select(0, idx_b)
             out = gb.new_zeros((v.shape[0],) + gb.shape[1:])
             out.index_copy_(0, idx_b, gb)
         if idx_s.numel():
-            (gs,) = _vjp([unit.h], [unit.x], [gh.index_select(0, idx_s)])
+            (gs,) = self._vjp([unit.h], [unit.x], [gh.index_select(0, idx_s)])
             if out is None:
                 out = gs.new_zeros((v.shape[0],) + gs.shape[1:])
             out.index_copy_(0, idx_s, gs)
         return _rescale(out, ls)
 
 
-def _vjp(outputs: list, inputs: list, grads: list, allow_unused: bool = False):
-    """Batched vector-Jacobian products through the recorded graph (the graph is kept)."""
+def _vjp(outputs: list, inputs: list, grads: list, allow_unused: bool = False, batched: bool = True):
+    """Vector-Jacobian products of every entry of the stacks ``grads`` through the recorded graph (kept).
+
+    ``batched``: one ``autograd.grad(..., is_grads_batched=True)`` call (torch.vmap; fast on
+    CUDA, where one large kernel beats many small ones), else one call per entry (on the
+    CPU vmap's batching rules cost 2-5x a loop: benchmarks/paths_bench.py).
+    """
     try:
-        return torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=allow_unused,
-                                   is_grads_batched=True)
+        if batched:
+            return torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=allow_unused,
+                                       is_grads_batched=True)
+        m = grads[0].shape[0]
+        outs: list = [None] * len(inputs)
+        for i in range(m):
+            gs = torch.autograd.grad(outputs, inputs, [g[i] for g in grads], retain_graph=True,
+                                     allow_unused=allow_unused)
+            for j, g in enumerate(gs):
+                if g is None:
+                    continue
+                if outs[j] is None:
+                    outs[j] = g.new_empty((m,) + g.shape)
+                outs[j][i] = g
+        return tuple(outs)
     except RuntimeError as e:
         raise GradflowError(
-            f"gradflow could not take the batched vector-Jacobian product through a unit's recorded "
-            f"graph ({e}). Operations without a batching rule for torch.vmap (some custom autograd "
-            "Functions) cannot be split by path length; declare the unit's parts without them") from e
+            f"gradflow could not take the vector-Jacobian products through a unit's recorded graph ({e}). "
+            + ("Operations without a batching rule for torch.vmap (some custom autograd Functions) need "
+               "batched=False; " if batched else "") + "declare the unit's parts without them") from e
 
 
 # --- tables -------------------------------------------------------------------------------------
