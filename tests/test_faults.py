@@ -522,3 +522,26 @@ def test_a_real_full_disk_exits_3_names_enospc_and_keeps_the_last_checkpoint(dat
     assert read_checkpoint(run)["step"] == 4  # the last good checkpoint, whole (its digest checks)
     assert [r["iteration"] for r in read_log(run)] in ([2, 4], [2, 4, 6], [2, 4, 6, 8])
     assert not list(run.glob(".*.tmp"))
+
+
+def test_sigkill_between_a_probe_and_the_next_checkpoint_doubles_nothing(data, tmp_path):
+    cmd = [sys.executable, "-m", "gradflow.train",
+           *train_flags(data, tmp_path, "--probe-every", "1", "--checkpoint-every", "3")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(tmp_path / "run" / "log.jsonl", 5, proc)  # iterations 1..5: checkpoint at 3, rows after
+    proc.kill()
+    proc.wait()
+    run = tmp_path / "run"
+    assert status(run)["status"] == "running"  # SIGKILL cannot be recorded...
+    from gradflow.training.folder import holder
+    assert holder(run) is None                 # ...but nobody holds the folder: it is dead
+    reached = max(r["iteration"] for r in read_log(run))
+    cmd = [sys.executable, "-m", "gradflow.train", "--resume", str(run), "--stop", str(reached + 1),
+           "--no-progress"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if reached % 3:  # log rows after the last checkpoint (at a multiple of 3) were cut
+        assert "dropped" in out.stderr
+    assert [r["iteration"] for r in read_log(run)] == list(range(1, reached + 2))
+    per_step = pd.read_csv(run / "probe.csv").groupby("iteration").size()
+    assert list(per_step.index) == list(range(0, reached + 1)) and per_step.nunique() == 1
