@@ -5,10 +5,10 @@ from .quantities import (Backward, Forward, Quantity, Weights, Signal, Branches,
                          WeightGradNorm, UpdateRatio, Spectra, PRESETS)
 from .recorder import Tracer, trace
 from .schedule import Schedule, at, every, log_spaced
-from .sinks import CSVSink, JSONLSink, Sink, TensorBoardSink
+from .sinks import CSVSink, FunctionSink, JSONLSink, Sink, TensorBoardSink
 from .tables import QUANTITIES
 
 __all__ = ["trace", "Tracer", "find_units", "units", "UnitInfo", "UnitList", "Schedule", "every",
            "log_spaced", "at", "QUANTITIES", "Quantity", "Forward", "Backward", "Weights", "Signal",
            "Branches", "Gradient", "Split", "WeightGradNorm", "UpdateRatio", "Spectra", "PRESETS",
-           "Sink", "CSVSink", "JSONLSink", "TensorBoardSink"]
+           "Sink", "CSVSink", "FunctionSink", "JSONLSink", "TensorBoardSink"]

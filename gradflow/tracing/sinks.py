@@ -44,6 +44,16 @@ class Sink:
         pass
 
 
+class FunctionSink(Sink):
+    """A sink that calls ``write(units, samples)`` (gradflow's trainer appends to probe.csv so)."""
+
+    def __init__(self, write):
+        self._write = write
+
+    def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
+        self._write(units, samples)
+
+
 def _value(v: Any) -> Any:
     if isinstance(v, (np.floating, float)):
         v = float(v)

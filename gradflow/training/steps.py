@@ -120,9 +120,9 @@ def evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, cha
 
 
 @contextmanager
-def _trace(model: nn.Module):
-    from ..tracing import trace
-    with trace(model) as tr:
+def _trace(model: nn.Module, write=None):
+    from ..tracing import FunctionSink, trace   # the probe's rows stream through the tracer's sink
+    with trace(model, sinks=[FunctionSink(write)] if write else (), history=0) as tr:
         yield tr
 
 
@@ -297,12 +297,12 @@ class Steps:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             probing = bool(cfg.probe_every) and self.step % cfg.probe_every == 0
-            with (_trace(self.eager) if probing and d.main else nullcontext()) as tr:
+            def probe_rows(units, samples, step=self.step):
+                with flag.writing():
+                    self.log.append_probe(units, step)
+            with (_trace(self.eager, probe_rows) if probing and d.main else nullcontext()):
                 loss, logits = forward_backward(self.wrapped if probing else self.runner, self.opt, x, y,
                                                 self.amp)
-            if probing and d.main:
-                with flag.writing():
-                    self.log.append_probe(tr.units, self.step)
             self.opt.step()
             self.step += 1
             images += cfg.batch_size
