@@ -40,23 +40,6 @@ def default_name(model: str, dataset: str, preset: Optional[str]) -> str:
     return f"{preset or model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def make_run_dir(out_dir: str, name: str, exist_ok: bool = False) -> Path:
-    """Create ``out_dir/name``; an unwritable or taken folder is a GradflowError naming the fix."""
-    path = Path(out_dir) / name
-    try:
-        path.mkdir(parents=True, exist_ok=exist_ok)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except FileExistsError:
-        raise GradflowError(f"run folder {path} already exists: pass --resume {path} to continue it, "
-                            "or another --run-name") from None
-    except OSError as e:
-        raise GradflowError(f"cannot write the run folder {path} ({e.strerror}): "
-                            "pass a writable --out-dir") from None
-    return path
-
-
 def code_version() -> dict[str, str]:
     from .. import __version__
     info = {"gradflow": __version__}
