@@ -1,16 +1,20 @@
 """Cost of tracing, as ratios against the same model's plain forward+backward.
 
 For each model: time of one training step (forward, cross-entropy, backward)
-plain, traced with statistics only (``split=False``), and traced with the full
-direct/residual split (``split=True``), interleaved and repeated (median); and
-the memory a step adds, each mode in a fresh subprocess (peak RSS over the
-step on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+plain, traced with statistics only (``split=False``), traced with the full
+direct/residual split (``split=True``), and (``--tensorboard``) the split with
+every step streamed to TensorBoard; interleaved and repeated (median). Each
+traced mode keeps one trace attached across its steps, as a training loop
+does (the parts check runs once, at the warm-up step); the cost of a step
+includes writing the previous step's tables. The memory a step adds is
+measured in a fresh subprocess per mode (peak RSS over the step on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA).
 
     python benchmarks/trace_bench.py                       # resnet164, resnet1001, torchvision resnet50
     python benchmarks/trace_bench.py --models resnet20 --batch 16 --repeats 3
 
-Targets (issues 3 and 4): statistics <= 1.10x time and <= 1.1x memory; full
-split <= 1.3x on zoo models and <= 2.5x on third-party models.
+Targets (issue 10, CPU, batch 16): statistics <= 1.05x time, split <= 1.15x,
+peak memory <= 1.05x; streaming to TensorBoard every step adds <= 5% on resnet164.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("plain", "stats", "split")
+TB_MODE = "split_tb"
 
 
 def build(name: str, device: str):
@@ -38,18 +43,30 @@ def build(name: str, device: str):
     return gradflow.create_model(name).to(device), 32
 
 
-def step_fn(model, x, y, mode: str):
-    import gradflow
+class Stepper:
+    """One mode's training step; a traced mode keeps its trace attached across steps."""
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        if mode == "plain":
-            F.cross_entropy(model(x), y).backward()
-            return
-        with gradflow.trace(model, split=(mode == "split")) as tr:
-            F.cross_entropy(model(x), y).backward()
-        tr.units  # the tables are part of the cost
-    return step
+    def __init__(self, model, x, y, mode: str, log_dir: str = ""):
+        import gradflow
+        self.model, self.x, self.y, self.mode = model, x, y, mode
+        self.tr = None
+        if mode != "plain":
+            sinks = []
+            if mode == TB_MODE:
+                from gradflow.tracing import TensorBoardSink
+                sinks = [TensorBoardSink(log_dir=log_dir)]
+            self.tr = gradflow.trace(model, split=(mode != "stats"), sinks=sinks, history=1)
+
+    def __call__(self):
+        if self.tr is not None and not self.tr._attached:
+            self.tr.attach()
+        self.model.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+
+    def pause(self):
+        """Detach (writing the last step's tables): another mode's steps come next."""
+        if self.tr is not None:
+            self.tr.detach()
 
 
 def sync(device: str) -> None:
@@ -57,21 +74,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_modes(name: str, batch: int, repeats: int, device: str) -> dict:
+def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir: str) -> dict:
     model, size = build(name, device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    steps = {m: step_fn(model, x, y, m) for m in MODES}
-    for m in MODES:  # warm up
+    steps = {m: Stepper(model, x, y, m, log_dir) for m in modes}
+    times = {m: [] for m in modes}
+    for m in modes:  # warm up (the traced modes check their parts here)
         steps[m]()
-    times = {m: [] for m in MODES}
+        steps[m]()
+        steps[m].pause()
     for _ in range(repeats):
-        for m in MODES:
+        for m in modes:
+            st = steps[m]
+            st()                        # the first step after re-attaching is not timed
             sync(device)
             t0 = time.perf_counter()
-            steps[m]()
+            st()
+            st()
             sync(device)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append((time.perf_counter() - t0) / 2)
+            st.pause()
     return {m: statistics.median(v) for m, v in times.items()}
 
 
@@ -85,17 +108,21 @@ def memory_child(name: str, batch: int, mode: str, device: str) -> int:
     model, size = build(name, device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    step_fn(model, x[:1], y[:1], "plain")()  # load kernels at batch 1
+    st = Stepper(model, x[:1], y[:1], mode, "")
+    st()                                     # kernels loaded, parts checked, at batch 1
+    st.x, st.y = x, y                        # the same trace goes on, as in training
     model.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step_fn(model, x, y, mode)()
+        st()
+        st.pause()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     base = _rss_bytes()
-    step_fn(model, x, y, mode)()
+    st()
+    st.pause()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
@@ -115,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--tensorboard", nargs="*", default=["resnet164"],
+                   help="models also timed with the split streamed to TensorBoard every step")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -125,20 +154,27 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
     print(f"device={a.device} batch={a.batch} repeats={a.repeats} torch={torch.__version__}")
-    print(f"{'model':24s} {'plain s':>8s} {'stats x':>8s} {'split x':>8s} {'mem plain MB':>13s} {'stats x':>8s} {'split x':>8s}")
+    print(f"{'model':24s} {'plain s':>8s} {'stats x':>8s} {'split x':>8s} {'mem plain MB':>13s} "
+          f"{'stats x':>8s} {'split x':>8s} {'tb/split':>9s}")
+    import tempfile
     for name in a.models:
-        t = time_modes(name, a.batch, a.repeats, a.device)
+        modes = MODES + ((TB_MODE,) if name in a.tensorboard else ())
+        with tempfile.TemporaryDirectory() as log_dir:
+            t = time_modes(name, a.batch, a.repeats, a.device, modes, log_dir)
         mem = {} if a.no_memory else memory_modes(name, a.batch, a.device)
         row = {"model": name, "batch": a.batch, "device": a.device,
                "time_plain_s": t["plain"], "time_stats_ratio": t["stats"] / t["plain"],
                "time_split_ratio": t["split"] / t["plain"]}
+        if TB_MODE in t:
+            row["time_tb_over_split"] = t[TB_MODE] / t["split"]
         if mem:
             row.update(mem_plain_mb=mem["plain"] / 2**20, mem_stats_ratio=mem["stats"] / mem["plain"],
                        mem_split_ratio=mem["split"] / mem["plain"])
         rows.append(row)
         print(f"{name:24s} {t['plain']:8.3f} {row['time_stats_ratio']:8.3f} {row['time_split_ratio']:8.3f} "
               + (f"{row['mem_plain_mb']:13.1f} {row['mem_stats_ratio']:8.3f} {row['mem_split_ratio']:8.3f}"
-                 if mem else ""))
+                 if mem else f"{'':13s} {'':8s} {'':8s}")
+              + (f" {row['time_tb_over_split']:9.3f}" if TB_MODE in t else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
