@@ -151,3 +151,27 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, words):
     assert main([a for kv in base.items() for a in kv] + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gradflow.lesion: error:") and words in err
+
+
+def test_torchvision_and_timm_blocks_lose_their_branches():
+    """torchvision: with every branch gone a BasicBlock is relu(downsample(x)) or relu(x), by hand here."""
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.resnet18(num_classes=10).eval()
+    x = images(2)
+    blocks = residual_blocks(m)
+    assert len(blocks) == 8
+    with torch.no_grad():
+        ref = m(x)
+        with removed(blocks, range(8)):
+            got = m(x)
+        h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+            for b in layer:
+                h = torch.relu(b.downsample(h) if b.downsample is not None else h)
+        expect = m.fc(torch.flatten(m.avgpool(h), 1))
+        torch.testing.assert_close(got, expect)
+        torch.testing.assert_close(m(x), ref)            # restored
+    timm = pytest.importorskip("timm")
+    t = timm.create_model("resnetv2_18", pretrained=False, num_classes=10).eval()
+    r = lesion_study(t, [(x, torch.tensor([0, 1]))], ks=(1,), draws=1, swaps=(1,))
+    assert len(r.single) == len(residual_blocks(t)) and r.single["error"].notna().all()
