@@ -7,9 +7,14 @@
    traced step (tracer with the direct/residual split, weights frozen as the probe
    runs, tables and summary included), and the traced step with weight gradients
    on. Interleaved, median of ``--repeats``.
-3. Wall time of ``--compare table1`` on resnet110 (all ten Table 1 variants).
+3. The default probe's phases in one process: build, traced step, tables and
+   summary, report, files, figure (where the wall time goes besides imports).
+4. Wall time of ``--compare table1`` on resnet110 (all ten Table 1 variants).
 
-    python benchmarks/probe_bench.py                 # targets: < 20 s, <= 1.3x (2 CPU cores)
+Every traced step here is :func:`gradflow.probing.trace_once`, the function the
+probe and the figures call.
+
+    python benchmarks/probe_bench.py                 # targets: <= 7 s wall, <= 1.3x (2 CPU cores)
     python benchmarks/probe_bench.py --repeats 5 --skip-compare
 """
 from __future__ import annotations
@@ -40,11 +45,11 @@ def wall(args: list[str]) -> float:
 
 
 def step_ratio(model_name: str, repeats: int) -> dict:
-    import gradflow
-    from gradflow.probing import build_model, synthetic
-    from gradflow.probing.run import DEFAULT_BATCH_32, traced_step
+    from gradflow.probing import build_model, synthetic, trace_once
+    from gradflow.probing.run import DEFAULT_BATCH_32
     model = build_model(model_name, {}, seed=0).module.train()
-    (x, y), = synthetic(DEFAULT_BATCH_32, 1, 32, seed=0)
+    inputs = synthetic(DEFAULT_BATCH_32, 1, 32, seed=0)
+    (x, y), = inputs
 
     def plain():
         for p in model.parameters():
@@ -54,12 +59,8 @@ def step_ratio(model_name: str, repeats: int) -> dict:
 
     def traced(weights: bool):
         def run():
-            for p in model.parameters():
-                p.requires_grad_(weights)
             model.zero_grad(set_to_none=True)
-            with gradflow.trace(model) as tr:
-                traced_step(model, x, y, synthetic_labels=True)
-            tr.summary()
+            trace_once(model, inputs, seed=0, weight_grads=weights).tracer.summary()
         return run
 
     fns = {"plain": plain, "probe_step": traced(False), "traced_with_weight_grads": traced(True)}
@@ -77,6 +78,27 @@ def step_ratio(model_name: str, repeats: int) -> dict:
                 ratio_with_weight_grads=med["traced_with_weight_grads"] / med["plain"])
 
 
+def phases(model_name: str) -> dict:
+    """Seconds per phase of the default probe, in this process (imports already paid)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from gradflow.probing import ProbeConfig, report_dict, run_probe, write_outputs
+    t0 = time.perf_counter()
+    res = run_probe(ProbeConfig(model=model_name, progress=False, device="cpu"))
+    total = time.perf_counter() - t0
+    v = next(iter(res.variants.values())).timings
+    t0 = time.perf_counter()
+    rep = report_dict(res)
+    report_s = time.perf_counter() - t0
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        write_outputs(res, rep, Path(out))
+        files_s = time.perf_counter() - t0
+    return dict(build=v["build"], step=sum(v["steps"]), tables=v["tables"], run_probe=total, report=report_s,
+                files_and_figure=files_s)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet1001")
@@ -85,7 +107,9 @@ def main() -> None:
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     t = wall(["--model", a.model])
-    print(f"probe wall time, {a.model} defaults: {t:.1f} s (target < 20 s)")
+    print(f"probe wall time, {a.model} defaults: {t:.1f} s (target <= 7 s on 2 cores)")
+    ph = phases(a.model)
+    print("in-process phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in ph.items()))
     r = step_ratio(a.model, a.repeats)
     print(f"{a.model} batch {r['batch']}: plain fwd+bwd {r['plain_s']:.2f} s, probe step {r['probe_step_s']:.2f} s "
           f"-> {r['ratio']:.2f}x (target <= 1.3x); traced with weight grads "

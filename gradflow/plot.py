@@ -34,7 +34,6 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -51,6 +50,7 @@ COLOURS = {"total": "#0173b2", "direct": "#de8f05", "predicted": "#222222", "fit
 @contextlib.contextmanager
 def style(font_scale: float = 1.0):
     """The one style of gradflow's figures (seaborn 'ticks' + 'paper'), for this block only."""
+    import seaborn as sns  # here: seaborn imports scipy.stats (~1 s); the probe's figure needs neither
     rc = {"axes.grid": True, "grid.linestyle": ":", "grid.alpha": 0.6, "legend.frameon": False,
           "figure.dpi": 100, "savefig.dpi": 200}
     with sns.axes_style("ticks", rc=rc), sns.plotting_context("paper", font_scale=font_scale, rc=rc):
@@ -154,7 +154,10 @@ def _legend_below(fig: Figure, axes, ncol: int = 4) -> None:
             seen.setdefault(l, h)
     handles, labels = list(seen.values()), list(seen)
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles)))
+        # as many columns as the figure's width holds (a legend wider than the figure is clipped)
+        col_w = 0.6 + 0.07 * max(len(l) for l in labels)   # inches: handle + text at the paper font size
+        fits = max(1, int(fig.get_figwidth() // col_w))
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles), fits))
 
 
 def _positive(y: pd.Series) -> np.ndarray:
@@ -383,10 +386,13 @@ def _curve_legend(fig: Figure, runs: Sequence[str], colours: Mapping[str, str]) 
     handles = [Line2D([], [], color=colours[r], lw=2, label=r) for r in runs]
     handles += [Line2D([], [], color="0.3", ls="--", lw=1, label="training loss"),
                 Line2D([], [], color="0.3", lw=1.6, label="test error")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
+    col_w = 0.6 + 0.07 * max(len(h.get_label()) for h in handles)
+    fits = max(1, int(fig.get_figwidth() // col_w))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles), fits))
 
 
 def _palette(runs: Sequence[str]) -> dict[str, str]:
+    import seaborn as sns
     return dict(zip(runs, sns.color_palette("colorblind", max(len(runs), 1)).as_hex()))
 
 
@@ -534,19 +540,25 @@ def gradient_flow_over_training(probe: pd.DataFrame, column: str = "grad_ratio",
 
 # --- the probe's overview ---------------------------------------------------------------------
 
-@_styled
 def probe_overview(tables: Records, title: Optional[str] = None) -> Figure:
     """The probe's figure: gradient (left) and activation norms (right) per unit, every network on the same axes.
 
     Left: ||dE/dx_l|| / ||dE/dx_L|| on a log axis, the total (solid), the direct
     term (dashed) and its prediction from eq. (5)/(8) (dotted). Right: ||x_l||
     (per sample, batch mean; log axis). One colour per network; ``tables`` is one
-    units table or ``{label: table}``.
+    units table or ``{label: table}``. Plain matplotlib (no seaborn style): the
+    probe draws it on every run, and seaborn's import costs about a second.
     """
     if isinstance(tables, pd.DataFrame):
         tables = {"": tables}
+    with mpl.rc_context({"axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False}):
+        return _probe_overview(tables, title)
+
+
+def _probe_overview(tables: Mapping[str, pd.DataFrame], title: Optional[str]) -> Figure:
     fig, (ax_g, ax_x) = _subplots(1, 2, figsize=(11, 4.2))
-    colours = sns.color_palette("tab10" if len(tables) <= 10 else "tab20", len(tables))
+    cmap = mpl.colormaps["tab10" if len(tables) <= 10 else "tab20"]
+    colours = [cmap(i % cmap.N) for i in range(len(tables))]
     for (label, units), colour in zip(tables.items(), colours):
         df = per_unit(units)
         u = df["unit"].to_numpy()

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from .cli import FLOAT32_MAX, SEED_MAX, Number, Parser, check_number, check_numbers
 from .errors import GradflowError
+from .models.units import unit_options
 
 _Parser = Parser  # one-line errors, exit 2 (gradflow.cli)
 
@@ -78,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-OPTION_FLAGS = ("unit", "shortcut", "scale", "scale_branch", "gate_bias", "dropout", "downsample", "num_classes")
+OPTION_FLAGS = (*unit_options(), "num_classes")  # UnitSpec's fields: the one source of the option names
 
 
 def hf_options(model: str, text: str) -> dict:

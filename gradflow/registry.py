@@ -29,7 +29,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``, sorted by depth then name."""
-    _ensure_zoo()
     names = [n for n in _MODELS if fnmatch.fnmatch(n, pattern)]
     return sorted(names, key=_sort_key)
 
@@ -79,14 +78,9 @@ def create_model(name: str, **options) -> nn.Module:
 
 
 def _lookup(name: str) -> Callable[..., nn.Module]:
-    _ensure_zoo()
     if name not in _MODELS:
         raise unknown("model", name, _MODELS)
     return _MODELS[name]
-
-
-def _ensure_zoo() -> None:
-    from . import models  # noqa: F401  (registers the zoo on first use)
 
 
 def _sort_key(name: str):

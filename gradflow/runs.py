@@ -46,8 +46,11 @@ class Run:
         return self.config.get("config", self.config)
 
 
-def read_log(run_dir: str | Path) -> pd.DataFrame:
-    """The log of a run folder as a DataFrame sorted by iteration (JSONL preferred, CSV otherwise)."""
+def read_log_table(run_dir: str | Path) -> pd.DataFrame:
+    """The log of a run folder as a DataFrame sorted by iteration (JSONL preferred, CSV otherwise).
+
+    (``gradflow.training.runlog.read_log`` is the trainer's own reader: the rows as dicts.)
+    """
     run_dir = Path(run_dir)
     jsonl, csv = run_dir / "log.jsonl", run_dir / "log.csv"
     if jsonl.exists() and jsonl.stat().st_size:
@@ -64,6 +67,9 @@ def read_log(run_dir: str | Path) -> pd.DataFrame:
         except (ValueError, TypeError):
             pass
     return log.sort_values("iteration").reset_index(drop=True) if "iteration" in log else log
+
+
+read_log = read_log_table  # the old name, kept importable
 
 
 def read_probe(run_dir: str | Path) -> pd.DataFrame:
@@ -92,7 +98,7 @@ def read_run(run_dir: str | Path, label: Optional[str] = None) -> Run:
         return json.loads(f.read_text()) if f.exists() and f.stat().st_size else {}
 
     label = label or path.name
-    log, probe = read_log(path), read_probe(path)
+    log, probe = read_log_table(path), read_probe(path)
     for table in (log, probe):
         table.insert(0, "run", label)
     return Run(path, label, _json("config.json"), log, probe, _json("status.json"))

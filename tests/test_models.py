@@ -257,3 +257,31 @@ def test_preact_resnet18_layout():
     assert [len(s) for s in m.stages] == [2, 2, 2, 2]
     assert [s[0].out_channels for s in m.stages] == [64, 128, 256, 512]
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --- one source for the unit options and the paper's variants (issue 14) ------------------------
+
+def test_entry_point_options_are_the_unit_specs_fields():
+    import dataclasses
+    fields = {f.name: f.default for f in dataclasses.fields(gradflow.models.UnitSpec) if f.name != "block"}
+    for name in ("resnet20", "resnet164", "preact_resnet18"):
+        opts = gradflow.model_options(name)
+        assert {k: v for k, v in opts.items() if k in fields} == fields
+        assert set(opts) - set(fields) == {"num_classes", "width"}
+    m = gradflow.create_model("resnet20", unit="original", shortcut="scale", scale=0.25, scale_branch=True)
+    assert m.spec == gradflow.models.UnitSpec(unit="original", shortcut="scale", scale=0.25, scale_branch=True)
+
+
+def test_paper_rows_build_and_the_trainer_presets_are_the_same_rows():
+    from gradflow.models import paper_rows
+    rows = paper_rows(runnable=True)
+    assert len(paper_rows("1")) == 16 and len(paper_rows("2")) == 10
+    for r in rows:   # every row's options are options its model takes
+        assert set(r.options) <= set(gradflow.model_options(r.model)), r
+    from gradflow.training import presets
+    table = {p.name: p for p in presets().values()}
+    for r in paper_rows():
+        assert r.name in table, r.name
+        p = table[r.name]
+        assert (p.model, dict(p.options), p.dataset, p.paper_error) == (r.model, r.options, r.dataset,
+                                                                          r.paper_error), r.name

@@ -169,3 +169,64 @@ def test_gradient_flow_over_training_heatmap_and_rates(tmp_path):
     total = _line(fig.axes[1], "total")
     np.testing.assert_allclose(total.get_ydata(), rates[rates["quantity"] == "grad_ratio"]["slope"])
     plt.close(fig)
+
+
+# --- issue 14: figures whole under a plain savefig, shape-change lines, the package's lazy faces -----
+
+def _outside(fig) -> list[str]:
+    """What sticks out of the figure (what a plain savefig would clip): the drawn bounding box's overhangs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    bb = fig.get_tightbbox(canvas.get_renderer())    # inches, drawn artists only (titles, legends, labels)
+    w, h = fig.get_size_inches()
+    tol = 0.02
+    return [side for side, out in (("left", bb.x0 < -tol), ("bottom", bb.y0 < -tol), ("right", bb.x1 > w + tol),
+                                   ("top", bb.y1 > h + tol)) if out]
+
+
+def test_every_figure_is_whole_under_a_plain_savefig(traced, tmp_path):
+    units = {k: v[0] for k, v in traced.items()}
+    one = {"identity": units["identity"]}
+    run = _fake_run(tmp_path, "r", [0.5, 0.4, 0.3, 0.2], probe=traced["identity"][0].assign(iteration=10))
+    figs = {"gradient_depth 1": plot.gradient_depth(one), "gradient_depth 2": plot.gradient_depth(units),
+            "decay_rates": plot.decay_rates(units), "activation_growth": plot.activation_growth(one),
+            "cosine": plot.cosine_distribution({"identity": traced["identity"][1]}),
+            "training_curves": plot.training_curves(read_runs([run])),
+            "probe_overview": plot.probe_overview(units, title="a long title " * 8)}
+    for name, fig in figs.items():
+        assert fig.get_layout_engine() is not None, name                  # constrained layout
+        assert fig.get_figwidth() >= 5.9, (name, fig.get_size_inches())   # room for a title and a legend
+        assert _outside(fig) == [], name
+    plt.close("all")
+
+
+def test_shape_lines_sit_between_the_projection_unit_and_the_next(traced):
+    model = gradflow.create_model("resnet20")
+    # independent of the tables: where a unit changes channels or stride, its output has the new shape
+    want = [i + 0.5 for i, u in enumerate(model.units()) if u.in_channels != u.out_channels or u.stride != 1]
+    fig = plot.gradient_depth({"identity": traced["identity"][0]})
+    got = sorted(l.get_xdata()[0] for l in fig.axes[0].get_lines() if l.get_linestyle() == ":"
+                 and len(set(l.get_xdata())) == 1)
+    assert got == want
+    plt.close(fig)
+
+
+def test_shape_lines_of_a_torchvision_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    from gradflow.probing import synthetic, trace_once
+    model = torchvision.models.resnet18(num_classes=10)
+    units = trace_once(model, synthetic(2, 1, 32, seed=0)).units
+    blocks = [m for m in model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    want = [i + 0.5 for i, b in enumerate(blocks) if b.downsample is not None]
+    np.testing.assert_array_equal(plot.shape_changes(units[~units["is_top"]]), want)
+
+
+def test_import_gradflow_is_light_and_its_faces_load_on_use():
+    import subprocess
+    import sys
+    code = ("import sys, gradflow; heavy = [m for m in ('pandas', 'scipy.stats', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy; gradflow.plot.gradient_depth; gradflow.theory.summarize; gradflow.trace; "
+            "assert 'resnet1001' in gradflow.list_models(); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

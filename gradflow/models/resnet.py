@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import GradflowError
 from ..registry import register_model
-from .units import PREACT_TYPES, ResidualUnit, UnitSpec, conv3x3
+from .units import PREACT_TYPES, ResidualUnit, UnitSpec, conv3x3, unit_options, unit_spec
 
 
 class CifarResNet(nn.Module):
@@ -110,17 +110,15 @@ def scaled_width(channels: int, width: float, multiple: int = 1) -> int:
     return max(1, round(channels * width / multiple)) * multiple
 
 
-def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, unit: str = "full_preact",
-                 shortcut: str = "identity", scale: float = 0.5, scale_branch: bool = False,
-                 gate_bias: float = -6.0, dropout: float = 0.5,
-                 downsample: str = "projection", width: float = 1.0) -> CifarResNet:
+def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, width: float = 1.0,
+                 **options) -> CifarResNet:
     """A CIFAR ResNet of any valid depth. Basic nets: widths 16/32/64; bottleneck: 64/128/256.
 
     ``width`` multiplies every channel count (stem and stages; bottleneck outputs stay a
-    multiple of 4 so that the inner width is out/4); 1.0 is the paper's net.
+    multiple of 4 so that the inner width is out/4); 1.0 is the paper's net. ``options``
+    are the unit's (:func:`gradflow.models.units.unit_options`: unit, shortcut, scale, ...).
     """
-    spec = UnitSpec(unit=unit, shortcut=shortcut, block=block, scale=scale, scale_branch=scale_branch,
-                    gate_bias=gate_bias, dropout=dropout, downsample=downsample)
+    spec = unit_spec(block, **options)
     n = _units_for_depth(depth, block)
     if block == "basic":
         widths = tuple(scaled_width(c, width) for c in (16, 32, 64))
@@ -131,14 +129,12 @@ def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, unit: 
 
 
 def _entry(name: str, depth: int, block: str):
-    def fn(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
-           scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
-           dropout: float = 0.5, downsample: str = "projection", width: float = 1.0) -> CifarResNet:
-        return cifar_resnet(depth, block, num_classes, unit, shortcut, scale, scale_branch,
-                            gate_bias, dropout, downsample, width)
+    def fn(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+        return cifar_resnet(depth, block, num_classes, width, **options)
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (PAPER.md section 4)."
     fn.depth = depth
+    fn.options = unit_options()   # what **options takes (registry.model_options reads it)
     return register_model(fn)
 
 
@@ -148,13 +144,12 @@ for _depth in (164, 1001):
     _entry(f"resnet{_depth}", _depth, "bottleneck")
 
 
-@register_model
-def preact_resnet18(num_classes: int = 10, unit: str = "full_preact", shortcut: str = "identity",
-                    scale: float = 0.5, scale_branch: bool = False, gate_bias: float = -6.0,
-                    dropout: float = 0.5, downsample: str = "projection",
-                    width: float = 1.0) -> CifarResNet:
+def preact_resnet18(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
     """The seed's 4-stage PreActResNet-18 for 32x32 input: widths 64-512 (times ``width``), 2 units a stage."""
-    spec = UnitSpec(unit=unit, shortcut=shortcut, block="basic", scale=scale, scale_branch=scale_branch,
-                    gate_bias=gate_bias, dropout=dropout, downsample=downsample)
+    spec = unit_spec("basic", **options)
     return CifarResNet(spec, (2, 2, 2, 2), tuple(scaled_width(c, width) for c in (64, 128, 256, 512)),
                        (1, 2, 2, 2), stem_width=scaled_width(64, width), num_classes=num_classes)
+
+
+preact_resnet18.options = unit_options()
+register_model(preact_resnet18)

@@ -26,8 +26,8 @@ with zero channels, option A).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,24 @@ class UnitSpec:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def unit_options(exclude: tuple[str, ...] = ("block",)) -> dict[str, Any]:
+    """The unit options a zoo model takes, with their defaults: :class:`UnitSpec`'s fields.
+
+    The one source of the option names: entry points, ``create_model``'s check
+    and the CLIs' flags all derive from it (``block`` is fixed by the depth).
+    """
+    return {f.name: f.default for f in fields(UnitSpec) if f.name not in exclude}
+
+
+def unit_spec(block: str = "basic", **options: Any) -> UnitSpec:
+    """A :class:`UnitSpec` from keyword options; an unknown option names the ones that exist."""
+    bad = sorted(set(options) - set(unit_options()))
+    if bad:
+        raise GradflowError(f"unknown unit option {', '.join(map(repr, bad))}: the options are "
+                            f"{', '.join(unit_options())}")
+    return UnitSpec(block=block, **options)
 
 
 def _check_choice(what: str, value, choices) -> None:

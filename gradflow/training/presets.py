@@ -43,52 +43,15 @@ class Preset:
                     model_options=dict(self.options), dataset=self.dataset)
 
 
-def _table1() -> list[Preset]:
-    orig = dict(unit="original")
-    rows = [("original", dict(shortcut="identity"), "6.61"),
-            ("scale-0", dict(shortcut="scale", scale=0.0), "fail"),
-            ("scale-0.5", dict(shortcut="scale", scale=0.5), "fail"),
-            ("scale-0.5-0.5", dict(shortcut="scale", scale=0.5, scale_branch=True), "12.35"),
-            ("conv-shortcut", dict(shortcut="conv"), "12.22"),
-            ("dropout-shortcut", dict(shortcut="dropout", dropout=0.5), "fail")]
-    for b in range(0, -8, -1):
-        err = {-6: "8.70", -7: "9.81"}.get(b, "fail")
-        rows.append((f"exclusive-gate-b{b}", dict(shortcut="exclusive_gate", gate_bias=float(b)), err))
-    rows += [("shortcut-gate-b0", dict(shortcut="shortcut_gate", gate_bias=0.0), "12.86"),
-             ("shortcut-gate-b-6", dict(shortcut="shortcut_gate", gate_bias=-6.0), "6.91")]
-    return [Preset(f"table1-{n}", "1", "resnet110", {**orig, **o}, paper_error=e) for n, o, e in rows]
-
-
-def _table2() -> list[Preset]:
-    errors = {"original": ("6.61", "5.93"), "bn_after_addition": ("8.17", "6.50"),
-              "relu_before_addition": ("7.84", "6.14"), "relu_only_preact": ("6.71", "5.91"),
-              "full_preact": ("6.37", "5.46")}
-    return [Preset(f"table2-{m}-{u}", "2", m, dict(unit=u), paper_error=e[i])
-            for i, m in enumerate(("resnet110", "resnet164")) for u, e in errors.items()]
-
-
-def _table3() -> list[Preset]:
-    rows = [("cifar10", "resnet110", "6.61", "6.37"), ("cifar10", "resnet164", "5.93", "5.46"),
-            ("cifar10", "resnet1001", "7.61", "4.92"), ("cifar100", "resnet164", "25.16", "24.33"),
-            ("cifar100", "resnet1001", "27.82", "22.71")]
-    out = []
-    for ds, m, e_orig, e_pre in rows:
-        for unit, err in (("original", e_orig), ("full_preact", e_pre)):
-            tag = "original" if unit == "original" else "preact"
-            out.append(Preset(f"table3-{ds}-{m}-{tag}", "3", m,
-                              dict(unit=unit, num_classes=10 if ds == "cifar10" else 100),
-                              dataset=ds, paper_error=err))
-    why = "the zoo has no unit with 1-layer skips yet (one 3x3 conv per unit)"
-    for unit, err in (("original", "9.90"), ("full_preact", "8.91")):
-        tag = "original" if unit == "original" else "preact"
-        out.append(Preset(f"table3-cifar10-resnet110-1layer-{tag}", "3", "resnet110",
-                          dict(unit=unit), paper_error=err, missing=why))
-    return out
-
-
 def presets() -> dict[str, Preset]:
-    """Every named preset, Table 1 then 2 then 3 (built on call: no import-time globals)."""
-    return {p.name: p for p in _table1() + _table2() + _table3()}
+    """Every named preset, Table 1 then 2 then 3 (built on call: no import-time globals).
+
+    The rows are the paper's, from :mod:`gradflow.models.paper`: the one table the
+    probe's compare sets and the figures also read.
+    """
+    from ..models.paper import paper_rows
+    return {r.name: Preset(r.name, r.table, r.model, dict(r.options), r.dataset, paper_error=r.paper_error,
+                           missing=r.missing) for r in paper_rows()}
 
 
 def get_preset(name: str) -> Preset:
