@@ -110,7 +110,11 @@ def _report(args, scale, rows, specs, exp_dir: Path, command: str, how: str = ""
     from .figures import _common
     out = Path(args.figures_out) if args.figures_out else exp_dir
     seeds = f"{args.seeds} seed(s) per row: {', '.join(str(s) for s in range(args.seeds))}"
-    about = [EXPERIMENTS[args.experiment], scale.describe(), seeds,
+    from .experiments import experiment_rows
+    every = experiment_rows(args.experiment)
+    picked = (f"rows: {len(rows)} of the experiment's {len(every)} ({', '.join(r.short for r in rows)}; "
+              f"--rows {args.rows})" if len(rows) < len(every) else f"rows: all {len(rows)}")
+    about = [EXPERIMENTS[args.experiment], picked, scale.describe(), seeds,
              f"data: {args.data or 'as recorded in the run folders'}" + (f" ({args.data_note})" if args.data_note else ""),
              f"run folders: {exp_dir / 'runs'}" + (f"; {how}" if how else ""),
              "error: the last logged test error of each run, in %; spread = max - min over seeds; "
