@@ -100,6 +100,8 @@ class TrainConfig:
              "a CIFAR folder (or leave --data out and pass --synthetic for generated data)"),
             (self.run_name is None or _single_segment(self.run_name), "run_name",
              "a single folder name inside --out-dir (no '/', '..' or absolute path)"),
+            (_takes_images(self.model), "model", "a model that takes images: the trainer trains CIFAR "
+             "classifiers, and gpt-* models take token ids (probe them: python -m gradflow.probe --model ...)"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -109,6 +111,12 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+def _takes_images(name: str) -> bool:
+    """False for a registered model that takes token ids (gradflow.model_inputs); unknown names fail later."""
+    from ..registry import list_models, model_inputs
+    return name not in list_models() or model_inputs(name)["kind"] == "image"
 
 
 def _single_segment(name: str) -> bool:
