@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="BN on batch statistics (train, default) or running statistics (eval)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--paths", nargs="?", const=-1, type=int, metavar="MAX_LEN",
+                   help="also split dE/dx at the first unit exactly by path length (Veit et al. 2016) and "
+                        "report the effective path range; MAX_LEN keeps lengths 0..MAX_LEN apart (default all)")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/probe/<model>-<time>)")
     g.add_argument("--json", action="store_true", help="print the machine-readable report on stdout")
@@ -128,12 +131,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               write_outputs)
         from .probing.output import FILES
         config = config_from_args(args)
+        if args.paths is not None and args.paths < -1:
+            raise GradflowError(f"--paths {args.paths}: give a path length >= 0, or no number for all")
         resolve_device(config.device)           # fail before any work
         out = prepare_out(config.out or config.default_out())
         config.out = str(out)
         result = run_probe(config)
         files = {k: str(out / v) for k, v in FILES.items()}
         report = report_dict(result, files)
+        if args.paths is not None:          # the exact split by path length (gradflow.path_tables)
+            from .path_tables import probe_paths
+            report["paths"] = probe_paths(config, result, None if args.paths == -1 else args.paths)
         write_outputs(result, report, out)
     except GradflowError as e:
         print(f"gradflow.probe: error: {e}", file=sys.stderr)
@@ -142,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
         print(format_report(report))
+        if "paths" in report:
+            from .path_tables import format_probe_paths
+            print(format_probe_paths(report["paths"]))
     return 0
 
 

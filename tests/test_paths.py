@@ -292,3 +292,23 @@ def test_trace_paths_during_a_real_backward(kw, max_len):
     assert list(got["k"]) == list(ref["k"])
     with pytest.raises(gradflow.GradflowError, match="paths"):
         gradflow.trace(m, paths=True, split=False)
+
+
+def test_probe_reports_the_effective_path_range(tmp_path, capsys):
+    """python -m gradflow.probe --paths: the range in the report is the one the exact split gives on the
+    probe's own synthetic batch."""
+    from gradflow.probe import main
+    from gradflow.probing.inputs import synthetic
+    out = tmp_path / "p"
+    assert main(["--model", "resnet20", "--batch-size", "4", "--paths", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "90% of sum_k ||g^(k)||" in text
+    import json
+    p = json.loads((out / "summary.json").read_text())["paths"]["resnet20"]
+    torch.manual_seed(0)
+    m = gradflow.create_model("resnet20")
+    x, y = synthetic(4, 1, 32, 0).batches[0]
+    r = effective_range(path_components(m, x, y=y % 10).table)
+    assert (p["lo"], p["hi"], p["peak"], p["n_units"]) == (r["lo"], r["hi"], r["peak"], 9)
+    assert main(["--model", "resnet20", "--paths", "-3", "--out", str(tmp_path / "q")]) == 2
