@@ -95,6 +95,10 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
     for load in (read_checkpoint, gradflow.load_checkpoint):
         with pytest.raises(GradflowError, match="refused to load.*system"):
             load(tmp_path)
+    from gradflow.probe import main as probe_main
+    from gradflow.train import get_args_parser, main as train_main
+    assert train_main(get_args_parser().parse_args(["--resume", str(tmp_path), "--no-progress"])) == 2
+    assert probe_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert not marker.exists()
 
 
@@ -125,6 +129,9 @@ def test_a_flipped_byte_in_a_weight_tensor_is_refused(tmp_path):
     loaded = torch.load(path, weights_only=True)  # torch alone takes it without a word...
     assert not torch.equal(loaded["model_state"][name], weight)
     with pytest.raises(GradflowError, match="damaged.*SHA-256"):  # ...gradflow does not
+        gradflow.load_checkpoint(path)
+    path.write_bytes(bytes(raw[: len(raw) // 2]))  # a truncated copy
+    with pytest.raises(GradflowError, match="cannot read checkpoint.*damaged or not a checkpoint"):
         gradflow.load_checkpoint(path)
 
 
