@@ -24,7 +24,7 @@ def code_version() -> dict:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
             info["git_commit"] = out.stdout.strip()
-            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent,
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here,  # the package
                                    capture_output=True, timeout=5)
             info["git_dirty"] = dirty.returncode == 1
     except (OSError, subprocess.SubprocessError):

@@ -20,16 +20,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import GradflowError
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, json_safe as _clean, json_text
+from ..provenance import code_version  # noqa: F401  (moved down: the probe and the figures record it too)
 
 COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
            "images_per_s", "wall_time")
@@ -40,30 +39,8 @@ def default_name(model: str, dataset: str, preset: Optional[str]) -> str:
     return f"{preset or model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def code_version() -> dict[str, str]:
-    from .. import __version__
-    info = {"gradflow": __version__}
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode == 0:
-            info["git_commit"] = out.stdout.strip()
-            # uncommitted changes to tracked files: the commit alone does not name the code
-            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent,
-                                   capture_output=True, timeout=5)
-            info["git_dirty"] = dirty.returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def _clean(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+    atomic_write_text(path, json_text(obj))
 
 
 def _append_whole(paths_and_writers: list[tuple[Path, Callable[[Any], None]]]) -> None:
