@@ -1,8 +1,6 @@
 """Third-party transformer and ConvNeXt blocks, found with no declaration: one unit per residual
 addition, every recorded number against plain autograd on the untraced model, and the direct term
 against the same model with every residual branch's output detached (forward hooks)."""
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -40,7 +38,8 @@ def _detached(module, args, out):
 
 def reference(model, loss_fn, x_modules, top, detach):
     """Unit inputs x_l (pre-hooks on ``x_modules``, in call order; ``("out", module)`` takes a
-    module's output instead) and x_L (``top``'s output), dE/dx by autograd; and the direct terms: dE/dx_l of the same model with ``detach``'s outputs detached."""
+    module's output instead) and x_L (``top``'s output), dE/dx by autograd; and the direct terms:
+    dE/dx_l of the same model with ``detach``'s outputs detached."""
     def run(detach_branches):
         xs, tops = [], []
         hs = [m[1].register_forward_hook(lambda m, a, o: xs.append(o[0] if isinstance(o, tuple) else o))

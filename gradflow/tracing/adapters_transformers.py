@@ -207,12 +207,11 @@ def _hf_bert_layer(m) -> Block:
 
         def ffn(z):
             return m.output.dropout(m.output.dense(m.intermediate(z)))
-        branch = ffn
-        if m.chunk_size_feed_forward > 0:
-            from transformers.pytorch_utils import apply_chunking_to_forward
 
-            def branch(z):
-                return apply_chunking_to_forward(ffn, m.chunk_size_feed_forward, m.seq_len_dim, z)
+        def chunked(z):   # BertLayer's apply_chunking_to_forward over the sequence
+            from transformers.pytorch_utils import apply_chunking_to_forward
+            return apply_chunking_to_forward(ffn, m.chunk_size_feed_forward, m.seq_len_dim, z)
+        branch = chunked if m.chunk_size_feed_forward > 0 else ffn
         return run.unit(2 if cross else 1, Parts(branch=branch, post=m.output.LayerNorm), x)
     if cross:
         return Block(("attention", "crossattention", "output"), forward,
