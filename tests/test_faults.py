@@ -130,9 +130,10 @@ def test_a_flipped_byte_in_a_weight_tensor_is_refused(tmp_path):
     assert not torch.equal(loaded["model_state"][name], weight)
     with pytest.raises(GradflowError, match="damaged.*SHA-256"):  # ...gradflow does not
         gradflow.load_checkpoint(path)
-    path.write_bytes(bytes(raw[: len(raw) // 2]))  # a truncated copy
-    with pytest.raises(GradflowError, match="cannot read checkpoint.*damaged or not a checkpoint"):
-        gradflow.load_checkpoint(path)
+    for junk in (bytes(raw[: len(raw) // 2]), b"not a checkpoint at all"):  # truncated; foreign
+        path.write_bytes(junk)
+        with pytest.raises(GradflowError, match="cannot read checkpoint.*damaged or not a checkpoint"):
+            gradflow.load_checkpoint(path)
 
 
 # --- 10. data that is not CIFAR's uint8 images ------------------------------------------------------

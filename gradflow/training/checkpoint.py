@@ -93,6 +93,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not an object it refused to build: a damaged or foreign file
+            raise GradflowError(f"cannot read checkpoint {path} (UnpicklingError: {_first_reason(e)}): "
+                                "the file is damaged or not a checkpoint") from None
         raise GradflowError(
             f"refused to load {path}: it holds objects other than tensors and plain data "
             f"({_first_reason(e)}), and loading those could run code. gradflow checkpoints never hold "
