@@ -149,6 +149,15 @@ def test_hf_gpt2(mask):
                            [x for b in blocks for x in (b.attn, b.mlp)], _names("transformer.h", 2, ("attn", "mlp")))
 
 
+def test_hf_gpt2_cross_attention_is_a_third_unit():
+    m = _tokens(_gpt2(add_cross_attention=True))
+    _INPUTS[id(m)]["encoder_hidden_states"] = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(2))
+    blocks = list(m.transformer.h)
+    check_against_autograd(m, _lm_loss, [x for b in blocks for x in (b.ln_1, b.ln_cross_attn, b.ln_2)], blocks[-1],
+                           [x for b in blocks for x in (b.attn, b.crossattention, b.mlp)],
+                           _names("transformer.h", 2, ("attn", "crossattention", "mlp")))
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "tracing/check.py runs the block's own forward first on copies of its arguments, but a "
     "DynamicCache holding non-leaf tensors cannot be deep-copied, so that forward updates the live "
