@@ -53,7 +53,7 @@ import math
 import types
 import warnings
 from collections import deque
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,7 @@ from . import stats
 from .check import compare, describe, reference_output
 from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units, renumber_stages
 from .quantities import Backward, Derive, Forward, Quantity, Weights, resolve
+from .paths import PathTracker
 from .schedule import as_schedule
 from .steps import Call, Micro
 from .tables import SUMMARIES, step_tables, to_host, unscale
@@ -123,6 +124,10 @@ class Tracer:
             receiving each step's rows as they are made.
         history: how many recorded steps to keep in memory (None: all).
         check: compare each unit's parts with its own forward on the first call.
+        paths: the exact split of dE/dx_l by path length (True: every length k;
+            an int: lengths 0..paths apart, longer ones summed as k = -1), read
+            as ``tr.paths``; ``keep=("paths",)`` keeps the components
+            [K+1, *x_l.shape] (see :mod:`gradflow.tracing.paths`).
     """
 
     def __init__(self, model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
@@ -130,10 +135,10 @@ class Tracer:
                  cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
                  quantities: Optional[Sequence] = None, sinks: Sequence = (),
-                 history: Optional[int] = None, check: bool = True):
-        bad = set(keep) - {"x", "grad", "direct"}
+                 history: Optional[int] = None, check: bool = True, paths: Union[bool, int, None] = None):
+        bad = set(keep) - {"x", "grad", "direct", "paths"}
         if bad:
-            raise GradflowError(f"keep={sorted(bad)!r}: choose from 'x', 'grad', 'direct'")
+            raise GradflowError(f"keep={sorted(bad)!r}: choose from 'x', 'grad', 'direct', 'paths'")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise GradflowError(f"optimizer={type(optimizer).__name__}: give a torch.optim.Optimizer "
                                 "(the one whose step() ends a training step)")
@@ -143,6 +148,9 @@ class Tracer:
         _refuse_nested(model)
         self.infos = find_units(model, units, parts)
         self.split = split
+        self._paths = None if paths is None or paths is False else PathTracker(None if paths is True else paths)
+        if self._paths is not None and not split:
+            raise GradflowError("paths= needs split=True: the path-length split refines the direct/residual one")
         self.schedule = as_schedule(schedule)
         self.keep = tuple(keep)
         self.cancel_tol = cancel_tol
@@ -429,6 +437,8 @@ class Tracer:
         if torch.is_grad_enabled() and self.split and out.requires_grad:
             call.y_edge = get_gradient_edge(y) if y is not out else None
             call.h_edge = get_gradient_edge(h)
+            if self._paths is not None:
+                self._paths.on_tap(call, x=x, h=h, r=r, y=y, out=out, coef=coef, parts=call.parts)
 
     def _after_unit(self, call: Call, x: Tensor, out: Tensor) -> None:
         m = call.micro
@@ -493,6 +503,12 @@ class Tracer:
             m.scale[p] = self.scaler._scale.detach().clone()
         if self.split:
             self._carry(last, g, g)
+        if self._paths is not None:
+            self._busy = True
+            try:
+                self._paths.on_top(last, g)
+            finally:
+                self._busy = False
 
     def _top_forward(self, m: Micro) -> None:
         """Forward reductions of x_L, made once; x_L is then let go."""
@@ -520,6 +536,13 @@ class Tracer:
                 s.update(q.backward(t))
         if "grad" in self.keep:
             self._keep(call, "grad", g, p)
+        if self._paths is not None:
+            self._busy = True
+            try:
+                self._paths.on_grad(call, g, p, (lambda t: self._keep(call, "paths", t, p))
+                                    if "paths" in self.keep else None)
+            finally:
+                self._busy = False
         if not (self.split and d is not None):
             return
         if "direct" in self.keep:
@@ -594,6 +617,18 @@ class Tracer:
             return gs[0], gs[-1]
         finally:
             self._busy = False
+
+    @property
+    def paths(self):
+        """dE/dx_l by path length (``paths=``): one row per unit, backward pass and length k.
+
+        Columns as :func:`gradflow.paths.path_components`' table, plus ``micro``
+        and ``backward``; k = -1 is the remainder beyond max_len.
+        """
+        if self._paths is None:
+            raise GradflowError("this tracer does not split by path length: trace(model, paths=True) "
+                                "(or paths=max_len)")
+        return self._paths.table()
 
     def _keep(self, call: Call, name: str, t: Tensor, p: int) -> None:
         m = call.micro
