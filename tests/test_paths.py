@@ -312,3 +312,38 @@ def test_probe_reports_the_effective_path_range(tmp_path, capsys):
     r = effective_range(path_components(m, x, y=y % 10).table)
     assert (p["lo"], p["hi"], p["peak"], p["n_units"]) == (r["lo"], r["hi"], r["peak"], 9)
     assert main(["--model", "resnet20", "--paths", "-3", "--out", str(tmp_path / "q")]) == 2
+
+
+class _LinRes(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _Opaque(nn.Module):
+    """A residual block torch.fx cannot read (data-dependent control flow): known by input and output only."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            return x + self.lin(x)
+        return x
+
+
+@pytest.mark.skipif(not _traces_paths(), reason="this tracer has no paths= option yet")
+def test_trace_paths_says_where_the_split_stops():
+    """A unit without parts: the split stops there, with a warning naming it; the units above keep theirs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_LinRes(4), _Opaque(4), _LinRes(4))
+    x = torch.randn(2, 4)
+    with pytest.warns(RuntimeWarning, match="split stops there"):
+        with gradflow.trace(net, units=list(net), paths=True) as tr:     # parts from torch.fx where it can
+            net(x).pow(2).sum().backward()
+        table = tr.paths
+    assert set(table["unit"]) == {2}

@@ -362,6 +362,10 @@ class PathTracker:
         if graph is None:
             if call.info.name not in self.stopped:
                 self.stopped.append(call.info.name)
+                import warnings
+                warnings.warn(f"gradflow.trace(paths=...): unit {call.info.name!r} has no recorded parts (or no "
+                              "gradient), so the path-length split stops there: the units below it get no "
+                              "tr.paths rows. Declare its parts to split through it", RuntimeWarning, stacklevel=2)
             return
         call.path_stack = self.carrier.through_unit(graph, stack)
 
