@@ -40,7 +40,6 @@ adds to them, ``quantities=("cheap", ...)`` or a preset name picks a preset.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -329,7 +328,3 @@ def resolve(quantities: Optional[Sequence], spectra: bool = False, spectra_iters
     if dup:
         raise GradflowError(f"two quantities write the column(s) {sorted(dup)}: rename one")
     return out
-
-
-def isfinite_number(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -49,14 +49,11 @@ How it works, and its sharp edges
 """
 from __future__ import annotations
 
-import math
 import types
 import warnings
 from collections import deque
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -66,12 +63,13 @@ from ..errors import GradflowError
 from ..parts import PLAIN, run_parts
 from . import stats
 from .check import compare, describe, reference_output
-from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units, renumber_stages
-from .quantities import Backward, Derive, Forward, Quantity, Weights, resolve
+from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units
+from .quantities import Backward, Forward, Quantity, Weights, resolve
 from .paths import PathTracker
 from .schedule import as_schedule
+from .carry import DirectCarrier, _exp
 from .steps import Call, Micro
-from .tables import SUMMARIES, step_tables, to_host, unscale
+from .writer import TableWriter
 
 _ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
 _MAX_PENDING = 16       # micro-batches waiting for a backward before they are written as they are
@@ -99,7 +97,7 @@ def _params(owned) -> list:
     return out
 
 
-class Tracer:
+class Tracer(TableWriter, DirectCarrier):
     """Attach with ``with Tracer(model) as tr`` (or :func:`trace`); read ``tr.units``.
 
     Args:
@@ -170,6 +168,7 @@ class Tracer:
         self.tensors: dict = {}     # keep= tensors
         self._frames: deque = deque()   # (step, units, samples) of written steps
         self._micro: Optional[Micro] = None
+        self._fresh: Optional[Micro] = None   # opened by new_micro(), not yet joined by a forward
         self._open: list[Micro] = []    # recorded micro-batches not written yet
         self._n_micro = self._n_eval = 0
         self._recording = False
@@ -294,12 +293,14 @@ class Tracer:
         so it works whether or not the training code calls the traced module itself.
         """
         self._open_micro()
+        self._fresh = self._micro
 
     def _open_micro(self) -> None:
         m, train = self._micro, torch.is_grad_enabled()
-        if m is not None and not m.calls and not m.final and m.phase == ("train" if train else "eval") \
-                and (self.optimizer is None or m.step == self.step):
-            return   # an empty micro-batch is reused
+        fresh, self._fresh = self._fresh, None
+        if m is not None and m is fresh and not m.calls and not m.final \
+                and m.phase == ("train" if train else "eval"):
+            return   # the micro-batch new_micro() opened, joined by the model's forward
         if self.optimizer is None:
             self._begin_step(self.step + 1)
         elif self.step < 0:
@@ -563,61 +564,6 @@ class Tracer:
                         call.d_ls, call.r_ls, call.carries)
         call.direct = call.ref = None
 
-    def _residual(self, g: Tensor, d: Tensor, d_ls) -> Tensor:
-        """g - exp(d_ls) d into a buffer reused across units of the same shape.
-
-        A fresh tensor per unit would cost an allocation (and, on the CPU, page
-        faults) per unit; the buffers live until the end of the backward pass.
-        """
-        key = (g.shape, g.dtype, g.device, g.stride())
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty_like(g)
-        if isinstance(d_ls, Tensor):
-            return torch.addcmul(g, d, torch.exp(d_ls).neg().to(d.dtype), out=buf)
-        return torch.sub(g, d, alpha=math.exp(d_ls), out=buf)
-
-    def _carry(self, call: Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
-               d_ls=0.0, r_ls=0.0, carries: int = 0) -> None:
-        """direct at unit ``call``'s input from direct at its output (and the same for ref).
-
-        The vectors are carried with a log scale, renormalised every few units
-        that change them: 0.5**54 of a gradient is below float32's smallest
-        square, 0.5**333 below its smallest number.
-        """
-        if call.out_edge is None or call.h_edge is None:
-            return  # a unit without parts: the split stops here
-        changed = False
-        if call.has_post:
-            v, vr = self._grad(call.out_edge, call.y_edge, v, vr)
-            changed = True
-        c = call.coef
-        if not (isinstance(c, float) and c == 1.0):
-            v, changed = v * c, True
-        if not call.identity_shortcut:
-            v, vr = self._grad(call.h_edge, call.x_edge, v, vr)
-            changed = True
-        if changed:
-            carries += 1
-            v_norm = None
-            if carries >= _RESCALE_EVERY:
-                carries = 0
-                same = vr is v
-                v, d_ls = _rescale(v, d_ls)
-                vr, r_ls = (v, d_ls) if same else _rescale(vr, r_ls)
-        call.direct, call.ref, call.direct_norm = v, vr, v_norm
-        call.d_ls, call.r_ls, call.carries = d_ls, r_ls, carries
-
-    def _grad(self, out_edge, in_edge, v: Tensor, vr: Tensor):
-        """Vector-Jacobian products of one piece of the recorded graph with v (and vr)."""
-        self._busy = True
-        try:
-            ws = [v] if vr is v else [v, vr]
-            gs = [torch.autograd.grad([out_edge], [in_edge], [w], retain_graph=True)[0] for w in ws]
-            return gs[0], gs[-1]
-        finally:
-            self._busy = False
-
     @property
     def paths(self):
         """dE/dx_l by path length (``paths=``): one row per unit, backward pass and length k.
@@ -640,151 +586,6 @@ class Tracer:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"gradflow.trace: {msg}", RuntimeWarning, stacklevel=3)
-
-    # -- tables -----------------------------------------------------------------------
-
-    def _write(self, micros: list, final: bool) -> list:
-        """Tabulate micro-batches (one host transfer each); when final, store and stream them."""
-        frames = []
-        for m in micros:
-            if final:
-                m.final = True
-                if m.top_handle is not None:
-                    m.top_handle.remove()
-                    m.top_handle = None
-                if m in self._open:
-                    self._open.remove(m)
-            if m.calls:
-                frames.append(self._tables(m, final))
-        if not (final and frames):
-            return frames
-        units = pd.concat([f[0] for f in frames], ignore_index=True)
-        samples = pd.concat([f[1] for f in frames], ignore_index=True)
-        self._frames.append((units, samples))
-        if self.history is not None:
-            while len(self._frames) > max(self.history, 0):
-                self._frames.popleft()
-        for s in self.sinks:
-            s.write(units, samples)
-        return frames
-
-    def _tables(self, m: Micro, final: bool) -> tuple:
-        calls = m.calls
-        if not self._stages_done:
-            renumber_stages([c.info for c in calls], [c.out_shape for c in calls])
-            self._stages_done = True
-        for c in calls:
-            if not c.info.x_shape:
-                c.info.x_shape = c.x_shape
-        self._top_forward(m)
-        passes = sorted(m.done) or [None]
-        if final and m.expects_grad:
-            self._check_complete(m)
-        metas, rows, scalars, scales = [], [], [], []
-        for p in passes:
-            start = len(rows)
-            w = m.weights.get(p, {}) if self.optimizer is None else self._step_w if m.phase == "train" else {}
-            for c in calls:
-                rows.append({**c.fwd, **(c.bwd.get(p, {}) if p is not None else {})})
-                scalars.append({**c.scalars, **w.get(id(c.info), {})})
-                metas.append(self._meta(m, p, c.index, c.info, c.x_shape, c.info.scalar_coef))
-            top = dict(m.top_fwd)
-            if p is not None and p in m.top:
-                g = m.top[p]
-                top["grad_norm"] = g
-                if self.split:
-                    zero = torch.zeros_like(g)
-                    top.update(direct_norm=g, ref_norm=g, direct_log_scale=zero, ref_log_scale=zero,
-                               residual_norm=zero, dot_direct_residual=zero)
-            rows.append(top)
-            scalars.append({})
-            last = calls[-1]
-            metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
-            if p is not None and p in m.scale:
-                scales.append((slice(start, len(rows)), m.scale[p]))
-        raw, sc, B = to_host(rows, scalars)
-        for sl, s in scales:
-            unscale(raw, sl, float(s))
-            if self.optimizer is None and "weight_grad_norm" in sc:
-                sc["weight_grad_norm"][sl] /= float(s)
-        n = len(rows)
-        top_rows = np.array([i for i, meta in enumerate(metas) if meta["is_top"]])
-        top = None
-        if "grad_norm" in raw:   # ||dE/dx_L|| of each row's own pass
-            owner = np.searchsorted(top_rows, np.arange(n))
-            top = raw["grad_norm"][top_rows[owner]]
-        numel = np.array([_numel(meta["x_shape"]) for meta in metas], dtype=float)
-        ctx = Derive(numel, top, self.cancel_tol)
-        for q in self.quantities:
-            q.derive(raw, ctx)
-        for meta_i, meta in enumerate(metas):
-            for k in self._scalar_cols:
-                if k in sc:
-                    meta[k] = sc[k][meta_i]
-        if B == 0:
-            B = 1
-        return step_tables(metas, raw, self._columns, B)
-
-    def _meta(self, m: Micro, p, index: int, info: UnitInfo, shape: str, coef, top: bool = False) -> dict:
-        d = dict(step=m.step, micro=m.micro, phase=m.phase, backward=p if p is not None else 0,
-                 unit=index, name="head_input" if top else info.name, stage=info.stage,
-                 kind="x_L" if top else info.kind, is_top=top,
-                 scalar_coef=coef, x_shape=shape)
-        if self.optimizer is not None:
-            d["skipped"] = m.skipped
-        return d
-
-    def _check_complete(self, m: Micro) -> None:
-        if not m.done:
-            self._warn("nobackward", f"step {m.step} (micro {m.micro}): no backward pass reached its "
-                       "units before its rows were written; their gradient columns are NaN")
-            return
-        want = [c for c in m.calls if c.expects_grad]
-        for p in m.done:
-            got = sum(1 for c in want if p in c.bwd)
-            if got < len(want):
-                self._warn("partial", f"step {m.step} (micro {m.micro}): backward pass {p} reached "
-                           f"dE/dx_l at {got} of {len(want)} units; the others' gradient columns are NaN")
-
-    def _all(self, which: int) -> pd.DataFrame:
-        frames = [f[which] for f in self._frames]
-        if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
-            ready = [m for m in self._open if m.complete and m.calls]
-            frames += [f[which] for f in self._write(ready, final=False)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-    def columns(self, samples: bool = False) -> list:
-        """Every column ``tr.units`` (or ``tr.samples``) can hold with these quantities, in order."""
-        per = list(self._columns)
-        if samples:
-            return ["step", "micro", "phase", "backward", "unit", "sample"] + per
-        cols = ["step", "micro", "phase", "backward", "unit", "name", "stage", "kind", "is_top",
-                "scalar_coef", "x_shape"] + (["skipped"] if self.optimizer is not None else [])
-        cols += [c for q in self.quantities if q.needs != "update" or self.optimizer is not None
-                 for c in q.scalars]
-        cols += ["batch"] + (["x_var"] if "x_rms" in per else [])
-        for c in per:
-            cols += ["cancel_frac"] if c == "cancel" else [c] + [f"{c}_{s}" for s in SUMMARIES]
-        return cols
-
-    @property
-    def units(self) -> pd.DataFrame:
-        """One row per unit per micro-batch per backward pass per recorded step, plus x_L's.
-
-        Columns: identification (step, micro, phase, backward, unit, name,
-        stage, kind, is_top, x_shape), then each per-sample quantity's batch
-        mean under its own name with ``_std``, ``_q05``, ``_q50`` and ``_q95``
-        beside it, ``x_var`` (variance over the batch's elements),
-        ``cancel_frac`` (share of samples where the residual term cancels the
-        direct one) and the one-number quantities (``weight_grad_norm``,
-        ``update_ratio`` with an optimizer). Reading never closes a step.
-        """
-        return self._all(0)
-
-    @property
-    def samples(self) -> pd.DataFrame:
-        """One row per unit per sample per recorded step: the per-sample values."""
-        return self._all(1)
 
     def summary(self, step: Optional[int] = None, pool: bool = False, **kwargs) -> dict:
         """Fitted rates against the paper's predictions, per step (plain Python numbers).
@@ -857,19 +658,6 @@ class _Run:
         return y
 
 
-_RESCALE_EVERY = 4
-
-
-def _rescale(v: Tensor, ls):
-    """v / max|v| and the log scale that undoes it, without a host synchronisation."""
-    m = v.detach().abs().amax().float().clamp_min(1e-30)
-    return v / m.to(v.dtype), ls + torch.log(m)
-
-
-def _exp(ls):
-    return torch.exp(ls) if isinstance(ls, Tensor) else math.exp(ls)
-
-
 def _first_tensor(out):
     if isinstance(out, Tensor):
         return out
@@ -882,10 +670,6 @@ def _first_tensor(out):
 
 def _shape(t) -> str:
     return "x".join(map(str, t.shape[1:])) if isinstance(t, Tensor) else ""
-
-
-def _numel(shape: str) -> int:
-    return int(np.prod([int(v) for v in shape.split("x")])) if shape else 1
 
 
 def trace(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None, **kwargs) -> Tracer:

@@ -1,0 +1,172 @@
+"""From recorded micro-batches to the tables: one host transfer each, stored and streamed.
+
+A micro-batch's rows are written once it is complete (or its step ends): one
+row per unit per backward pass that reached it, plus the x_L row; quantities
+derive their columns on the host; the rows go to memory (``history=``) and to
+every sink.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .discover import UnitInfo, renumber_stages
+from .quantities import Derive
+from .steps import Micro
+from .tables import SUMMARIES, step_tables, to_host, unscale
+
+
+class TableWriter:
+    """Mixin of :class:`~gradflow.tracing.Tracer`: writing and reading its tables."""
+
+    # -- tables -----------------------------------------------------------------------
+
+    def _write(self, micros: list, final: bool) -> list:
+        """Tabulate micro-batches (one host transfer each); when final, store and stream them."""
+        frames = []
+        for m in micros:
+            if final:
+                m.final = True
+                if m.top_handle is not None:
+                    m.top_handle.remove()
+                    m.top_handle = None
+                if m in self._open:
+                    self._open.remove(m)
+            if m.calls:
+                frames.append(self._tables(m, final))
+        if not (final and frames):
+            return frames
+        units = pd.concat([f[0] for f in frames], ignore_index=True)
+        samples = pd.concat([f[1] for f in frames], ignore_index=True)
+        self._frames.append((units, samples))
+        if self.history is not None:
+            while len(self._frames) > max(self.history, 0):
+                self._frames.popleft()
+        for s in self.sinks:
+            s.write(units, samples)
+        return frames
+
+    def _tables(self, m: Micro, final: bool) -> tuple:
+        calls = m.calls
+        if not self._stages_done:
+            renumber_stages([c.info for c in calls], [c.out_shape for c in calls])
+            self._stages_done = True
+        for c in calls:
+            if not c.info.x_shape:
+                c.info.x_shape = c.x_shape
+        self._top_forward(m)
+        passes = sorted(m.done) or [None]
+        if final and m.expects_grad:
+            self._check_complete(m)
+        metas, rows, scalars, scales = [], [], [], []
+        for p in passes:
+            start = len(rows)
+            w = m.weights.get(p, {}) if self.optimizer is None else self._step_w if m.phase == "train" else {}
+            for c in calls:
+                rows.append({**c.fwd, **(c.bwd.get(p, {}) if p is not None else {})})
+                scalars.append({**c.scalars, **w.get(id(c.info), {})})
+                metas.append(self._meta(m, p, c.index, c.info, c.x_shape, c.info.scalar_coef))
+            top = dict(m.top_fwd)
+            if p is not None and p in m.top:
+                g = m.top[p]
+                top["grad_norm"] = g
+                if self.split:
+                    zero = torch.zeros_like(g)
+                    top.update(direct_norm=g, ref_norm=g, direct_log_scale=zero, ref_log_scale=zero,
+                               residual_norm=zero, dot_direct_residual=zero)
+            rows.append(top)
+            scalars.append({})
+            last = calls[-1]
+            metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
+            if p is not None and p in m.scale:
+                scales.append((slice(start, len(rows)), m.scale[p]))
+        raw, sc, B = to_host(rows, scalars)
+        for sl, s in scales:
+            unscale(raw, sl, float(s))
+            if self.optimizer is None and "weight_grad_norm" in sc:
+                sc["weight_grad_norm"][sl] /= float(s)
+        n = len(rows)
+        top_rows = np.array([i for i, meta in enumerate(metas) if meta["is_top"]])
+        top = None
+        if "grad_norm" in raw:   # ||dE/dx_L|| of each row's own pass
+            owner = np.searchsorted(top_rows, np.arange(n))
+            top = raw["grad_norm"][top_rows[owner]]
+        numel = np.array([_numel(meta["x_shape"]) for meta in metas], dtype=float)
+        ctx = Derive(numel, top, self.cancel_tol)
+        for q in self.quantities:
+            q.derive(raw, ctx)
+        for meta_i, meta in enumerate(metas):
+            for k in self._scalar_cols:
+                if k in sc:
+                    meta[k] = sc[k][meta_i]
+        if B == 0:
+            B = 1
+        return step_tables(metas, raw, self._columns, B)
+
+    def _meta(self, m: Micro, p, index: int, info: UnitInfo, shape: str, coef, top: bool = False) -> dict:
+        d = dict(step=m.step, micro=m.micro, phase=m.phase, backward=p if p is not None else 0,
+                 unit=index, name="head_input" if top else info.name, stage=info.stage,
+                 kind="x_L" if top else info.kind, is_top=top,
+                 scalar_coef=coef, x_shape=shape)
+        if self.optimizer is not None:
+            d["skipped"] = m.skipped
+        return d
+
+    def _check_complete(self, m: Micro) -> None:
+        if not m.done:
+            self._warn("nobackward", f"step {m.step} (micro {m.micro}): no backward pass reached its "
+                       "units before its rows were written; their gradient columns are NaN")
+            return
+        want = [c for c in m.calls if c.expects_grad]
+        for p in m.done:
+            got = sum(1 for c in want if p in c.bwd)
+            if got < len(want):
+                self._warn("partial", f"step {m.step} (micro {m.micro}): backward pass {p} reached "
+                           f"dE/dx_l at {got} of {len(want)} units; the others' gradient columns are NaN")
+
+    def _all(self, which: int) -> pd.DataFrame:
+        frames = [f[which] for f in self._frames]
+        if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
+            ready = [m for m in self._open if m.complete and m.calls]
+            frames += [f[which] for f in self._write(ready, final=False)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def columns(self, samples: bool = False) -> list:
+        """Every column ``tr.units`` (or ``tr.samples``) can hold with these quantities, in order."""
+        per = list(self._columns)
+        if samples:
+            return ["step", "micro", "phase", "backward", "unit", "sample"] + per
+        cols = ["step", "micro", "phase", "backward", "unit", "name", "stage", "kind", "is_top",
+                "scalar_coef", "x_shape"] + (["skipped"] if self.optimizer is not None else [])
+        cols += [c for q in self.quantities if q.needs != "update" or self.optimizer is not None
+                 for c in q.scalars]
+        cols += ["batch"] + (["x_var"] if "x_rms" in per else [])
+        for c in per:
+            cols += ["cancel_frac"] if c == "cancel" else [c] + [f"{c}_{s}" for s in SUMMARIES]
+        return cols
+
+    @property
+    def units(self) -> pd.DataFrame:
+        """One row per unit per micro-batch per backward pass per recorded step, plus x_L's.
+
+        Columns: identification (step, micro, phase, backward, unit, name,
+        stage, kind, is_top, x_shape), then each per-sample quantity's batch
+        mean under its own name with ``_std``, ``_q05``, ``_q50`` and ``_q95``
+        beside it, ``x_var`` (variance over the batch's elements),
+        ``cancel_frac`` (share of samples where the residual term cancels the
+        direct one) and the one-number quantities (``weight_grad_norm``,
+        ``update_ratio`` with an optimizer). Reading never closes a step.
+        """
+        return self._all(0)
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """One row per unit per sample per recorded step: the per-sample values."""
+        return self._all(1)
+
+
+def _numel(shape: str) -> int:
+    return int(np.prod([int(v) for v in shape.split("x")])) if shape else 1
+
+
