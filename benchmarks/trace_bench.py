@@ -74,7 +74,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir: str) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir: str,
+               clock=time.perf_counter) -> dict:
     model, size = build(name, device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -89,11 +93,11 @@ def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir:
             st = steps[m]
             st()                        # the first step after re-attaching is not timed
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             st()
             st()
             sync(device)
-            times[m].append((time.perf_counter() - t0) / 2)
+            times[m].append((clock() - t0) / 2)
             st.pause()
     return {m: statistics.median(v) for m, v in times.items()}
 
@@ -142,6 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: this process's CPU time (steadier on a shared machine; CPU only)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: as many as cores)")
     p.add_argument("--tensorboard", nargs="*", default=["resnet164"],
                    help="models also timed with the split streamed to TensorBoard every step")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -151,16 +158,17 @@ def main(argv=None) -> int:
         name, batch, mode, device = a.child
         print(memory_child(name, int(batch), mode, device))
         return 0
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    torch.set_num_threads(a.threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
-    print(f"device={a.device} batch={a.batch} repeats={a.repeats} torch={torch.__version__}")
+    print(f"device={a.device} batch={a.batch} repeats={a.repeats} clock={a.clock} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} load={os.getloadavg()[0]:.1f}")
     print(f"{'model':24s} {'plain s':>8s} {'stats x':>8s} {'split x':>8s} {'mem plain MB':>13s} "
           f"{'stats x':>8s} {'split x':>8s} {'tb/split':>9s}")
     import tempfile
     for name in a.models:
         modes = MODES + ((TB_MODE,) if name in a.tensorboard else ())
         with tempfile.TemporaryDirectory() as log_dir:
-            t = time_modes(name, a.batch, a.repeats, a.device, modes, log_dir)
+            t = time_modes(name, a.batch, a.repeats, a.device, modes, log_dir, CLOCKS[a.clock])
         mem = {} if a.no_memory else memory_modes(name, a.batch, a.device)
         row = {"model": name, "batch": a.batch, "device": a.device,
                "time_plain_s": t["plain"], "time_stats_ratio": t["stats"] / t["plain"],

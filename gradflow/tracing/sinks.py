@@ -215,12 +215,12 @@ class TensorBoardSink(Sink):
             # one value per unit: the mean over micro-batches and backward passes
             per = df.groupby("unit", sort=True).agg({**{c: "mean" for c in cols},
                                                      "name": "first", "stage": "first"})
+            scalars = []
             for c in cols:
                 vals = per[c].to_numpy(dtype=float)
                 if self.scalars:
-                    for (name, stage), v in zip(per[["name", "stage"]].itertuples(index=False), vals):
-                        if math.isfinite(v):
-                            w.add_scalar(f"{pre}{c}.stage{stage}/{name}", v, step)
+                    scalars += [(f"{pre}{c}.stage{stage}/{name}", float(v)) for (name, stage), v in
+                                zip(per[["name", "stage"]].itertuples(index=False), vals) if math.isfinite(v)]
                 ok = np.isfinite(vals)
                 if self.histograms and ok.any():
                     v = np.where(ok, np.abs(vals), 0.0)
@@ -230,6 +230,17 @@ class TensorBoardSink(Sink):
                                         sum_squares=float((depth * depth * v).sum()),
                                         bucket_limits=(depth + 0.5).tolist(), bucket_counts=v.tolist(),
                                         global_step=step)
+            self._scalars(scalars, step)
+
+    def _scalars(self, items: list, step: int) -> None:
+        """All of a step's scalars as one event (one add_scalar each costs ~0.1 ms)."""
+        fw = getattr(self.writer, "_get_file_writer", None)
+        if fw is None:
+            for tag, v in items:
+                self.writer.add_scalar(tag, v, step)
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        fw().add_summary(Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in items]), step)
 
     def close(self) -> None:
         self.writer.flush()
