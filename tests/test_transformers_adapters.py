@@ -158,11 +158,6 @@ def test_hf_gpt2_cross_attention_is_a_third_unit():
                            _names("transformer.h", 2, ("attn", "crossattention", "mlp")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tracing/check.py runs the block's own forward first on copies of its arguments, but a "
-    "DynamicCache holding non-leaf tensors cannot be deep-copied, so that forward updates the live "
-    "cache under no_grad: the traced attention then sees every key twice, once detached, and loses "
-    "part of the gradient through K and V (forward values unchanged). The tracer's to fix (issue 10)"))
 def test_hf_gpt2_with_its_default_cache():
     m = _tokens(_gpt2(), use_cache=True)
     blocks = list(m.transformer.h)

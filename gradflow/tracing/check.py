@@ -36,17 +36,51 @@ def untouched(module: nn.Module, device: torch.device):
                     b.copy_(v)
 
 
+class Uncopyable(Exception):
+    """An argument the check cannot copy, so running the module's own forward could change it."""
+
+
+def _tensors_in(obj: Any, out: dict, depth: int = 0) -> None:
+    """Every tensor reachable from ``obj`` through containers and attributes (caches hold them there)."""
+    if depth > 6:
+        return
+    if isinstance(obj, Tensor):
+        out.setdefault(id(obj), obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            _tensors_in(v, out, depth + 1)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, out, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for v in vars(obj).values():
+            _tensors_in(v, out, depth + 1)
+
+
 def _copy_arg(a: Any) -> Any:
     if isinstance(a, Tensor):
         return a.detach().clone()
     try:
         return copy.deepcopy(a)     # caches and other mutable state the module may update
     except Exception:
-        return a
+        pass
+    # Non-leaf tensors refuse deepcopy (a Hugging Face DynamicCache holds them): give deepcopy
+    # detached clones of every tensor inside, so the copy shares nothing with the live object.
+    found: dict = {}
+    _tensors_in(a, found)
+    memo = {i: t.detach().clone() for i, t in found.items()}
+    try:
+        return copy.deepcopy(a, memo)
+    except Exception as e:
+        raise Uncopyable(f"{type(a).__name__} ({type(e).__name__}: {e})") from None
 
 
 def reference_output(original: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The module's own forward on copies of ``args``/``kwargs``, leaving no trace behind."""
+    """The module's own forward on copies of ``args``/``kwargs``, leaving no trace behind.
+
+    Raises :class:`Uncopyable` when an argument cannot be copied: the module's own forward
+    would then run on the live object (a cache it appends to) and change the traced run.
+    """
     leaves, _ = tree_flatten((args, kwargs))
     device = next((t.device for t in leaves if isinstance(t, Tensor)), torch.device("cpu"))
     a, k = tree_map(_copy_arg, (args, kwargs))

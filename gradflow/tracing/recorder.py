@@ -62,7 +62,7 @@ from torch.autograd.graph import get_gradient_edge
 from ..errors import GradflowError
 from ..parts import PLAIN, run_parts
 from . import stats
-from .check import compare, describe, reference_output
+from .check import Uncopyable, compare, describe, reference_output
 from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units
 from .quantities import Backward, Forward, Quantity, Weights, resolve
 from .paths import PathTracker
@@ -402,7 +402,13 @@ class Tracer(TableWriter, DirectCarrier):
             return out
         ref = None
         if self.check and not group.checked:
-            ref = reference_output(original, group.module, args, kwargs)
+            try:
+                ref = reference_output(original, group.module, args, kwargs)
+            except Uncopyable as e:   # never run the check on a live object: say so, once
+                group.checked = True
+                warnings.warn(f"gradflow: the parts of {group.infos[0].module_name or type(group.module).__name__!r} "
+                              f"are not checked against its own forward: an argument cannot be copied "
+                              f"({e}), and running the module on the original would change it", stacklevel=2)
         out = group.block.forward(_Run(self, group), *args, **kwargs)
         if ref is not None:
             compare(group.infos[0].module_name or type(group.module).__name__,
