@@ -130,7 +130,18 @@ class TableWriter:
         if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
             ready = [m for m in self._open if m.complete and m.calls]
             frames += [f[which] for f in self._write(ready, final=False)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if len(df):  # forwards without a backward (no_grad, eval): gradient columns NaN, not absent
+            want = self.columns(samples=which == 1)
+            grad = {c for q in self.quantities if q.needs in ("grad", "split", "weights")
+                    for c in (*q.columns, *q.scalars)}
+            missing = [c for c in want if c not in df and (c in grad or c.rsplit("_", 1)[0] in grad
+                                                          or c == "cancel_frac" and "cancel" in grad)]
+            if missing:
+                df = pd.concat([df, pd.DataFrame(np.nan, index=df.index, columns=missing)], axis=1)
+                order = [c for c in want if c in df]
+                df = df[order + [c for c in df.columns if c not in order]]
+        return df
 
     def columns(self, samples: bool = False) -> list:
         """Every column ``tr.units`` (or ``tr.samples``) can hold with these quantities, in order."""
