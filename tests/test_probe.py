@@ -371,9 +371,6 @@ def test_probe_model_restores_the_callers_model():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.xfail(strict=False, reason="gradflow.tracing keeps the tracer (and so the model) alive after a "
-                   "traced backward: each unit-input hook's closure holds its call, whose gradient edges hold the "
-                   "autograd node that holds the hook, a cycle through C++ that gc cannot collect")
 def test_compare_releases_each_variant_before_building_the_next(monkeypatch):
     import gc
     import weakref

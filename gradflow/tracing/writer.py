@@ -35,6 +35,8 @@ class TableWriter:
                     self._open.remove(m)
             if m.calls:
                 frames.append(self._tables(m, final))
+            if final:
+                _release(m)
         if not (final and frames):
             return frames
         units = pd.concat([f[0] for f in frames], ignore_index=True)
@@ -175,6 +177,24 @@ class TableWriter:
     def samples(self) -> pd.DataFrame:
         """One row per unit per sample per recorded step: the per-sample values."""
         return self._all(1)
+
+
+def _release(m) -> None:
+    """Drop a written micro-batch's references into the autograd graph.
+
+    Each unit-input hook's closure holds its call; a call's gradient edges hold the
+    graph's nodes, which hold the hooks: a cycle through C++ that ``gc`` cannot
+    collect, which kept every traced model alive (the probe's ``--compare``).
+    A backward that comes later is refused before it reads any of these.
+    """
+    m.last_out = None
+    for c in m.calls:
+        c.x_edge = c.out_edge = c.y_edge = c.h_edge = c.link_edges = None
+        c.direct = c.ref = c.direct_norm = None
+        c.args, c.parts, c.coef = (), None, 1.0
+        for a in ("path_graph", "path_stack"):
+            if hasattr(c, a):
+                setattr(c, a, None)
 
 
 def _numel(shape: str) -> int:
