@@ -27,7 +27,7 @@ def _flags(data, out, *extra):
 
 
 def test_torchrun_two_processes_train_and_write_one_set_of_logs(data, tmp_path):
-    cmd = ["torchrun", "--nproc_per_node", "2", "--standalone", "-m", "gradflow.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradflow.train",
            *_flags(data, tmp_path, "--stop", "20", "--lr", "0.05", "--warmup-iters", "0",
                    "--milestones", "", "--eval-every", "20")]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)

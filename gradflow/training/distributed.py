@@ -60,6 +60,12 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, dev)
 
 
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

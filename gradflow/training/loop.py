@@ -114,7 +114,9 @@ def run_training(config: TrainConfig, resume: Optional[str | Path] = None) -> Ru
     d = distributed.setup(config.device)
     try:
         with _backends(config, d.device):
-            return _train(config, resume, d)
+            outcome = _train(config, resume, d)
+        distributed.barrier()   # every rank done before the group goes (gloo aborted a rank that left early)
+        return outcome
     finally:
         distributed.teardown()
 
