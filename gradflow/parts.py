@@ -214,3 +214,20 @@ def as_fn(module) -> Optional[Fn]:
     if module is None or isinstance(module, torch.nn.Identity):
         return None
     return module
+
+
+def forward_runs_parts(module) -> bool:
+    """Whether ``module``'s forward is, by definition, ``run_parts(module.parts(), x)``.
+
+    A class says so with ``forward_is_parts = True`` beside the ``forward`` that does it
+    (gradflow's own units). Then checking the parts against the forward compares a
+    computation with itself, so the tracer skips that check. A subclass that defines
+    its own forward, or an instance whose forward was replaced, is checked as usual.
+    """
+    cls = type(module)
+    if "forward" in vars(module):
+        return False
+    for k in cls.__mro__:
+        if "forward_is_parts" in vars(k):
+            return bool(vars(k)["forward_is_parts"]) and cls.forward is vars(k).get("forward")
+    return False

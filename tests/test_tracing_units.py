@@ -353,3 +353,27 @@ def test_user_quantities_forward_and_backward():
     assert "grad_norm" in tr.units and "direct_norm" not in tr.units and "h_norm" not in tr.units
     with pytest.raises(gradflow.GradflowError, match="Quantity"):
         gradflow.trace(m, quantities=[object()])
+
+
+def test_zoo_forward_is_its_parts_so_only_other_forwards_are_checked():
+    from gradflow.errors import GradflowError
+    from gradflow.models.units import ResidualUnit
+    from gradflow.parts import forward_runs_parts, run_parts
+
+    m = gradflow.create_model("resnet20")
+    unit = m.units()[0]
+    assert forward_runs_parts(unit)   # forward == run_parts(parts()): a check would compare it with itself
+
+    class Doubled(ResidualUnit):       # a subclass with a forward of its own is checked as usual
+        def forward(self, x):
+            return 2 * run_parts(self.parts(), x)
+
+    unit.__class__ = Doubled
+    assert not forward_runs_parts(unit)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    with pytest.raises(GradflowError, match="differs from the module's own forward"):
+        with gradflow.trace(m):
+            m(x)
+    unit.__class__ = ResidualUnit
+    unit.forward = lambda x: run_parts(unit.parts(), x)   # a replaced forward: checked too
+    assert not forward_runs_parts(unit)

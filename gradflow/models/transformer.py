@@ -176,6 +176,8 @@ class TransformerUnit(nn.Module):
         return Parts(branch=self.branch, shortcut=as_fn(self.shortcut), combine=self.combine,
                      post=as_fn(self.post), preact=as_fn(self.preact), shortcut_preact=False)
 
+    forward_is_parts = True   # the tracer need not check parts() against this forward
+
     def forward(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, T, d]
         return run_parts(self.parts(), x)
 

@@ -248,6 +248,8 @@ class ResidualUnit(nn.Module):
                      post=as_fn(self.post), preact=as_fn(self.preact),
                      shortcut_preact=self.shortcut_preact)
 
+    forward_is_parts = True   # the tracer need not check parts() against this forward
+
     def forward(self, x: Tensor) -> Tensor:  # [B, in_ch, H, W] -> [B, out_ch, H/s, W/s]
         return run_parts(self.parts(), x)
 
