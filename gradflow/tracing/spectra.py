@@ -13,7 +13,6 @@ Tracing owns this code; :mod:`gradflow.theory.jacobian` re-exports it.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -21,20 +20,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..parts import Parts, run_parts
+from .check import untouched
 
 
-@contextlib.contextmanager
-def preserved_state(module: nn.Module, device: torch.device):
-    """Restore the module's buffers (BN running stats) and the RNG afterwards."""
-    saved = {k: b.detach().clone() for k, b in module.named_buffers()}
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for k, b in module.named_buffers():
-                    b.copy_(saved[k])
+preserved_state = untouched   # buffers (BN running stats) and the RNG restored afterwards
 
 
 class _Linearised:
