@@ -143,7 +143,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-    sys.exit(main(get_args_parser().parse_args(argv)))
+    from .training.signals import exit_on_signals, hold_signals_if_stopped
+    exit_on_signals()
+    code = main(get_args_parser().parse_args(argv))
+    hold_signals_if_stopped()   # a late second signal must not kill the interpreter's shutdown
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,37 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 
+_received: list = []   # every signal a run has taken, in this process
+
+
+def exit_on_signals() -> None:
+    """For a CLI process (not a library call): SIGINT/SIGTERM outside a run exit 130/143 at once.
+
+    A signal that comes after a run already stopped on one (a second SIGTERM
+    50 ms after the first, arriving once the run's own handlers are gone) is
+    ignored, so the process still exits with the run's code, never killed
+    by the default action.
+    """
+    def handler(signum, frame):
+        if _received:
+            return
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
+def hold_signals_if_stopped() -> None:
+    """Block SIGINT/SIGTERM for the rest of a process whose run already stopped on one.
+
+    Python resets its handlers while the interpreter shuts down; a second signal
+    arriving then would kill the process by the default action (exit -15) instead
+    of its documented code. Blocked, it stays pending and dies with the process.
+    """
+    if _received and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 class Interrupted(KeyboardInterrupt):
     """A second signal stopped the run at once, without a new checkpoint. ``signal``: its name."""
 
@@ -31,6 +62,7 @@ class StopFlag:
         return self.name is not None
 
     def hit(self, name: str) -> None:
+        _received.append(name)
         if self.name is None:
             self.name = name
         elif self._writing:
