@@ -235,7 +235,7 @@ def test_report_identity_leads_with_the_finding_checked_by_autograd():
     assert text.count("by construction") == 2 and lines[2].startswith("by construction: ")  # said once, + its label
     assert not any(n in text for n in NEVER), text
     v = rep["variants"][0]
-    assert v["equation"] == "eq. (5)" and v["verdicts"]["direct"].startswith("eq. (5) holds")
+    assert v["equation"] == "eq. (5)" and v["verdicts"]["direct"].startswith("eq. (5) applies, not a finding")
     assert "direct_rate" not in v["verdicts"]   # 0 = 0 by construction for identity shortcuts: not spent
     # independent: plain autograd on the same network and batch
     built = build_model("resnet20", {}, seed=2)

@@ -261,8 +261,10 @@ def verdicts(summary: dict, units: pd.DataFrame) -> dict[str, str]:
     elif _identity_only(df):
         worst = _within_stage_change(df)
         if worst <= STAY_TOL:
-            out["direct"] = (f"eq. (5) holds: within every stage the direct term stays at dE/dx_L carried "
-                             f"through the projections (largest change between consecutive units: {_x(worst)})")
+            out["direct"] = (f"eq. (5) applies, not a finding: no activation after the addition sits on the "
+                             f"shortcut path, so within every stage the direct term is exactly dE/dx_L carried "
+                             f"through the projections, as said above (largest change between "
+                             f"consecutive units: {_x(worst)}); the findings are the total and the projections")
         else:
             out["direct"] = (f"eq. (5) does not hold here: an activation after the addition (f) sits on the "
                              f"shortcut path and changes the direct term by up to {_x(worst)} between "
