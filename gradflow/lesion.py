@@ -19,7 +19,6 @@ Library: :func:`lesion_study` (and the pieces it calls); CLI:
 """
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -31,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import GradflowError
-from .parts import Parts
+from .parts import Parts, patched_forwards
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 
@@ -118,21 +117,7 @@ def _lesioned_forward(block: Lesionable):
     return lambda self_module, *a, **kw: p.forward(_ShortcutOnly(), *a, **kw)
 
 
-@contextmanager
-def _patched(modules_forwards: list):
-    """Set ``module.forward`` for each (module, function); restore everything on exit."""
-    saved = []
-    try:
-        for module, fn in modules_forwards:
-            saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
-            module.forward = fn if isinstance(fn, types.MethodType) else types.MethodType(fn, module)
-        yield
-    finally:
-        for module, had, old in reversed(saved):
-            if had:
-                module.forward = old
-            else:
-                del module.forward
+_patched = patched_forwards
 
 
 @contextmanager

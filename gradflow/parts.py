@@ -52,6 +52,8 @@ method (returning :class:`Parts` or :class:`Block`) and a ``stage`` attribute
 """
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
 
@@ -231,3 +233,24 @@ def forward_runs_parts(module) -> bool:
         if "forward_is_parts" in vars(k):
             return bool(vars(k)["forward_is_parts"]) and cls.forward is vars(k).get("forward")
     return False
+
+
+@contextmanager
+def patched_forwards(modules_forwards):
+    """Set ``module.forward`` to each (module, function(self_module, ...)); restore all on exit.
+
+    The one place that swaps forwards outside the tracer (lesions, the path split):
+    an instance attribute that was there before comes back, one that was not is deleted.
+    """
+    saved = []
+    try:
+        for module, fn in modules_forwards:
+            saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+            module.forward = fn if isinstance(fn, types.MethodType) else types.MethodType(fn, module)
+        yield
+    finally:
+        for module, had, old in reversed(saved):
+            if had:
+                module.forward = old
+            else:
+                del module.forward

@@ -17,7 +17,6 @@ recomputed, BN uses the forward's batch statistics. The model is left as it was.
 """
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -31,7 +30,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from .errors import GradflowError
-from .parts import Parts, run_parts
+from .parts import Parts, patched_forwards, run_parts
 from .tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
 from .tracing.paths import PathCarrier, PathStack, UnitGraph, is_plain_sum, n_paths, stack_rows
 
@@ -143,26 +142,17 @@ def _taps(infos: list[UnitInfo], calls: list, gate_rerun: bool = False):
     by_module: dict = {}
     for info in infos:
         by_module.setdefault(id(info.module), []).append(info)
-    patched = []
-    try:
-        for group in by_module.values():
-            group = sorted(group, key=lambda i: getattr(i, "slot", 0))
-            module = group[0].module
-            block_fwd, _ = _block_forward(group[0].parts())
-            runner = _Runner(group, calls, gate_rerun)
-            had, old = "forward" in module.__dict__, module.__dict__.get("forward")
+    swaps = []
+    for group in by_module.values():
+        group = sorted(group, key=lambda i: getattr(i, "slot", 0))
+        block_fwd, _ = _block_forward(group[0].parts())
+        runner = _Runner(group, calls, gate_rerun)
 
-            def forward(self_module, *args, _f=block_fwd, _run=runner, **kwargs):
-                return _f(_run, *args, **kwargs)
-            module.forward = types.MethodType(forward, module)
-            patched.append((module, had, old))
+        def forward(self_module, *args, _f=block_fwd, _run=runner, **kwargs):
+            return _f(_run, *args, **kwargs)
+        swaps.append((group[0].module, forward))
+    with patched_forwards(swaps):
         yield
-    finally:
-        for module, had, old in reversed(patched):
-            if had:
-                module.forward = old
-            else:
-                del module.forward
 
 
 def record(model: nn.Module, x: Tensor, loss_fn: LossFn, units: UnitsSpec = None,
