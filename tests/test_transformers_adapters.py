@@ -1,6 +1,8 @@
 """Third-party transformer and ConvNeXt blocks, found with no declaration: one unit per residual
 addition, every recorded number against plain autograd on the untraced model, and the direct term
 against the same model with every residual branch's output detached (forward hooks)."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -96,16 +98,17 @@ def check_against_autograd(model, loss_fn, x_modules, top, detach, names):
     return tr
 
 
-_INPUTS = {}
+_INPUTS = weakref.WeakKeyDictionary()   # keyed by the model itself: an id() is reused once a model is freed
+_IMAGES = {}
 
 
 def _logits(model):
-    out = model(**_INPUTS[id(model)]) if id(model) in _INPUTS else model(_INPUTS["images"])
+    out = model(**_INPUTS[model]) if model in _INPUTS else model(_IMAGES["images"])
     return out.logits if hasattr(out, "logits") else out
 
 
 def _lm_loss(model):
-    ids = _INPUTS[id(model)]["input_ids"]
+    ids = _INPUTS[model]["input_ids"]
     return F.cross_entropy(_logits(model).flatten(0, 1), ids.roll(-1, 1).flatten())
 
 
@@ -120,12 +123,12 @@ def _tokens(model, vocab=64, mask=False, use_cache=False):
         m = torch.ones(4, 8, dtype=torch.long)
         m[0, 6:] = 0
         inp["attention_mask"] = m
-    _INPUTS[id(model)] = inp
+    _INPUTS[model] = inp
     return model
 
 
 def _images():
-    _INPUTS["images"] = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _IMAGES["images"] = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def _names(prefix, n, slots):
@@ -151,7 +154,7 @@ def test_hf_gpt2(mask):
 
 def test_hf_gpt2_cross_attention_is_a_third_unit():
     m = _tokens(_gpt2(add_cross_attention=True))
-    _INPUTS[id(m)]["encoder_hidden_states"] = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(2))
+    _INPUTS[m]["encoder_hidden_states"] = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(2))
     blocks = list(m.transformer.h)
     check_against_autograd(m, _lm_loss, [x for b in blocks for x in (b.ln_1, b.ln_cross_attn, b.ln_2)], blocks[-1],
                            [x for b in blocks for x in (b.attn, b.crossattention, b.mlp)],
@@ -192,7 +195,7 @@ def test_hf_bert_family_is_post_ln(family, chunk):
                   vocab_size=64, max_position_embeddings=20, num_labels=3, chunk_size_feed_forward=chunk,
                   pad_token_id=1)
     m = _tokens(model_cls(cfg), mask=True)
-    _INPUTS[id(m)]["input_ids"] = _INPUTS[id(m)]["input_ids"].clamp_min(2)
+    _INPUTS[m]["input_ids"] = _INPUTS[m]["input_ids"].clamp_min(2)
     layers = list(getattr(m, family).encoder.layer)
     tr = check_against_autograd(m, _cls_loss, [x for l in layers for x in (l, ("out", l.attention))], layers[-1],
                                 [x for l in layers for x in (l.attention.output.dense, l.output.dense)],
