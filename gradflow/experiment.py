@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder holding the CIFAR data (as for gradflow.train)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the md5 check")
     p.add_argument("--scale", default="paper", help="'paper' (default: 64k iterations, the paper's "
-                   "widths) or 'laptop' (width x0.25, 64 iterations, the same recipe shape)")
+                   "widths) or 'laptop' (width x0.5, 400 iterations, the same recipe shape, warm-up >= 1/8 of the run)")
     p.add_argument("--width", type=float, help="channel multiplier (overrides the scale's)")
     p.add_argument("--stop", type=int, help="iterations per run (overrides the scale's; the lr "
                    "schedule keeps the paper's proportions)")

@@ -178,3 +178,17 @@ def test_a_run_another_process_holds_is_left_to_it(tmp_path):
     dead.wait()
     lock.write_text(f"{socket.gethostname()}:{dead.pid}")      # its process is gone: stale
     assert _lock(spec) is None and lock.read_text().endswith(f":{os.getpid()}")
+
+
+def test_laptop_schedule_keeps_the_paper_shape_with_a_warmup_floor():
+    """Milestones at 50% and 75% of the run (the paper's 32k/48k of 64k); the warm-up is the paper's
+    400/64k of the run, but never under 1/8 of it (a step count the net needs, not a fraction)."""
+    paper = make_scale("paper").fields()
+    assert paper == {"probe_every": 4000}                  # the paper scale changes nothing but probes
+    laptop = make_scale("laptop")
+    f = laptop.fields()
+    assert (laptop.width, f["stop"]) == (0.5, 400)
+    assert f["milestones"] == (200, 300)
+    assert f["warmup_iters"] == 400 // 8
+    assert make_scale("laptop", stop=1600).fields()["warmup_iters"] == 1600 // 8
+    assert make_scale("laptop", stop=32000).fields()["warmup_iters"] == 400   # never longer than the paper's
