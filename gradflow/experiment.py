@@ -107,6 +107,7 @@ def _self_command(args, argv: Sequence[str], run: str) -> str:
 
 def _report(args, scale, rows, specs, exp_dir: Path, command: str, how: str = "") -> list[Path]:
     from .experiments import EXPERIMENTS, draw_figures, results_table, write_table
+    from .experiments.ordering import ordering_lines
     from .figures import _common
     out = Path(args.figures_out) if args.figures_out else exp_dir
     seeds = f"{args.seeds} seed(s) per row: {', '.join(str(s) for s in range(args.seeds))}"
@@ -121,6 +122,7 @@ def _report(args, scale, rows, specs, exp_dir: Path, command: str, how: str = ""
              "paper error: He et al. 2016 (PAPER.md section 2), at the paper's scale"]
     common = _common(command)
     table = results_table(rows, specs, scale)
+    about += ordering_lines(table, {r.name: r.group for r in rows})
     stem = f"{args.experiment}_{scale.name}_results"
     written = write_table(table, out, stem, f"{args.experiment} at {scale.name} scale", about + common)
     written += draw_figures(args.experiment, rows, specs, scale, out,
