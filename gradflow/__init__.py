@@ -21,9 +21,9 @@ __version__ = "0.1.0"
 # name -> (module, attribute): imported on first access (PEP 562)
 _LAZY = {"trace": ("tracing", "trace"), "Tracer": ("tracing", "Tracer"), "find_units": ("tracing", "find_units"),
          "units": ("tracing", "units"),
-         "load_checkpoint": ("training", "load_checkpoint"), "train": ("training", "train")}
+         "load_checkpoint": ("checkpoint", "load_checkpoint"), "train": ("training", "train")}
 _SUBMODULES = ("theory", "tracing", "training", "plot", "probing", "runs", "figures", "data", "io",
-               "provenance", "cli", "parts")
+               "provenance", "cli", "parts", "checkpoint")
 
 __all__ = ["create_model", "list_models", "model_inputs", "model_options", "register_model", "GradflowError",
            "trace", "Tracer", "find_units", "units", "__version__"]

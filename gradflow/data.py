@@ -399,6 +399,9 @@ def synthetic_cifar(root: str | Path, n_train: int = 1024, n_test: int = 256, cl
     return write_cifar(root, dataset, train, test, tarball=tarball)
 
 
+SYNTHETIC = dict(n_train=1024, n_test=512, classes=4)  # train --synthetic, --smoke without --data, lesion --synthetic
+
+
 def synthetic_arrays(n_train: int = 1024, n_test: int = 512, classes: int = 4,
                      dataset: str = "cifar10", seed: int = 0) -> CifarArrays:
     """The images :func:`synthetic_cifar` would write, in memory (``train --synthetic``, ``--smoke``)."""

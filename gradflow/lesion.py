@@ -300,11 +300,10 @@ def cifar_test_batches(info: dict, args, device) -> tuple[list, str]:
     Returns:
         ([(images, labels), ...], a description of the data).
     """
-    from .data import DeviceCifar, load_cifar, synthetic_arrays
+    from .data import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
     cfg = info.get("config") or {}
     dataset = cfg.get("dataset", "cifar10")
     if args.synthetic:
-        from .training.loop import SYNTHETIC
         arrays, where = synthetic_arrays(dataset=dataset, seed=cfg.get("seed", 0), **SYNTHETIC), "generated data"
     else:
         if not args.data:
@@ -319,9 +318,9 @@ def run_cli(args) -> dict:
     """Everything :func:`main` does, returning the summary (raises GradflowError on bad input)."""
     import json
     from pathlib import Path
+    from .checkpoint import load_checkpoint
     from .cli import resolve_device
     from .io import atomic_write
-    from .training.checkpoint import load_checkpoint
     if args.draws < 1 or args.batch_size < 1 or args.test_images < 0:
         raise GradflowError(f"--draws {args.draws}, --batch-size {args.batch_size}, --test-images "
                             f"{args.test_images}: draws and batch size must be >= 1, test images >= 0")

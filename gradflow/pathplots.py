@@ -179,8 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         torch.manual_seed(args.seed)
         if args.checkpoint:
+            from .checkpoint import load_checkpoint
             from .lesion import cifar_test_batches
-            from .training.checkpoint import load_checkpoint
             if not args.data:
                 raise GradflowError("--checkpoint needs --data (the CIFAR folder of the run's test set)")
             model, info = load_checkpoint(args.checkpoint)
@@ -224,8 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              ["exact ||g_l^(k)|| / ||dE/dx_l|| for every unit l and path length k.", setup])
         atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
         if args.lesion:
+            from .checkpoint import load_checkpoint
             from .lesion import cifar_test_batches, lesion_study, plain_blocks
-            from .training.checkpoint import load_checkpoint
             if not args.data:
                 raise GradflowError("--lesion needs --data (the CIFAR folder of the runs' test set)")
             ns = argparse.Namespace(synthetic=False, data=args.data, no_verify=True, test_images=args.test_images,

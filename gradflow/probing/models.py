@@ -115,7 +115,7 @@ def _close_first(name: str, known: list[str]) -> list[str]:
 
 
 def _from_checkpoint(path: str) -> BuiltModel:
-    from ..training import load_checkpoint
+    from ..checkpoint import load_checkpoint
     model, info = load_checkpoint(path, map_location="cpu")
     keep = {k: info[k] for k in ("model", "options", "step", "epoch", "format") if k in info}
     return BuiltModel(model, str(info.get("model")), dict(info.get("options") or {}), 32,

@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..cli import check_model_options
-from ..data import DeviceCifar, load_cifar, synthetic_arrays
+from ..data import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
 from ..errors import GradflowError
 from ..registry import create_model, model_options
 from . import distributed
-from .checkpoint import read_checkpoint
 from .config import TrainConfig, make_config
 from .folder import open_existing, open_fresh, read_status
 from .presets import schedule
@@ -35,7 +35,6 @@ from .steps import RunOutcome, Steps, TrainingDiverged, forward_backward, last_t
 # and ``stop``, to extend a finished run on purpose.
 RESUMABLE = ("data", "download", "verify_data", "device", "progress", "halt_at", "compile", "out_dir",
              "stop")
-SYNTHETIC = dict(n_train=1024, n_test=512, classes=4)  # --synthetic, and --smoke without --data
 
 
 def resume_config(run: str | Path, **changes: Any) -> TrainConfig:

@@ -1,0 +1,90 @@
+"""The import layers the README draws: reading a run never imports the trainer.
+
+Two checks, each independent of the other: a static one (every ``import`` statement in the
+source, including those inside functions, parsed with ``ast``) and a live one (a fresh
+interpreter that imports the probe, the lesion study and the figures and reads a checkpoint
+through the probe, then lists ``sys.modules``).
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import gradflow
+
+ROOT = Path(gradflow.__file__).parent
+# the faces and libraries below or beside the trainer: none may import gradflow.training
+NOT_TRAINING = ["probing", "tracing", "theory", "lesion.py", "pathplots.py", "paths.py", "path_tables.py",
+                "figures.py", "plot.py", "probe.py", "runs.py", "checkpoint.py", "parts.py", "io.py",
+                "provenance.py", "cli.py", "data.py", "registry.py"]
+
+
+def imported(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import statement in ``path``, at any depth."""
+    package = list(path.relative_to(ROOT.parent).parts[:-1])   # a module's package, or __init__'s own
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found += [(node.lineno, target)] + [(node.lineno, f"{target}.{a.name}") for a in node.names]
+    return found
+
+
+def test_the_scan_sees_relative_and_local_imports():
+    # lesion.py reads checkpoints inside a function, through a relative import: the scan must see it
+    names = {m for _, m in imported(ROOT / "lesion.py")}
+    assert "gradflow.checkpoint.load_checkpoint" in names and "gradflow.errors" in names
+    names = {m for _, m in imported(ROOT / "training" / "loop.py")}
+    assert "gradflow.training.steps" in names and "gradflow.checkpoint" in names
+
+
+def test_nothing_below_the_trainer_imports_it():
+    files = []
+    for entry in NOT_TRAINING:
+        p = ROOT / entry
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    assert len(files) > 30
+    bad = [f"{f.relative_to(ROOT.parent)}:{line} imports {name}" for f in files for line, name in imported(f)
+           if name == "gradflow.training" or name.startswith("gradflow.training.")]
+    assert not bad, "\n".join(bad)
+
+
+def test_probe_lesion_and_figures_read_a_checkpoint_without_the_trainer(tmp_path):
+    from gradflow.training.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = gradflow.create_model("resnet20", unit="original")
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": "resnet20", "options": {"unit": "original"},
+                                        "model_state": model.state_dict()})
+    code = (
+        "import sys, torch, gradflow\n"
+        "import gradflow.probing.run, gradflow.lesion, gradflow.pathplots, gradflow.figures, gradflow.plot\n"
+        "import gradflow.paths, gradflow.theory, gradflow.tracing, gradflow.probe, gradflow.runs\n"
+        "from gradflow.probing import build_model\n"
+        f"built = build_model('resnet1001', {{}}, 0, checkpoint={str(tmp_path / 'checkpoint.pt')!r})\n"
+        f"model, info = gradflow.load_checkpoint({str(tmp_path)!r})\n"
+        "total = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))\n"
+        "print(info['model'], total(built.module), total(model))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('gradflow.training')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    name, *totals = r.stdout.splitlines()[0].split()
+    want = float(sum(p.detach().double().sum() for p in model.parameters()))
+    assert name == "resnet20" and all(abs(float(t) - want) < 1e-6 for t in totals), (r.stdout, want)
+    assert r.stdout.splitlines()[1] == "[]"
+
+
+def test_the_trainer_reexports_the_one_reader():
+    from gradflow import checkpoint, training
+    from gradflow.training import checkpoint as written
+    assert training.load_checkpoint is checkpoint.load_checkpoint is gradflow.load_checkpoint
+    assert written.read_checkpoint is checkpoint.read_checkpoint and written.FORMAT == checkpoint.FORMAT
