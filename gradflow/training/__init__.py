@@ -2,9 +2,9 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, make_config
 from .loop import RunOutcome, TrainingDiverged, resume_config, run_training, train
-from .presets import RECIPES, describe_presets, get_preset, presets, resolve, schedule
+from .presets import RECIPES, LrSchedule, describe_presets, get_preset, lr_schedule, presets, resolve, schedule
 
 __all__ = ["TrainConfig", "make_config", "train", "run_training", "RunOutcome", "resume_config",
            "TrainingDiverged",
            "load_checkpoint", "save_checkpoint", "RECIPES", "presets", "get_preset", "resolve",
-           "schedule", "describe_presets"]
+           "lr_schedule", "LrSchedule", "describe_presets"]

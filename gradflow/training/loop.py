@@ -27,7 +27,7 @@ from ..registry import create_model, model_options
 from . import distributed
 from .config import TrainConfig, make_config
 from .folder import open_existing, open_fresh, read_status
-from .presets import schedule
+from .presets import lr_schedule
 from .runlog import RunLog, default_name, write_json
 from .steps import RunOutcome, Steps, TrainingDiverged, forward_backward, last_test_error, say  # noqa: F401
 
@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     _check_model(cfg)
     data = DeviceCifar(_load_data(cfg, d), dev, cfg.seed, cfg.train_subset, cfg.test_subset)
     ipe = data.iters_per_epoch(cfg.batch_size)
-    sched = schedule(cfg, ipe)
+    sched = lr_schedule(cfg, ipe)
     options = _model_options(cfg, data.num_classes)
     torch.manual_seed(cfg.seed)
     eager = create_model(cfg.model, **options).to(dev)

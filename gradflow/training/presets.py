@@ -81,11 +81,14 @@ def resolve(preset: Optional[str] = None, recipe: Optional[str] = None,
     return make_config(base, **overrides, model_options=options)
 
 
-# --- the schedule -----------------------------------------------------------------------
+# --- the lr schedule --------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Schedule:
-    """The recipe in iterations: warm-up length, lr drop points, stop."""
+class LrSchedule:
+    """The learning-rate schedule in iterations: warm-up length, lr drop points, stop.
+
+    Not :class:`gradflow.tracing.Schedule`, which picks the steps a tracer records.
+    """
 
     lr: float
     warmup_lr: float
@@ -101,14 +104,24 @@ class Schedule:
         return self.lr * self.gamma ** sum(it >= m for m in self.milestones)
 
 
-def schedule(cfg: TrainConfig, iters_per_epoch: int) -> Schedule:
-    """Convert the config's milestones and stop to iterations (epochs times ``iters_per_epoch``)."""
+def lr_schedule(cfg: TrainConfig, iters_per_epoch: int) -> LrSchedule:
+    """The config's learning-rate schedule, its milestones and stop in iterations (epochs times ``iters_per_epoch``).
+
+    Args:
+        cfg: the resolved config (lr, warm-up, milestones, gamma, stop, schedule_unit).
+        iters_per_epoch: training images // batch size.
+    Returns:
+        an :class:`LrSchedule`.
+    """
     if iters_per_epoch < 1:
         raise GradflowError(f"batch_size={cfg.batch_size} is larger than the training set: "
                             "lower --batch-size or use more training images")
     k = iters_per_epoch if cfg.schedule_unit == "epoch" else 1
-    return Schedule(cfg.lr, cfg.warmup_lr, cfg.warmup_iters, tuple(m * k for m in cfg.milestones),
-                    cfg.gamma, cfg.stop * k)
+    return LrSchedule(cfg.lr, cfg.warmup_lr, cfg.warmup_iters, tuple(m * k for m in cfg.milestones),
+                      cfg.gamma, cfg.stop * k)
+
+
+schedule = lr_schedule  # the old name, kept because tests/test_train.py imports it
 
 
 def describe_presets() -> str:
