@@ -343,7 +343,7 @@ def variant_report(v) -> dict:
     """JSON-safe report of one VariantResult."""
     stages = stage_rows(v.units)
     return clean(dict(label=v.label, model=v.model, options=v.options, source=v.source,
-                      units=int(v.summary.get("units", 0)), equation=equation(v.summary, v.units),
+                      n_units=int(v.summary.get("n_units", 0)), equation=equation(v.summary, v.units),
                       finding=finding(v.units, stages, at_init=v.source != "checkpoint"),
                       by_construction=by_construction(v.units), stages=stages,
                       verdicts=verdicts(v.summary, v.units), summary=v.summary, timings=v.timings,
@@ -374,7 +374,7 @@ def format_report(report: dict) -> str:
 
 def _single_lines(v: dict) -> tuple[list[str], list[str]]:
     opts = ", ".join(f"{k}={x}" for k, x in v["options"].items())
-    lead = [f"{v['model']}{f' ({opts})' if opts else ''}: {v['units']} residual units",
+    lead = [f"{v['model']}{f' ({opts})' if opts else ''}: {v['n_units']} residual units",
             f"finding: {v['finding']['text']}"]
     if v.get("by_construction"):
         lead.append(f"by construction: {v['by_construction']}")

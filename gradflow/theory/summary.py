@@ -21,7 +21,7 @@ def summarize(units: pd.DataFrame, tol: float = 0.05) -> dict:
     if units.empty:
         return {}
     pred = predicted_rate(units)
-    out: dict = {"predicted_direct_rate": pred, "units": int((~units["is_top"]).sum() / units["step"].nunique()),
+    out: dict = {"predicted_direct_rate": pred, "n_units": int((~units["is_top"]).sum() / units["step"].nunique()),
                  "steps": int(units["step"].nunique())}
     total = decay_rate(units, "grad_ratio")
     out["total_rate"] = total.as_dict()
