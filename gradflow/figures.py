@@ -1,4 +1,4 @@
-"""Regenerate gradflow's figures: ``python -m gradflow.figures`` (writes ``figures/``).
+"""The command that regenerates ``figures/``: ``python -m gradflow.figures`` (draws with :mod:`gradflow.plot`).
 
 At initialisation, on any CPU in a few minutes: every Table 1 and Table 2
 variant at its real depth, and ResNet-1001 original vs pre-activation, each

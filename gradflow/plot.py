@@ -1,4 +1,4 @@
-"""Paper-style figures: gradflow's records in, matplotlib Figures out.
+"""The figure functions: gradflow's tables in, matplotlib Figures out (paper style; nothing written).
 
 Every function takes tables as gradflow writes them (``tr.units``,
 ``tr.samples``, a run's log or ``probe.csv``; see :mod:`gradflow.runs`) and
