@@ -33,6 +33,7 @@ class Run:
     log: pd.DataFrame = field(default_factory=pd.DataFrame)    # one row per log point, + ``run``
     probe: pd.DataFrame = field(default_factory=pd.DataFrame)  # the units table per probe, + ``run``
     status: dict = field(default_factory=dict)
+    paths: pd.DataFrame = field(default_factory=pd.DataFrame)  # the path-length split per probe (paths.csv)
 
     @property
     def device(self) -> str:
@@ -83,6 +84,15 @@ def read_probe(run_dir: str | Path) -> pd.DataFrame:
     return probe
 
 
+def read_paths(run_dir: str | Path) -> pd.DataFrame:
+    """``paths.csv`` of a run folder: dE/dx_l by path length k at each probe (empty without
+    ``--probe-paths``); columns as ``tr.paths`` plus ``iteration``."""
+    path = Path(run_dir) / "paths.csv"
+    if not path.exists() or not path.stat().st_size:
+        return pd.DataFrame()
+    return pd.read_csv(path)
+
+
 def read_run(run_dir: str | Path, label: Optional[str] = None) -> Run:
     """Read one run folder; ``label`` defaults to the folder's name."""
     path = Path(run_dir)
@@ -101,7 +111,7 @@ def read_run(run_dir: str | Path, label: Optional[str] = None) -> Run:
     log, probe = read_log_table(path), read_probe(path)
     for table in (log, probe):
         table.insert(0, "run", label)
-    return Run(path, label, _json("config.json"), log, probe, _json("status.json"))
+    return Run(path, label, _json("config.json"), log, probe, _json("status.json"), read_paths(path))
 
 
 def read_runs(run_dirs: Iterable[str | Path]) -> list[Run]:

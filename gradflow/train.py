@@ -71,6 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("records")
     for flag in ("--log-every", "--eval-every", "--checkpoint-every", "--probe-every"):
         g.add_argument(flag, type=int, metavar="N")
+    g.add_argument("--probe-paths", type=int, metavar="N",
+                   help="at each probe also split dE/dx_l by path length k = 0..N (longer paths summed as "
+                        "k = -1) into paths.csv; N >= the unit count gives every length")
     g.add_argument("--fail-error", type=float)
     g.add_argument("--out-dir")
     g.add_argument("--run-name")

@@ -25,6 +25,7 @@ NUMBERS: dict[str, Number] = {
     "eval_every": Number(0, integer=True, hint="0: once an epoch"),
     "checkpoint_every": Number(0, integer=True, hint="0: once an epoch"),
     "probe_every": Number(0, integer=True, hint="0: never"),
+    "probe_paths": Number(0, integer=True, hint="0: off; N: path lengths 0..N apart, longer ones summed"),
     "fail_error": Number(0, 1, hint="a test error fraction; the paper calls > 0.2 a failure"),
     "train_subset": Number(0, integer=True, hint="0: all images"),
     "test_subset": Number(0, integer=True, hint="0: all images"),
@@ -74,6 +75,7 @@ class TrainConfig:
     eval_every: int = 0               # iterations between test evaluations; 0: once per epoch
     checkpoint_every: int = 0         # iterations between checkpoints; 0: once per epoch
     probe_every: int = 0              # iterations between gradient-flow traces; 0: never
+    probe_paths: int = 0              # with probe_every: split dE/dx_l by path length 0..N (0: off)
     fail_error: float = 0.20          # a finished run above this test error is marked "fail" (paper)
     out_dir: str = "runs"             # run folders go here
     run_name: Optional[str] = None    # None: <preset or model>-<dataset>-<time>
@@ -100,6 +102,8 @@ class TrainConfig:
              "a CIFAR folder (or leave --data out and pass --synthetic for generated data)"),
             (self.run_name is None or _single_segment(self.run_name), "run_name",
              "a single folder name inside --out-dir (no '/', '..' or absolute path)"),
+            (not self.probe_paths or self.probe_every > 0, "probe_paths",
+             "used with --probe-every N (the path-length split is recorded at the probes)"),
             (_takes_images(self.model), "model", "a model that takes images: the trainer trains CIFAR "
              "classifiers, and gpt-* models take token ids (probe them: python -m gradflow.probe --model ...)"),
         ]

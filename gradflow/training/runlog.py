@@ -8,6 +8,7 @@ Only rank 0 writes. Layout of ``runs/<name>/``:
 - ``status.json``   "running", "ok", "fail" (test error above the paper's 20%), "diverged",
   "interrupted", "crashed" (the process died with an exception; ``error`` says which)
 - ``probe.csv``     per-unit gradient-flow records with their iteration (--probe-every)
+- ``paths.csv``     the exact split of dE/dx_l by path length at each probe (--probe-paths)
 - ``.lock``         who trains here now (pid, host, start); flock'ed while a process trains
 
 Guarantees: JSON files and the checkpoint are replaced atomically; a log row is
@@ -74,7 +75,8 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.jsonl, self.csv = self.run_dir / "log.jsonl", self.run_dir / "log.csv"
         self.probe = self.run_dir / "probe.csv"
-        self.rows, self.probe_rows = 0, 0
+        self.paths = self.run_dir / "paths.csv"
+        self.rows, self.probe_rows, self.paths_rows = 0, 0, 0
 
     def append(self, row: dict[str, Any]) -> None:
         row = {k: _clean(row.get(k)) for k in COLUMNS}
@@ -96,6 +98,14 @@ class RunLog:
         _append_whole([(self.probe, lambda f: table.to_csv(f, header=header, index=False))])
         self.probe_rows += len(table)
 
+    def append_paths(self, table, iteration: int) -> None:
+        """Append a tracer's path-length table (``tr.paths``) to paths.csv with an ``iteration`` column."""
+        table = table.copy()
+        table.insert(0, "iteration", iteration)
+        header = not self.paths.exists() or self.paths.stat().st_size == 0
+        _append_whole([(self.paths, lambda f: table.to_csv(f, header=header, index=False))])
+        self.paths_rows += len(table)
+
     def truncate(self, last_iteration: int) -> None:
         """Keep only rows up to ``last_iteration``; the replacement is on disk before the old logs go."""
         keep = [r for r in read_log(self.run_dir) if r["iteration"] <= last_iteration]
@@ -112,12 +122,14 @@ class RunLog:
         atomic_write(self.csv, lambda f: f.write(buf.getvalue().encode()), fsync=True)
         self.rows = len(rows)
 
-    def restore(self, step: int, log_rows: Optional[int], probe_rows: Optional[int]) -> list[str]:
+    def restore(self, step: int, log_rows: Optional[int], probe_rows: Optional[int],
+                paths_rows: Optional[int] = None) -> list[str]:
         """Cut every log back to what the checkpoint at iteration ``step`` vouches for (resume).
 
         Args:
             step: the checkpoint's iteration.
-            log_rows, probe_rows: rows of log.jsonl and probe.csv on disk when it was saved
+            log_rows, probe_rows, paths_rows: rows of log.jsonl, probe.csv and paths.csv on disk
+                when it was saved
                 (None for checkpoints written before gradflow counted them: then rows are
                 kept by iteration, and a half-written last line is dropped).
 
@@ -159,55 +171,59 @@ class RunLog:
             notes.append(f"dropped {dropped} log row(s) written after the checkpoint at iteration {step}")
         if tail:
             notes.append(f"dropped a half-written last line of {self.jsonl.name} (an interrupted append)")
-        notes += self._restore_probe(step, probe_rows)
-        return notes
+        more, self.probe_rows = self._restore_table(self.probe, step, probe_rows)
+        notes += more
+        more, self.paths_rows = self._restore_table(self.paths, step, paths_rows)
+        return notes + more
 
-    def _restore_probe(self, step: int, probe_rows: Optional[int]) -> list[str]:
-        if not self.probe.exists():
-            if probe_rows:
-                raise GradflowError(f"{self.probe} is missing but the checkpoint at iteration {step} vouches "
-                                    f"for {probe_rows} probe rows: restore it, or start the run again")
-            self.probe_rows = 0
-            return []
-        lines, tail = _complete_lines(self.probe)
+    def _restore_table(self, path: Path, step: int, rows: Optional[int]) -> tuple[list[str], int]:
+        """Cut a per-probe CSV table (probe.csv, paths.csv) back to the rows the checkpoint vouches for.
+
+        Returns (notes, rows kept).
+        """
+        if not path.exists():
+            if rows:
+                raise GradflowError(f"{path} is missing but the checkpoint at iteration {step} vouches "
+                                    f"for {rows} of its rows: restore it, or start the run again")
+            return [], 0
+        lines, tail = _complete_lines(path)
         if not lines:
             keep: list[bytes] = []
         else:
             header, body = lines[0], lines[1:]
             width = len(next(csv.reader([header.decode()])))
             keep = [header]
-            for i, line in enumerate(body if probe_rows is None else body[:probe_rows]):
+            for i, line in enumerate(body if rows is None else body[:rows]):
                 fields = next(csv.reader([line.decode(errors="replace")]), [])
                 good = len(fields) == width
-                if good and probe_rows is None:
+                if good and rows is None:
                     try:
                         if int(fields[0]) >= step:  # the probe of iteration i runs before update i + 1
                             break
                     except ValueError:
                         good = False
                 if not good:
-                    if probe_rows is None and i == len(body) - 1:
+                    if rows is None and i == len(body) - 1:
                         tail = True
                         break
                     raise GradflowError(
-                        f"{self.probe} line {i + 2} is damaged inside the rows the checkpoint at iteration "
-                        f"{step} vouches for: restore probe.csv from a copy, or start the run again")
+                        f"{path} line {i + 2} is damaged inside the rows the checkpoint at iteration "
+                        f"{step} vouches for: restore {path.name} from a copy, or start the run again")
                 keep.append(line)
-            if probe_rows is not None and len(keep) - 1 < probe_rows:
-                raise GradflowError(f"{self.probe} holds {len(keep) - 1} whole rows but the checkpoint at "
-                                    f"iteration {step} vouches for {probe_rows}: rows were lost; restore it "
+            if rows is not None and len(keep) - 1 < rows:
+                raise GradflowError(f"{path} holds {len(keep) - 1} whole rows but the checkpoint at "
+                                    f"iteration {step} vouches for {rows}: rows were lost; restore it "
                                     "from a copy, or start the run again")
         dropped = max(len(lines) - len(keep), 0)
         if dropped or tail:
             data = b"".join(line + b"\n" for line in keep)
-            atomic_write(self.probe, lambda f: f.write(data), fsync=True)
-        self.probe_rows = max(len(keep) - 1, 0)
+            atomic_write(path, lambda f: f.write(data), fsync=True)
         notes = []
         if dropped:
-            notes.append(f"dropped {dropped} probe row(s) written after the checkpoint at iteration {step}")
+            notes.append(f"dropped {dropped} row(s) of {path.name} written after the checkpoint at iteration {step}")
         if tail:
-            notes.append(f"dropped a half-written last line of {self.probe.name} (an interrupted append)")
-        return notes
+            notes.append(f"dropped a half-written last line of {path.name} (an interrupted append)")
+        return notes, max(len(keep) - 1, 0)
 
 
 def _complete_lines(path: Path) -> tuple[list[bytes], bool]:

@@ -120,9 +120,9 @@ def evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, cha
 
 
 @contextmanager
-def _trace(model: nn.Module, write=None):
+def _trace(model: nn.Module, write=None, paths: int = 0):
     from ..tracing import FunctionSink, trace   # the probe's rows stream through the tracer's sink
-    with trace(model, sinks=[FunctionSink(write)] if write else (), history=0) as tr:
+    with trace(model, sinks=[FunctionSink(write)] if write else (), history=0, paths=paths or None) as tr:
         yield tr
 
 
@@ -175,7 +175,8 @@ class Steps:
         set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
         wall0 = ckpt.get("wall_time")
         if self.log:
-            for note in self.log.restore(self.step, ckpt.get("log_rows"), ckpt.get("probe_rows")):
+            for note in self.log.restore(self.step, ckpt.get("log_rows"), ckpt.get("probe_rows"),
+                                         ckpt.get("paths_rows")):
                 say(d, note)
             self.last = last_test_error(self.run_dir)
             if wall0 is None:  # checkpoints from before gradflow saved it: the last logged time
@@ -218,7 +219,7 @@ class Steps:
                 optimizer=self.opt.state_dict(), step=self.step, epoch=self.step / self.ipe, rng=states,
                 log_acc=total.tolist(), config=self.cfg.as_dict(), code=self.code,
                 wall_time=time.perf_counter() - self.t_start, log_rows=self.log.rows,
-                probe_rows=self.log.probe_rows))
+                probe_rows=self.log.probe_rows, paths_rows=self.log.paths_rows))
             self.saved_step = self.step
 
     def diverged(self, what: str) -> None:
@@ -300,9 +301,13 @@ class Steps:
             def probe_rows(units, samples, step=self.step):
                 with flag.writing():
                     self.log.append_probe(units, step)
-            with (_trace(self.eager, probe_rows) if probing and d.main else nullcontext()):
+            with (_trace(self.eager, probe_rows, cfg.probe_paths) if probing and d.main
+                  else nullcontext()) as tr:
                 loss, logits = forward_backward(self.wrapped if probing else self.runner, self.opt, x, y,
                                                 self.amp)
+            if tr is not None and cfg.probe_paths:
+                with flag.writing():
+                    self.log.append_paths(tr.paths, self.step)
             self.opt.step()
             self.step += 1
             images += cfg.batch_size
