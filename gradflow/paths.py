@@ -62,7 +62,7 @@ class _Rec:
                          xc=e(self.xc) if self.xc is not None else None,
                          plain_sum=self.plain_sum, name=self.info.name,
                          y=e(self.y) if self.y is not None else None,
-                         gate=e(self.gate) if self.gate is not None else None)
+                         gate=e(self.gate) if self.gate is not None else None, x_shape=tuple(self.x.shape))
 
 
 @dataclass
@@ -200,7 +200,9 @@ class PathResult:
     to 1 over k); ``n_paths`` (paths of that length from x_l to x_L);
     ``grad_norm`` (batch mean ||dE/dx_l||, plain autograd). ``units``: one row
     per unit with ``sum_rel_err``, the batch-max of ||sum_k g^(k) - dE/dx_l|| /
-    ||dE/dx_l|| (float rounding only). ``components``: with ``keep=True``,
+    ||dE/dx_l|| (float rounding only), and ``vjp``: "fast" where the products
+    through the unit were batched from saved tensors, else "autograd: <why>".
+    ``components``: with ``keep=True``,
     unit index -> float64 tensor [K+1, *x_l.shape].
     """
 
@@ -212,7 +214,7 @@ class PathResult:
 
 def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = None, y: Optional[Tensor] = None,
                     max_len: Optional[int] = None, keep: bool = False, units: UnitsSpec = None,
-                    parts: PartsSpec = None, batched: Optional[bool] = None,
+                    parts: PartsSpec = None, batched: Optional[bool] = None, fast: bool = True,
                     _gate_rerun: bool = False) -> PathResult:
     """dE/dx_l of every unit split by path length k, exactly, from one forward and backward.
 
@@ -222,8 +224,14 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
         max_len: keep lengths 0..max_len apart and sum the longer ones (k = -1); None: all.
         keep: also return the component tensors (float64, on the CPU).
         units, parts: as for :func:`gradflow.trace`.
-        batched: vector-Jacobian products of all components in one vmap'ed call (True) or
-            one call each (False); None: batched on CUDA, one by one on the CPU (faster there).
+        batched: where autograd takes the products (units without ``fast`` rules): all
+            components in one vmap'ed call (True) or one call each (False); None: batched
+            on CUDA, one by one on the CPU (faster there).
+        fast: all components through a unit in one product per node, from the forward's
+            saved tensors, where the unit's graph has only nodes with rules
+            (:mod:`gradflow.tracing.paths_vjp`: convolutions, BatchNorm, ReLU, sums, views);
+            False: autograd for every unit. The units table's ``vjp`` column says which
+            route each unit took (and why not the fast one).
     Returns:
         A :class:`PathResult`.
     """
@@ -231,7 +239,7 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
     calls = rec.calls
     xs = [c.x for c in calls]
     grads = torch.autograd.grad(rec.loss, xs + [calls[-1].out], retain_graph=True)
-    carrier = PathCarrier(max_len, batched)
+    carrier = PathCarrier(max_len, batched, fast)
     stack = carrier.start(grads[-1])
     n = len(calls)
     rows, unit_rows, kept = [], [], {}
@@ -245,6 +253,8 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
             stack = carrier.through_link(get_gradient_edge(calls[i].x), get_gradient_edge(calls[i - 1].out),
                                          stack)
     del rec
+    for r in unit_rows:
+        r["vjp"] = carrier.route.get(r["name"], "autograd")
     table = pd.DataFrame(rows)
     table = table.assign(_k=table["k"].where(table["k"] >= 0, 10 ** 9)).sort_values(["unit", "_k"]).drop(columns="_k")
     units_df = pd.DataFrame(unit_rows).sort_values("unit").reset_index(drop=True)
@@ -260,11 +270,7 @@ def _rows(stack: PathStack, g: Tensor, call: _Rec, unit: int, n_above: int, max_
 
 def _unit_row(stack: PathStack, g: Tensor, call: _Rec, unit: int) -> dict:
     """The closure check: ||sum_k g^(k) - dE/dx_l|| / ||dE/dx_l||, batch max (in the gradient's dtype)."""
-    v = stack.v.detach()
-    total = torch.tensordot(torch.exp(stack.log_scale).to(v.dtype), v, dims=1)
-    gd = g.detach().to(v.dtype)
-    err = torch.linalg.vector_norm((total - gd).flatten(1), dim=1) / \
-        torch.linalg.vector_norm(gd.flatten(1), dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    err = stack.closure_error(g)
     return dict(unit=unit, name=call.info.name, stage=call.info.stage, x_shape="x".join(map(str, g.shape[1:])),
                 sum_rel_err=float(err.max()))
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradflowError
+from .paths_vjp import compile_vjp
 
 
 @dataclass
@@ -64,6 +65,8 @@ class UnitGraph:
     name: str = ""
     y: Any = None           # y = combine(h, F, x) when an after-addition function follows it
     gate: Any = None        # combine(h.detach(), F.detach(), x): the gate's own path to x (see PathTracker)
+    fast: Any = None        # the compiled batched products (see PathCarrier._fast), once tried
+    x_shape: Optional[tuple] = None   # x's shape, for the fast route
 
 
 @dataclass
@@ -75,9 +78,33 @@ class PathStack:
     ``max_len`` branches.
     """
 
-    v: Tensor               # [M, *x.shape], each entry scaled to max |v| = 1
+    v: Tensor               # [M, *x.shape], each entry scaled to max |v| <= ~1 (to norm <= ~1 on the fast route)
     log_scale: Tensor       # [M] float64, on v's device
     remainder: bool = False
+    raw: Optional[Tensor] = None    # [M, B] per-sample norms of v itself (cached; float32 or float64)
+
+    def raw_norms(self) -> Tensor:
+        """[M, B]: the per-sample norms of ``v`` (not scaled), computed once."""
+        if self.raw is None:
+            self.raw = torch.linalg.vector_norm(_mem_flat(self.v.detach(), 2), dim=2, dtype=_acc(self.v))
+        return self.raw
+
+    def log_magnitude(self) -> Tensor:
+        """[M] float64: log of each entry's norm (over the batch); its log scale where v is 0 or not finite."""
+        n = torch.linalg.vector_norm(self.raw_norms().double(), dim=1)
+        ok = (n > 0) & torch.isfinite(n)
+        return self.log_scale + torch.log(torch.where(ok, n, torch.ones_like(n)))
+
+    def closure_error(self, g: Tensor) -> Tensor:
+        """[B]: ||sum_k g^(k) - g|| / ||g|| per sample (in v's dtype), for g = dE/dx from autograd."""
+        v = self.v.detach()
+        w = torch.exp(self.log_scale).to(v.dtype)
+        gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
+            g.detach().flatten(1)
+        gf = gf.to(v.dtype)
+        total = torch.mv(_mem_flat(v, 1).t(), w).view_as(gf)
+        return torch.linalg.vector_norm(total - gf, dim=1) / \
+            torch.linalg.vector_norm(gf, dim=1).clamp_min(torch.finfo(v.dtype).tiny)
 
     @property
     def ks(self) -> list[int]:
@@ -92,14 +119,44 @@ class PathStack:
 
     def per_sample_norms(self) -> Tensor:
         """[M, B] float64: ||g^(k)|| of each sample, without underflow."""
-        n = torch.linalg.vector_norm(self.v.detach().flatten(2), dim=2, dtype=_acc(self.v))
-        return n.double() * torch.exp(self.log_scale).view(-1, 1)
+        return self.raw_norms().double() * torch.exp(self.log_scale).view(-1, 1)
 
     def per_sample_dots(self, g: Tensor) -> Tensor:
         """[M, B] float64: <g^(k), g> per sample, for a tensor g shaped like x."""
         dt = _acc(self.v)
-        d = torch.einsum("mbi,bi->mb", self.v.detach().flatten(2).to(dt), g.detach().flatten(1).to(dt))
+        v = self.v.detach()
+        gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
+            g.detach().flatten(1)      # g's elements in the order of v's
+        vf, gf = _mem_flat(v, 2).to(dt), gf.to(dt)
+        d = torch.stack([torch.mv(vf[:, b], gf[b]) for b in range(vf.shape[1])], dim=1)   # no copy of v
         return d.double() * torch.exp(self.log_scale).view(-1, 1)
+
+
+def _cl(v: Tensor) -> bool:
+    """Whether a stack [M, B, C, H, W] holds each entry in channels_last order (see paths_vjp)."""
+    if v.ndim != 5:
+        return False
+    st = v.stride()
+    return st[2] == 1 and st[4] == v.shape[2] and st[3] == v.shape[2] * v.shape[4] and v.shape[2] > 1
+
+
+def _mem_flat(v: Tensor, keep: int) -> Tensor:
+    """v with its dims from ``keep`` on flattened in memory order: [M, B, N] (keep=2) or [M, N]
+    (keep=1) of a stack; a view, not a copy, also for channels_last stacks."""
+    if _cl(v):
+        return v.permute(0, 1, 3, 4, 2).reshape(v.shape[0], -1) if keep == 1 else \
+            v.permute(0, 1, 3, 4, 2).reshape(v.shape[0], v.shape[1], -1)
+    if v.ndim == 4 and keep == 1 and v.is_contiguous(memory_format=torch.channels_last):
+        return v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)     # [B, C, H, W] in channels_last order
+    return v.flatten(keep)
+
+
+def _new_stack(n: int, entry: tuple, like: Tensor, channels_last: bool) -> Tensor:
+    """An uninitialised stack [n, *entry], each entry channels_last when asked (4-d entries only)."""
+    if channels_last and len(entry) == 4:
+        return like.new_empty((n * entry[0],) + tuple(entry[1:])).contiguous(
+            memory_format=torch.channels_last).view(n, *entry)
+    return like.new_empty((n,) + tuple(entry))
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -109,7 +166,7 @@ def _acc(t: Tensor) -> torch.dtype:
 
 def _rescale(v: Tensor, ls: Tensor) -> tuple[Tensor, Tensor]:
     """Each entry divided (in place: v is a fresh product) by its max |v|; all-zero or non-finite entries kept."""
-    lo, hi = torch.aminmax(v.detach().flatten(1), dim=1)     # max |v| in one pass, no copy
+    lo, hi = torch.aminmax(_mem_flat(v.detach(), 1), dim=1)     # max |v| in one pass, no copy
     m = torch.maximum(hi, -lo).float()
     m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
     return v.div_(m.to(v.dtype).view(-1, *([1] * (v.ndim - 1)))), ls + torch.log(m.double())
@@ -134,15 +191,24 @@ class PathCarrier:
     Args:
         max_len: the longest path length kept as its own entry; longer paths
             are summed into one remainder entry. None keeps every length.
-        batched: one vmap'ed ``autograd.grad`` per product (True) or one call per
-            entry (False); None: batched on CUDA, a loop elsewhere (see :func:`_vjp`).
+        batched: where autograd takes the products: one vmap'ed ``autograd.grad`` per
+            product (True) or one call per entry (False); None: batched on CUDA, a loop
+            elsewhere (see :func:`_vjp`).
+        fast: True (default): every component through a unit in one product per node of
+            its graph, from the forward's saved tensors (:mod:`gradflow.tracing.paths_vjp`),
+            where every node of the unit has a rule there; autograd elsewhere. False:
+            autograd everywhere. ``route`` says, per unit name, which was taken and why.
     """
 
-    def __init__(self, max_len: Optional[int] = None, batched: Optional[bool] = None):
+    chunk_elems = 2 ** 20   # elements per chunk of entries on the fast route (a few MiB: kept in cache)
+
+    def __init__(self, max_len: Optional[int] = None, batched: Optional[bool] = None, fast: bool = True):
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
             raise GradflowError(f"max_len={max_len!r} must be None (every length) or an int >= 0")
         self.max_len = max_len
         self.batched = batched
+        self.fast = fast
+        self.route: dict = {}     # unit name -> "fast" or "autograd: <why>"
 
     def _vjp(self, outputs: list, inputs: list, grads: list, allow_unused: bool = False):
         batched = self.batched if self.batched is not None else grads[0].is_cuda
@@ -177,8 +243,100 @@ class PathCarrier:
         gx = gs[2] if len(gs) > 2 else None
         return gh, gr, gx
 
+    def _fast(self, unit: UnitGraph, v: Tensor) -> Optional[tuple]:
+        """(split, shortcut, branch, channels_last) for this unit call, or None (the reason in ``route``)."""
+        if unit.fast is None:
+            unit.fast = self._compile(unit, v.device.type)
+            self.route[unit.name] = "fast" if isinstance(unit.fast, tuple) else f"autograd: {unit.fast}"
+        return unit.fast if isinstance(unit.fast, tuple) else None
+
+    def _compile(self, unit: UnitGraph, device_type: str):
+        if not self.fast:
+            return "fast=False"
+        if unit.gate is not None:
+            return "a gate's own path to x (g(x) in the combine)"
+        if unit.x_shape is None:
+            return "x's shape was not recorded"
+        cl = len(unit.x_shape) == 4 and unit.x_shape[1] > 1 and device_type == "cpu"
+        split = None
+        if not unit.plain_sum:
+            ins = [unit.h, unit.r] + ([unit.xc] if unit.xc is not None else [])
+            split = compile_vjp([unit.out], ins, cl)
+            if isinstance(split, str):
+                return split
+            if len(ins) > 2 and split.reached[2]:
+                return "the combine reads x itself"
+        progs = [compile_vjp([e], [unit.x], cl) for e in (unit.h, unit.r)]
+        for p in progs:
+            if isinstance(p, str):
+                return p
+        if not (progs[0].reached[0] or progs[1].reached[0]):
+            return "neither h nor F depends on x"
+        return (split,) + tuple(progs) + (cl,)
+
+    def _through_unit_fast(self, progs: tuple, stack: PathStack, x_shape: tuple) -> PathStack:
+        """:meth:`through_unit` with the compiled products, a few entries at a time (cache-sized).
+
+        Output entry j = fh[j] S(g_h[j]) + B(b[j-1]), where b[j] = fb[j] g_F[j] (and, with a
+        remainder, the last b = fk g_F^(K) + fr g_F^(R): one product for both), all scaled
+        to the new entry's log scale (from the entries' norms, known from the unit above);
+        each finished chunk's per-sample norms are taken while it is in cache.
+        """
+        split, p_h, p_r, cl = progs
+        v, ls = stack.v, stack.log_scale
+        m = v.shape[0]
+        if split is None:
+            gh = gr = v
+        else:
+            gh, gr = split.run([v])[:2]
+            gh = gh if gh is not None else torch.zeros_like(v)
+            gr = gr if gr is not None else torch.zeros_like(v)
+        # the new log scales from the entries' magnitudes (their norms), so that every output
+        # entry has norm <= ~the unit's gain: no separate rescaling pass
+        mag = stack.log_magnitude()
+        neg = torch.full((1,), -float("inf"), dtype=ls.dtype, device=ls.device)
+        if not stack.remainder:
+            new = torch.maximum(torch.cat([mag, neg]), torch.cat([neg, mag]))
+            fb = torch.exp(ls - new[1:])
+            mb, fr = m, None
+            remainder = self.max_len is not None and m == self.max_len + 1
+        else:
+            mag_k, mag_r = mag[:m - 1], mag[m - 1:]
+            new = torch.maximum(mag, torch.cat([neg, mag_k[:-1], torch.maximum(mag_k[-1:], mag_r)]))
+            fb = torch.exp(ls[:m - 1] - new[1:])      # the last one: fk, for g^(K)
+            mb, fr = m - 1, torch.exp(ls[m - 1:] - new[-1:])
+            remainder = True
+        fh = torch.exp(ls - new[:m])
+        n_out = new.shape[0]
+        g_in = _new_stack(n_out, x_shape, v, cl)
+        raw = torch.empty((n_out, x_shape[0]), dtype=_acc(v), device=v.device)
+        per = max(1, int(self.chunk_elems // max(1, math.prod(x_shape))))
+        for a in range(0, n_out, per):
+            b = min(n_out, a + per)
+            out = g_in[a:b]
+            hs, he = a, min(b, m)                      # shortcut side: entries a..b-1 below m
+            if he > hs and p_h.reached[0]:
+                (sx,) = p_h.run([gh[hs:he]])
+                torch.mul(sx, _bcast(fh[hs:he], sx), out=out[:he - hs])
+            elif he > hs:
+                out[:he - hs].zero_()
+            if b > he:
+                out[he - a:].zero_()
+            bs, be = max(a, 1) - 1, min(b, mb + 1) - 1  # branch side: b[j-1] for the entries j
+            if be > bs and p_r.reached[0]:
+                bin_ = gr[bs:be] * _bcast(fb[bs:be], gr)
+                if fr is not None and be == mb:      # the remainder rides with g^(K)
+                    bin_[-1].add_(gr[m - 1] * fr.to(gr.dtype))
+                (bx,) = p_r.run([bin_])
+                out[bs + 1 - a:be + 1 - a].add_(bx)
+            raw[a:b] = torch.linalg.vector_norm(_mem_flat(out, 2), dim=2, dtype=raw.dtype)   # while in cache
+        return PathStack(g_in, new, remainder, raw)
+
     def through_unit(self, unit: UnitGraph, stack: PathStack) -> PathStack:
         """The stack at the unit's input from the stack at its output."""
+        progs = self._fast(unit, stack.v)
+        if progs is not None:
+            return self._through_unit_fast(progs, stack, tuple(unit.x_shape))
         v, ls = stack.v, stack.log_scale
         gh, gr, gx = self.split(unit, v)
         m = v.shape[0]
@@ -352,7 +510,7 @@ class PathTracker:
         call.path_graph = UnitGraph(   # on the call: dropped with it, whether or not a backward came
             x=e(x), h=e(h), r=e(r), out=e(out), plain_sum=gate is None and y is out and is_plain_sum(parts),
             name=call.info.name, y=e(y) if (gate is not None and y is not out) else None,
-            gate=e(gate) if gate is not None else None)
+            gate=e(gate) if gate is not None else None, x_shape=tuple(x.shape))
 
     def on_top(self, last, g: Tensor) -> None:
         self._through(last, self.carrier.start(g))
