@@ -1,10 +1,17 @@
 """Writing files so that nothing is lost: a reader sees the old file or the new one.
 
-Every file gradflow writes (checkpoints, logs' JSON, probe outputs, figures)
-goes through :func:`atomic_write`: a temporary file ``.<name>.<random>.tmp`` in
-the same folder, then ``os.replace``. The file gets the permissions any newly
-created file gets (``0o666`` less the user's umask), not ``mkstemp``'s 0600, so
-run folders can be shared as the user's other files are.
+Files gradflow writes whole (checkpoints, config/status/summary JSON, the probe's
+and the figures' outputs, a run's logs when resume cuts them back) go through
+:func:`atomic_write`: a temporary file ``.<name>.<random>.tmp`` in the same
+folder, then ``os.replace``. The file gets the permissions any newly created
+file gets (``0o666`` less the user's umask), not ``mkstemp``'s 0600, so run
+folders can be shared as the user's other files are.
+
+Files that grow row by row are appended in place instead, not replaced: a run's
+``log.jsonl``, ``log.csv``, ``probe.csv`` and ``paths.csv`` (each row appended
+whole or the file cut back to its old size, ``training/runlog.py``; resume keeps
+only the rows the checkpoint vouches for) and the tracer's CSV/JSONL sinks (one
+write per step; a process killed during it can leave a partial last line).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch.nn as nn
 
@@ -67,6 +67,19 @@ def create_model(name: str, **options) -> nn.Module:
     error listing the options the model takes.
     """
     fn = _lookup(name)
+    check_options(name, options)
+    return fn(**options)
+
+
+def check_options(name: str, options: Mapping[str, object]) -> dict[str, object]:
+    """Refuse option names the registered model ``name`` does not take (as :func:`create_model` does).
+
+    Args:
+        name: a registered model name (an unknown one is an error listing close matches).
+        options: the keyword options meant for ``create_model``.
+    Returns:
+        ``model_options(name)``: the options it takes, with their defaults.
+    """
     allowed = model_options(name)
     bad = sorted(set(options) - set(allowed))
     if bad:
@@ -74,7 +87,7 @@ def create_model(name: str, **options) -> nn.Module:
             f"model {name!r} takes no option {', '.join(map(repr, bad))}; "
             f"its options are: {', '.join(sorted(allowed))}"
         )
-    return fn(**options)
+    return allowed
 
 
 def _lookup(name: str) -> Callable[..., nn.Module]:

@@ -29,8 +29,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from ..io import json_safe as clean  # noqa: F401  (kept importable as gradflow.probing.report.clean)
-from ..theory import per_unit
+from ..io import json_safe
+from ..theory import per_unit, shape_groups
 
 MATCH_TOL = 1e-3     # |direct / prediction - 1| below this at every unit counts as "follows"
 LEVEL = 0.005        # |log change per unit| below this counts as "level"
@@ -68,7 +68,7 @@ def _within_stage_change(df: pd.DataFrame) -> float:
     if not _has_split(df):
         return float("nan")
     worst = 0.0
-    for _, g in df.groupby(df["x_shape"].astype(str), sort=False):
+    for _, g in df.groupby(shape_groups(df), sort=False):
         d = g.sort_values("unit")["direct_ratio"].to_numpy(float)
         d = d[np.isfinite(d)]
         if len(d) > 1 and (d > 0).all():
@@ -342,7 +342,7 @@ def _next(df: pd.DataFrame, unit: int, column: str):
 def variant_report(v) -> dict:
     """JSON-safe report of one VariantResult."""
     stages = stage_rows(v.units)
-    return clean(dict(label=v.label, model=v.model, options=v.options, source=v.source,
+    return json_safe(dict(label=v.label, model=v.model, options=v.options, source=v.source,
                       n_units=int(v.summary.get("n_units", 0)), equation=equation(v.summary, v.units),
                       finding=finding(v.units, stages, at_init=v.source != "checkpoint"),
                       by_construction=by_construction(v.units), stages=stages,
@@ -352,7 +352,7 @@ def variant_report(v) -> dict:
 
 def report_dict(result, files: dict | None = None) -> dict:
     """The whole probe as one JSON-safe dict (what --json prints and summary.json holds)."""
-    return clean(dict(inputs=result.inputs, config=result.config,
+    return json_safe(dict(inputs=result.inputs, config=result.config,
                       variants=[variant_report(v) for v in result.variants.values()],
                       files=files or {}))
 

@@ -23,7 +23,7 @@ from ..checkpoint import read_checkpoint
 from ..cli import check_model_options
 from ..data import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
 from ..errors import GradflowError
-from ..registry import create_model, model_options
+from ..registry import check_options, create_model
 from . import distributed
 from .config import TrainConfig, make_config
 from .folder import open_existing, open_fresh, read_status
@@ -66,12 +66,7 @@ def _model_options(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 def _check_model(cfg: TrainConfig) -> None:
     """Unknown model names and options fail before any data is read."""
-    allowed = model_options(cfg.model)
-    bad = sorted(set(cfg.model_options) - set(allowed))
-    if bad:
-        raise GradflowError(f"model {cfg.model!r} takes no option {', '.join(map(repr, bad))}; "
-                            f"its options are: {', '.join(sorted(allowed))}")
-    check_model_options(cfg.model_options, allowed)
+    check_model_options(cfg.model_options, check_options(cfg.model, cfg.model_options))
 
 
 @contextmanager

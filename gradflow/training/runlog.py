@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import GradflowError
-from ..io import atomic_write, atomic_write_text, json_safe as _clean, json_text
+from ..io import atomic_write, atomic_write_text, json_safe, json_text
 from ..provenance import code_version  # noqa: F401  (moved down: the probe and the figures record it too)
 
 COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
@@ -79,7 +79,7 @@ class RunLog:
         self.rows, self.probe_rows, self.paths_rows = 0, 0, 0
 
     def append(self, row: dict[str, Any]) -> None:
-        row = {k: _clean(row.get(k)) for k in COLUMNS}
+        row = {k: json_safe(row.get(k)) for k in COLUMNS}
         new = not self.csv.exists() or self.csv.stat().st_size == 0
 
         def write_csv(f) -> None:
@@ -112,7 +112,7 @@ class RunLog:
         self._rewrite(keep)
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps({k: _clean(r.get(k)) for k in COLUMNS}) + "\n" for r in rows)
+        text = "".join(json.dumps({k: json_safe(r.get(k)) for k in COLUMNS}) + "\n" for r in rows)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\r\n")
         w.writeheader()
