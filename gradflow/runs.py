@@ -70,9 +70,6 @@ def read_log_table(run_dir: str | Path) -> pd.DataFrame:
     return log.sort_values("iteration").reset_index(drop=True) if "iteration" in log else log
 
 
-read_log = read_log_table  # the old name, kept importable
-
-
 def read_probe(run_dir: str | Path) -> pd.DataFrame:
     """``probe.csv`` of a run folder (empty if the run had no ``--probe-every``)."""
     path = Path(run_dir) / "probe.csv"

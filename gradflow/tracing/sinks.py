@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GradflowError
+from ..io import json_safe
 
 
 class Sink:
@@ -52,17 +53,6 @@ class FunctionSink(Sink):
 
     def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
         self._write(units, samples)
-
-
-def _value(v: Any) -> Any:
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return None if not math.isfinite(v) else v
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 class _LineSink(Sink):
@@ -160,7 +150,7 @@ class JSONLSink(_LineSink):
         if df.empty:
             return
         cols = list(df.columns)
-        lines = [json.dumps({c: _value(v) for c, v in zip(cols, row)}) for row in
+        lines = [json.dumps({c: json_safe(v) for c, v in zip(cols, row)}) for row in
                  df.itertuples(index=False, name=None)]
         f = self._file()
         f.write("\n".join(lines) + "\n")

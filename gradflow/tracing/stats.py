@@ -29,7 +29,3 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_contiguous() and b.is_contiguous() and a.dtype == torch.float32 == b.dtype:
         return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
     return (a * b).sum(dim=_dims(a), dtype=torch.float32)
-
-
-def numel_per_sample(t: Tensor) -> int:
-    return t[0].numel() if t.ndim else 1
