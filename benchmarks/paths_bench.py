@@ -5,20 +5,32 @@ baseline), the full spectrum (every path length k, ``path_components``) and the
 spectrum cut at ``max_len`` (lengths 0..max_len apart, the rest summed), timed
 interleaved in one process and repeated (median). The ratios are what the
 issue's targets are about (issue 12: full <= 8x, max_len=20 <= 4x on resnet110
-at batch 16); a shared machine slows all three alike, more or less.
+at batch 16, CPU; resnet164 reported too). The route each unit took is printed
+(``fast``: all components through a unit in one product per node, from saved
+tensors; ``autograd``: one autograd call per component, with the reason).
 
-    python benchmarks/paths_bench.py                            # resnet110 and resnet164, batch 16
+On a shared machine use ``--clock cpu`` (this process's CPU time; with one
+thread it is the work done, not the waiting): wall-clock ratios then swing
+with the other processes' load, which is printed.
+
+    python benchmarks/paths_bench.py --threads 1                 # resnet110 and resnet164, batch 16
+    python benchmarks/paths_bench.py --threads 1 --clock cpu     # on a busy machine
     python benchmarks/paths_bench.py --models resnet20 --repeats 1 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+GOALS = {"full": 8.0, "max_len": 4.0}     # issue 12, resnet110 at batch 16 on the CPU
 
 
 def main() -> None:
@@ -28,13 +40,23 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (for a shared machine)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--autograd", action="store_true",
+                   help="also time the autograd route (fast=False) for comparison (slow)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    if args.clock == "cpu" and args.device.startswith("cuda"):
+        p.error("--clock cpu measures the CPU's work; on CUDA use --clock wall")
     import gradflow
     from gradflow.paths import path_components
+    if not args.json:
+        print(f"device={args.device} batch={args.batch} threads={torch.get_num_threads()} clock={args.clock} "
+              f"torch={torch.__version__} load={os.getloadavg()[0]:.1f}")
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -47,9 +69,13 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
 
+        cut = f"max_len={args.max_len}"
         modes = {"plain": plain,
                  "full": lambda: path_components(model, x, y=y),
-                 f"max_len={args.max_len}": lambda: path_components(model, x, y=y, max_len=args.max_len)}
+                 cut: lambda: path_components(model, x, y=y, max_len=args.max_len)}
+        if args.autograd:
+            modes["full_autograd"] = lambda: path_components(model, x, y=y, fast=False)
+        routes = Counter(path_components(model, x, y=y, max_len=1).units["vjp"])   # also a warm-up
         for fn in modes.values():   # warm-up
             fn()
         times: dict = {k: [] for k in modes}
@@ -57,20 +83,22 @@ def main() -> None:
             for k, fn in modes.items():
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                t = time.perf_counter()
+                t = clock()
                 fn()
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t)
+                times[k].append(clock() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         row = dict(model=name, batch=args.batch, device=args.device, threads=torch.get_num_threads(),
+                   clock=args.clock, routes=dict(routes),
                    **{f"{k}_s": v for k, v in med.items()},
                    **{f"{k}_ratio": med[k] / med["plain"] for k in modes if k != "plain"})
         rows.append(row)
         if not args.json:
-            print(f"{name} batch {args.batch} on {args.device} ({row['threads']} threads): plain step "
-                  f"{med['plain']:.3f} s; " + "; ".join(f"{k} {med[k]:.3f} s = {med[k] / med['plain']:.2f}x"
-                                                       for k in modes if k != "plain"))
+            print(f"{name} batch {args.batch}: plain forward+backward {med['plain']:.3f} s; "
+                  + "; ".join(f"{k} {med[k]:.3f} s = {med[k] / med['plain']:.2f}x" for k in modes if k != "plain"))
+            print(f"  goals (issue 12, resnet110): full <= {GOALS['full']:.0f}x, {cut} <= {GOALS['max_len']:.0f}x;"
+                  f" routes: " + ", ".join(f"{n} units {r}" for r, n in routes.items()))
     if args.json:
         print(json.dumps(rows, indent=2))
 

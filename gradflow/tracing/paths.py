@@ -154,8 +154,8 @@ def _mem_flat(v: Tensor, keep: int) -> Tensor:
 def _new_stack(n: int, entry: tuple, like: Tensor, channels_last: bool) -> Tensor:
     """An uninitialised stack [n, *entry], each entry channels_last when asked (4-d entries only)."""
     if channels_last and len(entry) == 4:
-        return like.new_empty((n * entry[0],) + tuple(entry[1:])).contiguous(
-            memory_format=torch.channels_last).view(n, *entry)
+        return torch.empty((n * entry[0],) + tuple(entry[1:]), dtype=like.dtype, device=like.device,
+                           memory_format=torch.channels_last).view(n, *entry)
     return like.new_empty((n,) + tuple(entry))
 
 
@@ -324,11 +324,14 @@ class PathCarrier:
                 out[he - a:].zero_()
             bs, be = max(a, 1) - 1, min(b, mb + 1) - 1  # branch side: b[j-1] for the entries j
             if be > bs and p_r.reached[0]:
-                bin_ = gr[bs:be] * _bcast(fb[bs:be], gr)
-                if fr is not None and be == mb:      # the remainder rides with g^(K)
+                if fr is not None and be == mb:      # the remainder rides with g^(K): one product for both
+                    bin_ = gr[bs:be] * _bcast(fb[bs:be], gr)
                     bin_[-1].add_(gr[m - 1] * fr.to(gr.dtype))
-                (bx,) = p_r.run([bin_])
-                out[bs + 1 - a:be + 1 - a].add_(bx)
+                    (bx,) = p_r.run([bin_])
+                    out[bs + 1 - a:be + 1 - a].add_(bx)
+                else:                                # B is linear: scale its output, in the add
+                    (bx,) = p_r.run([gr[bs:be]])
+                    out[bs + 1 - a:be + 1 - a].addcmul_(bx, _bcast(fb[bs:be], bx))
             raw[a:b] = torch.linalg.vector_norm(_mem_flat(out, 2), dim=2, dtype=raw.dtype)   # while in cache
         return PathStack(g_in, new, remainder, raw)
 
@@ -463,15 +466,15 @@ def n_paths(n: int, k: int, max_len: Optional[int]) -> float:
 def stack_rows(ks: list, norms, dots, gnorm, meta: dict, n_units: int, max_len: Optional[int]) -> list:
     """Tidy rows (one per k) from per-sample arrays: norms, dots [M, B] and ||dE/dx_l|| [B] (numpy)."""
     safe = np.where(gnorm > 0, gnorm, np.nan)
-    rows = []
-    for i, k in enumerate(ks):
-        a = norms[i]
-        q = np.quantile(a, [0.05, 0.5, 0.95])
-        rows.append(dict(meta, k=k, n_units=n_units, n_paths=n_paths(n_units, k, max_len), norm=a.mean(),
-                         norm_std=a.std(), norm_q05=q[0], norm_q50=q[1], norm_q95=q[2],
-                         share=np.nanmean(a / safe), proj=np.nanmean(dots[i] / safe ** 2),
-                         grad_norm=gnorm.mean()))
-    return rows
+    q = np.quantile(norms, [0.05, 0.5, 0.95], axis=1)
+    mean, std = norms.mean(axis=1), norms.std(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.nanmean(norms / safe, axis=1) if np.isfinite(safe).any() else np.full(len(ks), np.nan)
+        proj = np.nanmean(dots / safe ** 2, axis=1) if np.isfinite(safe).any() else np.full(len(ks), np.nan)
+    g_mean = gnorm.mean()
+    return [dict(meta, k=k, n_units=n_units, n_paths=n_paths(n_units, k, max_len), norm=mean[i],
+                 norm_std=std[i], norm_q05=q[0, i], norm_q50=q[1, i], norm_q95=q[2, i],
+                 share=share[i], proj=proj[i], grad_norm=g_mean) for i, k in enumerate(ks)]
 
 
 def is_plain_sum(parts) -> bool:

