@@ -1,6 +1,6 @@
 """Reading trainer run folders into tidy tables, for figures and notebooks.
 
-A run folder (``gradflow.train``; layout in ``gradflow.training.runlog``) holds
+A run folder (``gradflow.train``; layout in :mod:`gradflow.runfolder`) holds
 ``config.json``, a log (``log.jsonl`` and/or ``log.csv``), ``status.json`` and,
 with ``--probe-every``, ``probe.csv`` (the tracer's units table plus an
 ``iteration`` column). The readers are tolerant: either log format, older or
@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from .errors import GradflowError
+from .runfolder import read_log
 
 # other spellings of the log's columns -> the trainer's names
 ALIASES = {"train_err": "train_error", "test_err": "test_error", "images/s": "images_per_s",
@@ -50,13 +51,13 @@ class Run:
 def read_log_table(run_dir: str | Path) -> pd.DataFrame:
     """The log of a run folder as a DataFrame sorted by iteration (JSONL preferred, CSV otherwise).
 
-    (``gradflow.training.runlog.read_log`` is the trainer's own reader: the rows as dicts.)
+    The JSONL rows come from :func:`gradflow.runfolder.read_log` (the trainer's reader too): a
+    half-written last line of a run still writing, or stopped mid-write, is left out with a warning.
     """
     run_dir = Path(run_dir)
     jsonl, csv = run_dir / "log.jsonl", run_dir / "log.csv"
     if jsonl.exists() and jsonl.stat().st_size:
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        log = pd.DataFrame(rows)
+        log = pd.DataFrame(read_log(run_dir))
     elif csv.exists() and csv.stat().st_size:
         log = pd.read_csv(csv)
     else:

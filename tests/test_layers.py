@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import gradflow
@@ -19,7 +20,7 @@ import gradflow
 ROOT = Path(gradflow.__file__).parent
 # the faces and libraries below or beside the trainer: none may import gradflow.training
 NOT_TRAINING = ["probing", "tracing", "theory", "lesion.py", "pathplots.py", "paths.py", "path_tables.py",
-                "figures.py", "plot.py", "probe.py", "runs.py", "checkpoint.py", "parts.py", "io.py",
+                "figures.py", "plot.py", "probe.py", "runs.py", "runfolder.py", "checkpoint.py", "parts.py", "io.py",
                 "provenance.py", "cli.py", "data.py", "registry.py"]
 
 
@@ -88,3 +89,18 @@ def test_the_trainer_reexports_the_one_reader():
     from gradflow.training import checkpoint as written
     assert training.load_checkpoint is checkpoint.load_checkpoint is gradflow.load_checkpoint
     assert written.read_checkpoint is checkpoint.read_checkpoint and written.FORMAT == checkpoint.FORMAT
+
+
+def test_the_table_reader_and_the_trainer_read_one_log_format(tmp_path):
+    # a run still writing: two whole rows, then half a line; both readers keep the two rows, and say so
+    import json
+
+    from gradflow.runs import read_log_table
+    from gradflow.training.runlog import read_log
+    rows = [dict(iteration=10, train_loss=2.25, test_error=None), dict(iteration=20, train_loss=1.5, test_error=0.5)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3')
+    with pytest.warns(UserWarning, match="half-written last line"):
+        assert read_log(tmp_path) == rows
+    with pytest.warns(UserWarning, match="half-written last line"):
+        table = read_log_table(tmp_path)
+    assert table["iteration"].tolist() == [10, 20] and table["train_loss"].tolist() == [2.25, 1.5]

@@ -1,20 +1,10 @@
-"""The run folder: resolved config, the JSONL/CSV log, the status, the probe table, the lock.
+"""Writing a run folder's logs: rows appended whole, cut back on resume (layout: gradflow.runfolder).
 
-Only rank 0 writes. Layout of ``runs/<name>/``:
-
-- ``config.json``   the resolved TrainConfig, gradflow version and git commit
-- ``log.jsonl``, ``log.csv``  one row per log point (COLUMNS); test columns empty between evals
-- ``checkpoint.pt`` the latest good checkpoint (see checkpoint.py)
-- ``status.json``   "running", "ok", "fail" (test error above the paper's 20%), "diverged",
-  "interrupted", "crashed" (the process died with an exception; ``error`` says which)
-- ``probe.csv``     per-unit gradient-flow records with their iteration (--probe-every)
-- ``paths.csv``     the exact split of dE/dx_l by path length at each probe (--probe-paths)
-- ``.lock``         who trains here now (pid, host, start); flock'ed while a process trains
-
-Guarantees: JSON files and the checkpoint are replaced atomically; a log row is
-appended whole or not at all (a failed append is cut back); resume keeps exactly
-the rows the checkpoint vouches for and replaces the logs atomically; one process
-at a time trains in a folder.
+Only rank 0 writes. Guarantees: JSON files and the checkpoint are replaced atomically; a log
+row is appended whole or not at all (a failed append is cut back); resume keeps exactly the
+rows the checkpoint vouches for and replaces the logs atomically. The log's columns and its
+reader (``COLUMNS``, ``TIMING``, ``read_log``) live in :mod:`gradflow.runfolder` and are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -23,17 +13,13 @@ import io
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import GradflowError
 from ..io import atomic_write, atomic_write_text, json_safe, json_text
 from ..provenance import code_version  # noqa: F401  (moved down: the probe and the figures record it too)
-
-COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
-           "images_per_s", "wall_time")
-TIMING = ("images_per_s", "wall_time")  # the columns that differ between identical runs
+from ..runfolder import COLUMNS, TIMING, read_log  # noqa: F401  (re-exported: the format and its reader)
 
 
 def default_name(model: str, dataset: str, preset: Optional[str]) -> str:
@@ -234,29 +220,6 @@ def _complete_lines(path: Path) -> tuple[list[bytes], bool]:
     parts = data.split(b"\n")
     tail = parts.pop()  # b"" when the file ends with a newline
     return [p.rstrip(b"\r") for p in parts], bool(tail)
-
-
-def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The log rows of a run folder, as dicts (empty if none yet).
-
-    A half-written last line (a run killed mid-append) is skipped with a warning;
-    a damaged line elsewhere is a GradflowError naming it.
-    """
-    path = Path(run_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: skipped a half-written last line (the run was stopped mid-write; "
-                              "--resume repairs it)", stacklevel=2)
-                break
-            raise GradflowError(f"{path} line {i + 1} is damaged: {line[:60]!r}") from None
-    return rows
 
 
 def append_probe(run_dir: Path, table, iteration: int) -> None:
