@@ -82,6 +82,7 @@ class PathStack:
     log_scale: Tensor       # [M] float64, on v's device
     remainder: bool = False
     raw: Optional[Tensor] = None    # [M, B] per-sample norms of v itself (cached; float32 or float64)
+    buf: Optional[Tensor] = None    # the fast route's buffer v is the head of (reused by the next unit)
 
     def raw_norms(self) -> Tensor:
         """[M, B]: the per-sample norms of ``v`` (not scaled), computed once."""
@@ -157,6 +158,15 @@ def _new_stack(n: int, entry: tuple, like: Tensor, channels_last: bool) -> Tenso
         return torch.empty((n * entry[0],) + tuple(entry[1:]), dtype=like.dtype, device=like.device,
                            memory_format=torch.channels_last).view(n, *entry)
     return like.new_empty((n,) + tuple(entry))
+
+
+def _aliases(t: Tensor, buf: Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """The same elements in the same places (an elementwise op from a into b is then safe in place)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -277,22 +287,17 @@ class PathCarrier:
     def _through_unit_fast(self, progs: tuple, stack: PathStack, x_shape: tuple) -> PathStack:
         """:meth:`through_unit` with the compiled products, a few entries at a time (cache-sized).
 
-        Output entry j = fh[j] S(g_h[j]) + B(b[j-1]), where b[j] = fb[j] g_F[j] (and, with a
-        remainder, the last b = fk g_F^(K) + fr g_F^(R): one product for both), all scaled
-        to the new entry's log scale (from the entries' norms, known from the unit above);
-        each finished chunk's per-sample norms are taken while it is in cache.
+        Output entry j = fh[j] S(g_h[j]) + fb[j-1] B(g_F[j-1]) (with a remainder, the last
+        branch input is fk g_F^(K) + fr g_F^(R): one product for both), all scaled to the new
+        entry's log scale (from the entries' norms, known from the unit above). Chunks run
+        from the top entry down, so where x has the output's shape the result overwrites the
+        input stack's own buffer (every entry a chunk reads lies at or below it, and is read
+        before it is written): no new memory per unit. Each finished chunk's per-sample norms
+        are taken while it is in cache.
         """
         split, p_h, p_r, cl = progs
         v, ls = stack.v, stack.log_scale
         m = v.shape[0]
-        if split is None:
-            gh = gr = v
-        else:
-            gh, gr = split.run([v])[:2]
-            gh = gh if gh is not None else torch.zeros_like(v)
-            gr = gr if gr is not None else torch.zeros_like(v)
-        # the new log scales from the entries' magnitudes (their norms), so that every output
-        # entry has norm <= ~the unit's gain: no separate rescaling pass
         mag = stack.log_magnitude()
         neg = torch.full((1,), -float("inf"), dtype=ls.dtype, device=ls.device)
         if not stack.remainder:
@@ -308,35 +313,61 @@ class PathCarrier:
             remainder = True
         fh = torch.exp(ls - new[:m])
         n_out = new.shape[0]
-        g_in = _new_stack(n_out, x_shape, v, cl)
+        buf = stack.buf
+        in_place = (buf is not None and tuple(v.shape[1:]) == tuple(x_shape) and buf.shape[0] >= n_out
+                    and _cl(buf) == (cl and len(x_shape) == 4))
+        if not in_place:
+            cap = n_out + (16 if self.max_len is None else max(0, self.max_len + 2 - n_out))
+            buf = _new_stack(cap, x_shape, v, cl)
+        g_in = buf[:n_out]
         raw = torch.empty((n_out, x_shape[0]), dtype=_acc(v), device=v.device)
         per = max(1, int(self.chunk_elems // max(1, math.prod(x_shape))))
-        for a in range(0, n_out, per):
+        for a in reversed(range(0, n_out, per)):
             b = min(n_out, a + per)
+            he = min(b, m)                             # shortcut side: entries a..he-1 (below m)
+            bs, be = max(a, 1) - 1, min(b, mb + 1) - 1  # branch side: entries bs..be-1 feed a+..b-1
+            lo, hi = (bs if be > bs else a), min(b, m)
+            if split is None:
+                gh, gr = v[lo:hi], v[lo:hi]
+            else:                                      # post and combine, on the entries this chunk reads
+                gh, gr = split.run([v[lo:hi]])[:2]
+                gh = gh if gh is not None else torch.zeros_like(v[lo:hi])
+                gr = gr if gr is not None else torch.zeros_like(v[lo:hi])
+            # every product this chunk needs, before any of its entries is written
+            sx = p_h.run([gh[a - lo:he - lo]])[0] if he > a and p_h.reached[0] else None
+            bx = None
+            if be > bs and p_r.reached[0]:
+                if fr is not None and be == mb:        # the remainder rides with g^(K): one product
+                    bin_ = gr[bs - lo:be - lo] * _bcast(fb[bs:be], gr)
+                    bin_[-1].add_(gr[m - 1 - lo] * fr.to(gr.dtype))
+                    (bx,) = p_r.run([bin_])
+                    fbx = None
+                else:                                  # B is linear: its scale goes into the add
+                    (bx,) = p_r.run([gr[bs - lo:be - lo]])
+                    fbx = _bcast(fb[bs:be], bx)
             out = g_in[a:b]
-            hs, he = a, min(b, m)                      # shortcut side: entries a..b-1 below m
-            if he > hs and p_h.reached[0]:
-                (sx,) = p_h.run([gh[hs:he]])
-                torch.mul(sx, _bcast(fh[hs:he], sx), out=out[:he - hs])
-            elif he > hs:
-                out[:he - hs].zero_()
+            if sx is not None and _aliases(sx, buf) and not _same_view(sx, out[:he - a]):
+                sx = sx.clone()
+            if bx is not None and _aliases(bx, buf):
+                bx = bx.clone()
+            if sx is not None:
+                torch.mul(sx, _bcast(fh[a:he], sx), out=out[:he - a])
+            elif he > a:
+                out[:he - a].zero_()
             if b > he:
                 out[he - a:].zero_()
-            bs, be = max(a, 1) - 1, min(b, mb + 1) - 1  # branch side: b[j-1] for the entries j
-            if be > bs and p_r.reached[0]:
-                if fr is not None and be == mb:      # the remainder rides with g^(K): one product for both
-                    bin_ = gr[bs:be] * _bcast(fb[bs:be], gr)
-                    bin_[-1].add_(gr[m - 1] * fr.to(gr.dtype))
-                    (bx,) = p_r.run([bin_])
-                    out[bs + 1 - a:be + 1 - a].add_(bx)
-                else:                                # B is linear: scale its output, in the add
-                    (bx,) = p_r.run([gr[bs:be]])
-                    out[bs + 1 - a:be + 1 - a].addcmul_(bx, _bcast(fb[bs:be], bx))
+            if bx is not None:
+                dst = out[bs + 1 - a:be + 1 - a]
+                dst.add_(bx) if fbx is None else dst.addcmul_(bx, fbx)
             raw[a:b] = torch.linalg.vector_norm(_mem_flat(out, 2), dim=2, dtype=raw.dtype)   # while in cache
-        return PathStack(g_in, new, remainder, raw)
+        return PathStack(g_in, new, remainder, raw, buf)
 
     def through_unit(self, unit: UnitGraph, stack: PathStack) -> PathStack:
-        """The stack at the unit's input from the stack at its output."""
+        """The stack at the unit's input from the stack at its output.
+
+        ``stack`` is consumed: the fast route writes the result into its buffer where the
+        shapes allow (take what you need from it, e.g. ``values()``, before this call).
+        """
         progs = self._fast(unit, stack.v)
         if progs is not None:
             return self._through_unit_fast(progs, stack, tuple(unit.x_shape))
