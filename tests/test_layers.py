@@ -60,6 +60,19 @@ def test_nothing_below_the_trainer_imports_it():
     assert not bad, "\n".join(bad)
 
 
+
+def test_tracing_knows_units_by_protocol_and_calls_theory_late():
+    # tracing never imports the zoo (units are found by protocol) and imports theory only inside a
+    # function (tr.summary()); the registry never imports the zoo (gradflow/__init__.py does, once)
+    files = sorted((ROOT / "tracing").rglob("*.py"))
+    zoo = [f"{f.name}:{line} {name}" for f in files for line, name in imported(f) if name.startswith("gradflow.models")]
+    assert not zoo, zoo
+    top = [f"{f.name}:{node.lineno}" for f in files for node in ast.parse(f.read_text()).body
+           if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+               name.startswith("gradflow.theory") for line, name in imported(f) if line == node.lineno)]
+    assert not top, top
+    assert not [n for _, n in imported(ROOT / "registry.py") if n.startswith("gradflow.models")]
+
 def test_probe_lesion_and_figures_read_a_checkpoint_without_the_trainer(tmp_path):
     from gradflow.training.checkpoint import save_checkpoint
     torch.manual_seed(0)
