@@ -52,6 +52,8 @@ class Program:
     def run(self, grads: list) -> list:
         m = grads[0].shape[0]
         acc: dict = {}
+        # storages a rule must not write into: the caller's, and any handed to two consumers
+        shared = {g.untyped_storage().data_ptr() for g in grads}
 
         def add(key, g):
             prev = acc.get(key)
@@ -63,7 +65,11 @@ class Program:
             g = acc.pop((_key(node), 0), None)
             if g is None:
                 continue
-            outs = self.rules[_key(node)](g, m)
+            outs = self.rules[_key(node)](g, m, g.untyped_storage().data_ptr() not in shared)
+            sent = [go for (nxt, _), go in zip(node.next_functions, outs)
+                    if go is not None and nxt is not None and _key(nxt) in self.nexts]
+            if len(sent) > 1:
+                shared.update(go.untyped_storage().data_ptr() for go in sent)
             for (nxt, nr), go in zip(node.next_functions, outs):
                 if go is not None and nxt is not None and _key(nxt) in self.nexts:
                     add((_key(nxt), nr), go)
@@ -174,7 +180,7 @@ def _add_rule(node, need):
     alpha = getattr(node, "_saved_alpha", 1)
     a = float(alpha) if not isinstance(alpha, Tensor) else alpha
 
-    def f(g, m):
+    def f(g, m, own=False):
         return [g if need[0] else None, (g if a == 1 else g * a) if need[1] else None]
     return f
 
@@ -182,7 +188,7 @@ def _add_rule(node, need):
 def _sub_rule(node, need):
     alpha = getattr(node, "_saved_alpha", 1)
 
-    def f(g, m):
+    def f(g, m, own=False):
         return [g if need[0] else None, (-g if alpha == 1 else g * (-alpha)) if need[1] else None]
     return f
 
@@ -196,7 +202,7 @@ def _mul_rule(node, need):
             raise _Unsupported("MulBackward0 with a tensor factor")
         saved.append(t)
 
-    def f(g, m):
+    def f(g, m, own=False):
         return [None if t is None else g * t.to(g.dtype) for t in saved]
     return f
 
@@ -204,7 +210,7 @@ def _mul_rule(node, need):
 def _view_rule(node, need):
     size = tuple(node._saved_self_sym_sizes)
 
-    def f(g, m):
+    def f(g, m, own=False):
         return [g.reshape(m * size[0], *size[1:]) if need[0] else None]
     if not size:
         raise _Unsupported("a view of a 0-d tensor")
@@ -212,15 +218,21 @@ def _view_rule(node, need):
 
 
 def _pass_rule(node, need):
-    return lambda g, m: [g if need[0] else None]
+    return lambda g, m, own=False: [g if need[0] else None]
+
+
+def _masked(g: Tensor, m: int, mask: Tensor, own: bool) -> Tensor:
+    """g [M*B, ...] times a mask [B, ...] broadcast over the M entries (in place when g is ours)."""
+    ge = g.reshape(m, *mask.shape)
+    return (ge.mul_(mask) if own and ge.data_ptr() == g.data_ptr() else ge * mask).view(g.shape)
 
 
 def _relu_rule(node, need, cl=False):
     res = node._saved_result
     mask = _fmt((res > 0).to(res.dtype), cl)      # a float mask multiplies 3-4x faster than a bool one
 
-    def f(g, m):
-        return [(g.reshape(m, *mask.shape) * mask).view(g.shape) if need[0] else None]
+    def f(g, m, own=False):
+        return [_masked(g, m, mask, own) if need[0] else None]
     return f
 
 
@@ -228,8 +240,8 @@ def _threshold_rule(node, need, cl=False):
     t = node._saved_self
     mask = _fmt((t > node._saved_threshold).to(t.dtype), cl)
 
-    def f(g, m):
-        return [(g.reshape(m, *mask.shape) * mask).view(g.shape) if need[0] else None]
+    def f(g, m, own=False):
+        return [_masked(g, m, mask, own) if need[0] else None]
     return f
 
 
@@ -244,7 +256,7 @@ def _bn_rule(node, need, cl=False):
             raise _Unsupported("BatchNorm without saved batch statistics")
         xin, eps = _fmt(x, cl), node._saved_eps
 
-        def f(g, m):
+        def f(g, m, own=False):
             # per entry, ATen's own fused kernel (the batch statistics are per entry)
             if not need[0]:
                 return [None, None, None]
@@ -261,8 +273,8 @@ def _bn_rule(node, need, cl=False):
         scale = scale * w
     sc = scale.view(shape)
 
-    def f(g, m):
-        return [g * sc if need[0] else None, None, None]
+    def f(g, m, own=False):
+        return [(g.mul_(sc) if own else g * sc) if need[0] else None, None, None]
     return f
 
 
@@ -283,7 +295,7 @@ def _conv_rule(node, need, cl=False):
         wt = w.detach().flip(2, 3).transpose(0, 1).contiguous()
         pad = tuple(kk - 1 - p for p, kk in zip(padding, k))
 
-    def f(g, m):
+    def f(g, m, own=False):
         if not need[0]:
             return [None, None, None]
         g = _fmt(g, cl)
