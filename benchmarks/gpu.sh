@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gradflow's GPU figures in one run of under 8 minutes (timeouts sum to 7.8) on one H100 (no internet needed).
+# gradflow's GPU figures in one run of under 9 minutes (timeouts sum to 8.8) on one H100 (no internet needed).
 #   bash benchmarks/gpu.sh
 # Prints: a smoke run of the real CLI on the GPU (synthetic CIFAR-format data, bf16,
 # channels_last), then images/s and peak memory for resnet110/164/1001 in the modes
@@ -39,3 +39,7 @@ echo "== 5. laptop-scale Table 2 sweep (ResNet-110 column, 5 runs x 128 iteratio
 timeout 100 python -m gradflow.experiment table2 --scale laptop --rows 'resnet110-*' --data "$tmp/data" \
     --no-verify --out "$tmp/exp" --gpus 0 | grep -E "after [0-9]+s|sweep wall time|error" \
   || echo "laptop Table 2 sweep: did not finish within 100 s"
+
+echo "== 6. exact path-length split (issue 12): full spectrum and max_len=20 against a plain step, with each unit's route"
+timeout 60 python benchmarks/paths_bench.py --models resnet110,resnet164 --repeats 2 --device cuda \
+  || echo "paths_bench: did not finish within 60 s"
