@@ -104,7 +104,7 @@ class Tap(Protocol):
 
 
 def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = (),
-              kwargs: Optional[dict] = None) -> Tensor:
+              kwargs: Optional[dict] = None, identity_node: bool = True) -> Tensor:
     """Evaluate a unit from its parts. ``tap`` (the tracer) sees every intermediate.
 
     Args:
@@ -112,6 +112,9 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
         x: its input x_l.
         tap: called once with x, z, s_in, h, r, y, coef and out.
         args, kwargs: the unit's extra call arguments, passed to ``parts.branch``.
+        identity_node: with a tap, make an identity shortcut's h a view of its
+            input (below); False keeps h = x (a tap that never separates the two
+            paths through h: the view stops autograd from summing dE/dx in place).
     Returns:
         x_{l+1}.
 
@@ -124,7 +127,7 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
     if parts.shortcut is not None:
         h = parts.shortcut(s_in)
     else:
-        h = s_in.view_as(s_in) if tap is not None else s_in
+        h = s_in.view_as(s_in) if tap is not None and identity_node else s_in
     r = parts.branch(z, *args, **kwargs) if (args or kwargs) else parts.branch(z)
     y, coef = parts.combine(h, r, x)
     out = parts.post(y) if parts.post is not None else y

@@ -12,7 +12,9 @@ A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
   carried direct term, see :class:`Split`);
 * ``weights(t)`` once per step on the unit's parameters (``t.params``, their
   ``.grad``; ``t.before`` holds the weights before the optimizer's update when
-  the tracer was given an optimizer);
+  the tracer was given an optimizer); ``weights_all(ts)`` gets every unit's at
+  once (by default it calls ``weights`` per unit; the built-ins reduce all
+  units' tensors in one batched call);
 * ``should_compute(step)``: its own schedule (Cockpit's habit);
 * ``derive(q, t)`` on the host, once per step: derived per-sample columns from
   the raw ones (``q``: name -> array [rows, batch]).
@@ -83,7 +85,7 @@ class Backward:
     ref: Optional[Tensor] = None          # the same with every h-coefficient set to 1
     r_ls: Any = 0.0
     direct_norm: Optional[Tensor] = None  # ||direct|| per sample when already known
-    residual: Any = None                  # residual() -> grad - direct, in a reused buffer
+    residual: Any = None                  # residual() -> grad - direct, in a scratch buffer (recomputed per call)
 
 
 @dataclass
@@ -127,6 +129,10 @@ class Quantity:
 
     def weights(self, t: Weights) -> dict:
         return {}
+
+    def weights_all(self, ts: list) -> list:
+        """``weights`` for every unit at once (override to batch): one dict per ``Weights``."""
+        return [self.weights(t) for t in ts]
 
     def derive(self, q: dict, t: Derive) -> None:
         pass
@@ -194,9 +200,9 @@ class Split(Quantity):
         d = t.direct
         s = {"direct_norm": t.direct_norm if t.direct_norm is not None else stats.norm(d),
              "direct_log_scale": _expand(t.d_ls, t.grad)}
-        res = t.residual()
+        res = t.residual()   # a scratch buffer: the dot below overwrites it (no temporary)
         s["residual_norm"] = stats.norm(res)
-        s["dot_direct_residual"] = stats.dot(d, res)   # times exp(direct_log_scale)
+        s["dot_direct_residual"] = stats.dot_into(res, d)   # times exp(direct_log_scale)
         s["ref_norm"] = s["direct_norm"] if t.ref is d else stats.norm(t.ref)
         s["ref_log_scale"] = _expand(t.r_ls, t.grad)
         return s
@@ -233,10 +239,12 @@ class WeightGradNorm(Quantity):
     needs = "weights"
 
     def weights(self, t: Weights) -> dict:
-        grads = [p.grad for p in t.params if p.grad is not None]
-        if not grads:
-            return {}
-        return {"weight_grad_norm": _total_norm(grads)}
+        return self.weights_all([t])[0]
+
+    def weights_all(self, ts: list) -> list:
+        grads = [[p.grad for p in t.params if p.grad is not None] for t in ts]
+        norms = _group_norms(grads).unbind(0)
+        return [{"weight_grad_norm": n} if g else {} for n, g in zip(norms, grads)]
 
 
 class UpdateRatio(Quantity):
@@ -249,10 +257,18 @@ class UpdateRatio(Quantity):
     needs = "update"
 
     def weights(self, t: Weights) -> dict:
-        if t.before is None or not t.params:
-            return {}
-        diffs = torch._foreach_sub([p.detach() for p in t.params], t.before)
-        return {"update_ratio": _total_norm(diffs) / _total_norm(t.before).clamp_min(1e-30)}
+        return self.weights_all([t])[0]
+
+    def weights_all(self, ts: list) -> list:
+        use = [t for t in ts if t.before is not None and t.params]
+        if not use:
+            return [{} for _ in ts]
+        diffs = iter(torch._foreach_sub([p.detach() for t in use for p in t.params],
+                                        [b for t in use for b in t.before]))
+        d = _group_norms([[next(diffs) for _ in t.params] for t in use])
+        w = _group_norms([list(t.before) for t in use])
+        ratio = iter((d / w.clamp_min(1e-30)).unbind(0))
+        return [{"update_ratio": next(ratio)} if t.before is not None and t.params else {} for t in ts]
 
 
 class Spectra(Quantity):
@@ -278,15 +294,47 @@ class Spectra(Quantity):
         return f"Spectra(iters={self.iters})"
 
 
-def _total_norm(ts: list) -> Tensor:
-    norms = torch._foreach_norm([t.detach() for t in ts])
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+def _group_norms(groups: list) -> Tensor:
+    """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction."""
+    flat = [t.detach() for g in groups for t in g]
+    if not flat:
+        return torch.zeros(len(groups))
+    norms = torch._foreach_norm(flat)
+    dev = norms[0].device
+    if len({(n.dtype, n.device) for n in norms}) > 1:
+        norms = [n.to(dev, torch.float32) for n in norms]
+    acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
+    sq = torch.stack(norms).to(acc).square()
+    return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
+
+
+_OWNERS: dict = {}
+
+
+def _owner(groups: list, dev) -> Tensor:
+    """Group index of each tensor of ``groups`` flattened (cached: the same units every step)."""
+    key = (tuple(len(g) for g in groups), str(dev))
+    t = _OWNERS.get(key)
+    if t is None:
+        if len(_OWNERS) > 64:
+            _OWNERS.clear()
+        t = _OWNERS[key] = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=dev)
+    return t
 
 
 def _expand(ls, like: Tensor) -> Tensor:
     if isinstance(ls, Tensor):
         return ls.expand(like.shape[0])
+    if ls == 0.0:   # the usual case: one read-only zeros tensor per batch size and device
+        key = (like.shape[0], like.device)
+        z = _ZEROS.get(key)
+        if z is None:
+            z = _ZEROS[key] = torch.zeros(like.shape[0], device=like.device)
+        return z
     return torch.full((like.shape[0],), float(ls), device=like.device)
+
+
+_ZEROS: dict = {}
 
 
 STANDARD = (Signal(), Branches(), Gradient(), Split(), WeightGradNorm(), UpdateRatio())

@@ -373,17 +373,14 @@ class Tracer(TableWriter, DirectCarrier):
             self._close_step()
 
     def _weight_stats(self, qs, before: Optional[dict]) -> dict:
-        out: dict = {}
-        for g in self._groups:
-            for info, ps in zip(g.infos, g.params):
-                if ps is None:
-                    continue
-                t = Weights(ps, self.step, info, [before[id(p)] for p in ps] if before is not None else None)
-                st: dict = {}
-                for q in qs:
-                    if q.should_compute(self.step):
-                        st.update(q.weights(t))
-                out[id(info)] = st
+        """id(info) -> the weight quantities of each unit; each quantity sees all units at once."""
+        ts = [Weights(ps, self.step, info, [before[id(p)] for p in ps] if before is not None else None)
+              for g in self._groups for info, ps in zip(g.infos, g.params) if ps is not None]
+        out: dict = {id(t.info): {} for t in ts}
+        for q in qs:
+            if q.should_compute(self.step):
+                for t, st in zip(ts, q.weights_all(ts)):
+                    out[id(t.info)].update(st)
         return out
 
     # -- forward ----------------------------------------------------------------------
@@ -645,7 +642,9 @@ class _Run:
             self.group.params[k] = _params(parts.owned_modules())
         if tr._q_before:
             tr._before_unit(call, x)
-        out = run_parts(parts, x, tap=lambda **t: tr._tap(call, **t), args=args, kwargs=kwargs)
+        # h = x itself unless the path split needs the identity shortcut as a node of its own
+        out = run_parts(parts, x, tap=lambda **t: tr._tap(call, **t), args=args, kwargs=kwargs,
+                        identity_node=tr._paths is not None)
         call.identity_shortcut = parts.shortcut is None
         call.has_post = parts.post is not None
         tr._after_unit(call, x, out)
@@ -657,7 +656,7 @@ class _Run:
             return h + r
         call = tr._new_call(self.group.infos[k], self.group, None, ())
         identity = h is x
-        if identity:
+        if identity and tr._paths is not None:
             h = x.view_as(x)
         y = h + r
         tr._tap(call, x=x, z=x, s_in=x, h=h, r=r, y=y, coef=1.0, out=y)
@@ -677,7 +676,17 @@ def _first_tensor(out):
 
 
 def _shape(t) -> str:
-    return "x".join(map(str, t.shape[1:])) if isinstance(t, Tensor) else ""
+    if not isinstance(t, Tensor):
+        return ""
+    s = _SHAPES.get(t.shape)
+    if s is None:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        s = _SHAPES[t.shape] = "x".join(map(str, t.shape[1:]))
+    return s
+
+
+_SHAPES: dict = {}
 
 
 def trace(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None, **kwargs) -> Tracer:

@@ -4,6 +4,8 @@ A sink is any object with ``write(units, samples)`` (two DataFrames: the
 step's rows of ``tr.units`` and ``tr.samples``), and optionally ``open(tracer)``
 (called when the trace attaches) and ``close()`` (when it detaches). Pass them
 as ``trace(model, sinks=[...])``; with ``history=0`` nothing stays in memory.
+A sink with ``uses_samples = False`` is given an empty ``samples`` frame, and
+the per-sample table is then not built for it (it costs as much as the rest).
 
 * :class:`CSVSink` / :class:`JSONLSink`: one line per unit row, appended and
   flushed once per step, so memory stays bounded however long the run is.
@@ -35,6 +37,8 @@ from ..io import json_safe
 class Sink:
     """Base class: receives each written step's rows."""
 
+    uses_samples: bool = True   # False: write() gets an empty samples frame (not built)
+
     def open(self, tracer: Any) -> None:
         pass
 
@@ -65,6 +69,10 @@ class _LineSink(Sink):
         self.extra = dict(extra or {})
         self._f = None
         self.rows = 0
+
+    @property
+    def uses_samples(self) -> bool:
+        return self.samples
 
     def _file(self):
         if self._f is None:
@@ -177,6 +185,8 @@ class TensorBoardSink(Sink):
     ``eval/``. The global step is the tracer's step.
     """
 
+    uses_samples = False
+
     def __init__(self, log_dir: Optional[str] = None, writer: Any = None,
                  columns: Sequence[str] = DEFAULT_TB, histograms: bool = True,
                  prefix: str = "gradflow/", scalars: bool = True):
@@ -196,21 +206,27 @@ class TensorBoardSink(Sink):
         if units.empty:
             return
         w = self.writer
-        for phase, df in units.groupby("phase", sort=False):
+        phases = units["phase"].to_numpy()
+        groups = [(phases[0], units)] if (phases == phases[0]).all() else units.groupby("phase", sort=False)
+        for phase, df in groups:
             pre = self.prefix + ("eval/" if phase == "eval" else "")
             step = int(df["step"].iloc[0])
             cols = [c for c in self.columns if c in df]
             if not cols:
                 continue
             # one value per unit: the mean over micro-batches and backward passes
-            per = df.groupby("unit", sort=True).agg({**{c: "mean" for c in cols},
-                                                     "name": "first", "stage": "first"})
+            if df["unit"].is_unique and df["unit"].is_monotonic_increasing:
+                per = df   # one row per unit already (one micro-batch, one backward)
+            else:
+                per = df.groupby("unit", sort=True).agg({**{c: "mean" for c in cols},
+                                                         "name": "first", "stage": "first"})
             scalars = []
+            labels = list(zip(per["name"].tolist(), per["stage"].tolist()))
             for c in cols:
                 vals = per[c].to_numpy(dtype=float)
                 if self.scalars:
-                    scalars += [(f"{pre}{c}.stage{stage}/{name}", float(v)) for (name, stage), v in
-                                zip(per[["name", "stage"]].itertuples(index=False), vals) if math.isfinite(v)]
+                    scalars += [(f"{pre}{c}.stage{stage}/{name}", v) for (name, stage), v in
+                                zip(labels, vals.tolist()) if math.isfinite(v)]
                 ok = np.isfinite(vals)
                 if self.histograms and ok.any():
                     v = np.where(ok, np.abs(vals), 0.0)

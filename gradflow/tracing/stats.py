@@ -29,3 +29,11 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_contiguous() and b.is_contiguous() and a.dtype == torch.float32 == b.dtype:
         return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
     return (a * b).sum(dim=_dims(a), dtype=torch.float32)
+
+
+def dot_into(buf: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product of ``buf`` and ``b``, computed in ``buf`` (overwritten).
+
+    No temporary of the tensors' size: on the CPU a fresh one costs page faults.
+    """
+    return buf.detach().mul_(b.detach()).sum(dim=_dims(buf), dtype=torch.float32)

@@ -22,30 +22,90 @@ GRAD_SCALED = ("grad_norm", "direct_norm", "residual_norm", "ref_norm")
 GRAD_SCALED_SQ = ("dot_direct_residual",)
 
 
+class Packed:
+    """A micro-batch's reductions in one device tensor, on its way to the host (see :func:`pack`)."""
+
+    __slots__ = ("host", "event", "n", "B", "cols", "scols")
+
+    def __init__(self, host, event, n: int, B: int, cols: list, scols: list):
+        self.host, self.event, self.n, self.B, self.cols, self.scols = host, event, n, B, cols, scols
+
+
+def _gather(dicts: list[dict]) -> dict:
+    """name -> ([row index], [tensor]) over the rows that have it, in row order."""
+    cols: dict = {}
+    for i, st in enumerate(dicts):
+        for k, t in st.items():
+            e = cols.get(k)
+            if e is None:
+                e = cols[k] = ([], [])
+            e[0].append(i)
+            e[1].append(t)
+    return cols
+
+
+def _stack(ts: list, dev) -> torch.Tensor:
+    try:
+        return torch.stack(ts)
+    except RuntimeError:   # tensors on several devices or of several shapes ([1] for a scalar)
+        return torch.stack([t.reshape(ts[0].shape[:1] if dev is None else ()).to(dev or ts[0].device)
+                            for t in ts])
+
+
+def pack(rows: list[dict], scalars: list[dict]) -> Packed:
+    """Per-sample reductions (``rows``: name -> [B] per row) and one-number ones (``scalars``: 0-d)
+    as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`).
+
+    A few stacks and one copy per micro-batch, whatever the number of units: the hooks'
+    small tensors are let go here, and a CUDA step is not synchronised by recording.
+    """
+    cols, scols = _gather(rows), _gather(scalars)
+    n = len(rows)
+    if not cols and not scols:
+        return Packed(None, None, n, 0, [], [])
+    with torch.no_grad():
+        parts = [_stack(ts, None) for _, ts in cols.values()]
+        B = parts[0].shape[1] if parts else 0
+        dev = parts[0].device if parts else next(iter(scols.values()))[1][0].device
+        parts = [p.flatten() for p in parts] + [_stack(ts, dev).reshape(-1) for _, ts in scols.values()]
+        parts = [p if p.device == dev else p.to(dev) for p in parts]
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
+        event = None
+        if flat.device.type == "cuda":
+            host = flat.to("cpu", non_blocking=True)   # into pinned memory; ready at the event
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat.to("cpu")
+    return Packed(host, event, n, B, [(k, e[0]) for k, e in cols.items()],
+                  [(k, e[0]) for k, e in scols.items()])
+
+
+def unpack(p: Packed) -> tuple[dict, dict, int]:
+    """Per-sample reductions ([rows, B] float64 arrays by name) and one-number ones ([rows])."""
+    if p.host is None:
+        return {}, {}, 0
+    if p.event is not None:
+        p.event.synchronize()
+    host = p.host.numpy().astype(np.float64)
+    n, B = p.n, p.B
+    raw: dict = {}
+    off = 0
+    for k, idx in p.cols:
+        a = raw[k] = np.full((n, B), np.nan)
+        a[idx] = host[off:off + len(idx) * B].reshape(len(idx), B)
+        off += len(idx) * B
+    sc: dict = {}
+    for k, idx in p.scols:
+        a = sc[k] = np.full(n, np.nan)
+        a[idx] = host[off:off + len(idx)]
+        off += len(idx)
+    return raw, sc, B
+
+
 def to_host(rows: list[dict], scalars: list[dict]) -> tuple[dict, dict, int]:
     """Per-sample reductions ([rows, B] arrays by name) and one-number ones ([rows]), one transfer."""
-    flat = [(i, k, t) for i, st in enumerate(rows) for k, t in st.items()]
-    flat_s = [(i, k, t) for i, st in enumerate(scalars) for k, t in st.items()]
-    if not flat and not flat_s:
-        return {}, {}, 0
-    parts = []
-    B = flat[0][2].shape[0] if flat else 0
-    if flat:
-        parts.append(torch.stack([t.float() for _, _, t in flat]).flatten())
-    if flat_s:
-        dev = parts[0].device if parts else flat_s[0][2].device
-        parts.append(torch.stack([t.detach().float().reshape(()).to(dev) for _, _, t in flat_s]))
-    host = torch.cat(parts).to("cpu", torch.float64).numpy() if len(parts) > 1 else \
-        parts[0].to("cpu", torch.float64).numpy()
-    n = len(rows)
-    raw: dict = {}
-    for j, (i, k, _) in enumerate(flat):
-        raw.setdefault(k, np.full((n, B), np.nan))[i] = host[j * B:(j + 1) * B]
-    off = len(flat) * B
-    sc: dict = {}
-    for j, (i, k, _) in enumerate(flat_s):
-        sc.setdefault(k, np.full(n, np.nan))[i] = host[off + j]
-    return raw, sc, B
+    return unpack(pack(rows, scalars))
 
 
 def unscale(raw: dict, rows: slice, scale: float) -> None:
@@ -61,30 +121,45 @@ def unscale(raw: dict, rows: slice, scale: float) -> None:
 def step_tables(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES,
                 B: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(units table, samples table) of one set of rows: ``meta`` gives one dict per row."""
-    n = len(meta)
+    return units_table(meta, q, columns, B), samples_table(meta, q, columns, B)
+
+
+def units_table(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES, B: int = 0) -> pd.DataFrame:
+    """One row per entry of ``meta``: its identification, then each quantity's batch mean and spread."""
     units = pd.DataFrame(meta)
     units["batch"] = B
     if "x_rms" in q:  # Var over every element of the batch (equal counts per sample)
         units["x_var"] = np.mean(q["x_rms"] ** 2, axis=1) - np.mean(q["x_mean"], axis=1) ** 2
+    names = [n for n in columns if n in q and n != "cancel"]
     cols = {}
-    for name in columns:
-        if name not in q:
-            continue
-        v = q[name]
+    if names:
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            if name == "cancel":
-                cols["cancel_frac"] = np.mean(v, axis=1)
-                continue
-            cols[name] = np.mean(v, axis=1)
-            cols[name + "_std"] = np.std(v, axis=1)
-            qs = np.quantile(v, [0.05, 0.5, 0.95], axis=1)
-        cols[name + "_q05"], cols[name + "_q50"], cols[name + "_q95"] = qs
-    units = pd.concat([units, pd.DataFrame(cols, index=units.index)], axis=1)
-    key = {c: np.repeat(units[c].to_numpy(), B) for c in ("step", "micro", "phase", "backward", "unit")
-           if c in units}
-    samples = pd.DataFrame({**key, "sample": np.tile(np.arange(B), n)})
+            v = np.stack([q[n] for n in names])                       # [quantities, rows, B]
+            mean, std = np.mean(v, axis=2), np.std(v, axis=2)
+            qs = np.quantile(v, [0.05, 0.5, 0.95], axis=2)            # one sort for all of them
+        for j, name in enumerate(names):
+            cols[name], cols[name + "_std"] = mean[j], std[j]
+            cols[name + "_q05"], cols[name + "_q50"], cols[name + "_q95"] = qs[0, j], qs[1, j], qs[2, j]
+    if "cancel" in q and "cancel" in columns:
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cols["cancel_frac"] = np.mean(q["cancel"], axis=1)
+    order = []
+    for name in columns:   # the tables' column order: the quantities' own
+        order += ["cancel_frac"] if name == "cancel" else \
+            [name] + [f"{name}_{s}" for s in SUMMARIES]
+    cols = {c: cols[c] for c in order if c in cols}
+    return pd.concat([units, pd.DataFrame(cols, index=units.index)], axis=1)
+
+
+def samples_table(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES, B: int = 0) -> pd.DataFrame:
+    """One row per entry of ``meta`` and sample: the per-sample values."""
+    n = len(meta)
+    key = {c: np.repeat(np.array([m[c] for m in meta]), B) for c in ("step", "micro", "phase", "backward", "unit")
+           if meta and c in meta[0]}
+    data = {**key, "sample": np.tile(np.arange(B), n)}
     for name in columns:
-        if name in q and name != "cancel" or name == "cancel" and "cancel" in q:
-            samples[name] = q[name].ravel()
-    return units, samples
+        if name in q:
+            data[name] = q[name].ravel()
+    return pd.DataFrame(data)

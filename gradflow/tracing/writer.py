@@ -3,7 +3,8 @@
 A micro-batch's rows are written once it is complete (or its step ends): one
 row per unit per backward pass that reached it, plus the x_L row; quantities
 derive their columns on the host; the rows go to memory (``history=``) and to
-every sink.
+every sink. The DataFrames are built when first read (``tr.units``, a sink):
+a training loop that only records pays for the host arrays, not for pandas.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from .discover import UnitInfo, renumber_stages
 from .quantities import Derive
 from .steps import Micro
-from .tables import SUMMARIES, step_tables, to_host, unscale
+from .tables import SUMMARIES, Packed, pack, samples_table, units_table, unpack, unscale
 
 
 class TableWriter:
@@ -39,17 +40,17 @@ class TableWriter:
                 _release(m)
         if not (final and frames):
             return frames
-        units = pd.concat([f[0] for f in frames], ignore_index=True)
-        samples = pd.concat([f[1] for f in frames], ignore_index=True)
-        self._frames.append((units, samples))
-        if self.history is not None:
-            while len(self._frames) > max(self.history, 0):
-                self._frames.popleft()
+        step = _Frames(frames)
+        if self.history is None or self.history > 0:
+            self._frames.append(step)
+            if self.history is not None:
+                while len(self._frames) > self.history:
+                    self._frames.popleft()
         for s in self.sinks:
-            s.write(units, samples)
+            s.write(step.units, step.samples if getattr(s, "uses_samples", True) else _NO_SAMPLES)
         return frames
 
-    def _tables(self, m: Micro, final: bool) -> tuple:
+    def _tables(self, m: Micro, final: bool) -> "_Frame":
         calls = m.calls
         if not self._stages_done:
             renumber_stages([c.info for c in calls], [c.out_shape for c in calls])
@@ -83,28 +84,9 @@ class TableWriter:
             metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
             if p is not None and p in m.scale:
                 scales.append((slice(start, len(rows)), m.scale[p]))
-        raw, sc, B = to_host(rows, scalars)
-        for sl, s in scales:
-            unscale(raw, sl, float(s))
-            if self.optimizer is None and "weight_grad_norm" in sc:
-                sc["weight_grad_norm"][sl] /= float(s)
-        n = len(rows)
-        top_rows = np.array([i for i, meta in enumerate(metas) if meta["is_top"]])
-        top = None
-        if "grad_norm" in raw:   # ||dE/dx_L|| of each row's own pass
-            owner = np.searchsorted(top_rows, np.arange(n))
-            top = raw["grad_norm"][top_rows[owner]]
-        numel = np.array([_numel(meta["x_shape"]) for meta in metas], dtype=float)
-        ctx = Derive(numel, top, self.cancel_tol)
-        for q in self.quantities:
-            q.derive(raw, ctx)
-        for meta_i, meta in enumerate(metas):
-            for k in self._scalar_cols:
-                if k in sc:
-                    meta[k] = sc[k][meta_i]
-        if B == 0:
-            B = 1
-        return step_tables(metas, raw, self._columns, B)
+        return _Frame(metas, pack(rows, scalars), scales,
+                      (self.quantities, self.cancel_tol, self._scalar_cols, self._columns,
+                       self.optimizer is None))
 
     def _meta(self, m: Micro, p, index: int, info: UnitInfo, shape: str, coef, top: bool = False) -> dict:
         d = dict(step=m.step, micro=m.micro, phase=m.phase, backward=p if p is not None else 0,
@@ -177,6 +159,74 @@ class TableWriter:
     def samples(self) -> pd.DataFrame:
         """One row per unit per sample per recorded step: the per-sample values."""
         return self._all(1)
+
+
+class _Frame:
+    """One micro-batch's rows: its reductions on their way to the host (one packed tensor),
+    turned into numbers and (units, samples) DataFrames when first read."""
+
+    __slots__ = ("_pending", "_rows", "_tables")
+
+    def __init__(self, metas: list, packed: Packed, scales: list, how: tuple):
+        self._pending, self._rows, self._tables = (metas, packed, scales, how), None, [None, None]
+
+    def __getitem__(self, which: int) -> pd.DataFrame:
+        t = self._tables
+        if t[which] is None:
+            if self._rows is None:
+                self._rows, self._pending = _host_rows(*self._pending), None
+            t[which] = (units_table if which == 0 else samples_table)(*self._rows)
+            if t[1 - which] is not None:
+                self._rows = None
+        return t[which]
+
+
+def _host_rows(metas: list, packed: Packed, scales: list, how: tuple) -> tuple:
+    """(metas, per-sample arrays, columns, B): unscaled, derived, one-number columns in the metas."""
+    quantities, cancel_tol, scalar_cols, columns, per_pass_weights = how
+    raw, sc, B = unpack(packed)
+    for sl, s in scales:
+        unscale(raw, sl, float(s))
+        if per_pass_weights and "weight_grad_norm" in sc:
+            sc["weight_grad_norm"][sl] /= float(s)
+    n = len(metas)
+    top_rows = np.array([i for i, meta in enumerate(metas) if meta["is_top"]])
+    top = None
+    if "grad_norm" in raw:   # ||dE/dx_L|| of each row's own pass
+        owner = np.searchsorted(top_rows, np.arange(n))
+        top = raw["grad_norm"][top_rows[owner]]
+    numel = np.array([_numel(meta["x_shape"]) for meta in metas], dtype=float)
+    ctx = Derive(numel, top, cancel_tol)
+    for q in quantities:
+        q.derive(raw, ctx)
+    for k in scalar_cols:
+        if k in sc:
+            for meta, v in zip(metas, sc[k]):
+                meta[k] = v
+    return metas, raw, columns, B or 1
+
+
+class _Frames:
+    """The micro-batches written together (one step), read as one pair of tables."""
+
+    __slots__ = ("_parts", "_cat")
+
+    def __init__(self, parts: list):
+        self._parts, self._cat = parts, [None, None]
+
+    def __getitem__(self, which: int) -> pd.DataFrame:
+        if self._cat[which] is None:
+            fs = [f[which] for f in self._parts]
+            self._cat[which] = fs[0] if len(fs) == 1 else pd.concat(fs, ignore_index=True)
+            if all(c is not None for c in self._cat):
+                self._parts = []
+        return self._cat[which]
+
+    units = property(lambda self: self[0])
+    samples = property(lambda self: self[1])
+
+
+_NO_SAMPLES = pd.DataFrame()   # given to sinks whose uses_samples is False
 
 
 def _release(m) -> None:
