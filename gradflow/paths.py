@@ -244,7 +244,7 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
     n = len(calls)
     rows, unit_rows, kept = [], [], {}
     for i in reversed(range(n)):
-        stack = carrier.through_unit(calls[i].graph(), stack)
+        stack = carrier.through_unit(calls[i].graph(), stack, grads[i])
         rows += _rows(stack, grads[i], calls[i], i, n - i, max_len)
         unit_rows.append(_unit_row(stack, grads[i], calls[i], i))
         if keep:

@@ -83,6 +83,9 @@ class PathStack:
     remainder: bool = False
     raw: Optional[Tensor] = None    # [M, B] per-sample norms of v itself (cached; float32 or float64)
     buf: Optional[Tensor] = None    # the fast route's buffer v is the head of (reused by the next unit)
+    g_ref: Optional[Tensor] = None  # the gradient the next two were taken against (see through_unit's g)
+    raw_dots: Optional[Tensor] = None   # [M, B] <v_k, g_ref> per sample (v itself, not scaled)
+    total: Optional[Tensor] = None      # sum_k exp(log_scale_k) v_k, flattened in memory order
 
     def raw_norms(self) -> Tensor:
         """[M, B]: the per-sample norms of ``v`` (not scaled), computed once."""
@@ -99,11 +102,13 @@ class PathStack:
     def closure_error(self, g: Tensor) -> Tensor:
         """[B]: ||sum_k g^(k) - g|| / ||g|| per sample (in v's dtype), for g = dE/dx from autograd."""
         v = self.v.detach()
-        w = torch.exp(self.log_scale).to(v.dtype)
         gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
             g.detach().flatten(1)
         gf = gf.to(v.dtype)
-        total = torch.mv(_mem_flat(v, 1).t(), w).view_as(gf)
+        if self.total is not None and self.g_ref is g:
+            total = self.total.view_as(gf)
+        else:
+            total = torch.mv(_mem_flat(v, 1).t(), torch.exp(self.log_scale).to(v.dtype)).view_as(gf)
         return torch.linalg.vector_norm(total - gf, dim=1) / \
             torch.linalg.vector_norm(gf, dim=1).clamp_min(torch.finfo(v.dtype).tiny)
 
@@ -126,6 +131,8 @@ class PathStack:
         """[M, B] float64: <g^(k), g> per sample, for a tensor g shaped like x."""
         dt = _acc(self.v)
         v = self.v.detach()
+        if self.raw_dots is not None and self.g_ref is g:
+            return self.raw_dots.double() * torch.exp(self.log_scale).view(-1, 1)
         gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
             g.detach().flatten(1)      # g's elements in the order of v's
         vf, gf = _mem_flat(v, 2).to(dt), gf.to(dt)
@@ -158,6 +165,9 @@ def _new_stack(n: int, entry: tuple, like: Tensor, channels_last: bool) -> Tenso
         return torch.empty((n * entry[0],) + tuple(entry[1:]), dtype=like.dtype, device=like.device,
                            memory_format=torch.channels_last).view(n, *entry)
     return like.new_empty((n,) + tuple(entry))
+
+
+_KEEP_SCALE = 8.0    # natural log: an entry keeps its log scale while its norm stays within e^+-8 of 1
 
 
 def _aliases(t: Tensor, buf: Tensor) -> bool:
@@ -284,7 +294,8 @@ class PathCarrier:
             return "neither h nor F depends on x"
         return (split,) + tuple(progs) + (cl,)
 
-    def _through_unit_fast(self, progs: tuple, stack: PathStack, x_shape: tuple) -> PathStack:
+    def _through_unit_fast(self, progs: tuple, stack: PathStack, x_shape: tuple,
+                           g_ref: Optional[Tensor] = None) -> PathStack:
         """:meth:`through_unit` with the compiled products, a few entries at a time (cache-sized).
 
         Output entry j = fh[j] S(g_h[j]) + fb[j-1] B(g_F[j-1]) (with a remainder, the last
@@ -302,16 +313,21 @@ class PathCarrier:
         neg = torch.full((1,), -float("inf"), dtype=ls.dtype, device=ls.device)
         if not stack.remainder:
             new = torch.maximum(torch.cat([mag, neg]), torch.cat([neg, mag]))
-            fb = torch.exp(ls - new[1:])
-            mb, fr = m, None
+            mb = m
             remainder = self.max_len is not None and m == self.max_len + 1
         else:
             mag_k, mag_r = mag[:m - 1], mag[m - 1:]
             new = torch.maximum(mag, torch.cat([neg, mag_k[:-1], torch.maximum(mag_k[-1:], mag_r)]))
-            fb = torch.exp(ls[:m - 1] - new[1:])      # the last one: fk, for g^(K)
-            mb, fr = m - 1, torch.exp(ls[m - 1:] - new[-1:])
+            mb = m - 1
             remainder = True
+        # where an entry's own scale still fits (the result within e^+-8 of norm 1), keep it:
+        # the shortcut side then needs no multiply (in place: no pass at all)
+        keep_ls = (new[:m] - ls).abs() <= _KEEP_SCALE
+        new[:m] = torch.where(keep_ls, ls, new[:m])
+        fb = torch.exp(ls[:mb] - new[1:mb + 1])         # with a remainder, the last one is fk, for g^(K)
+        fr = torch.exp(ls[m - 1:] - new[-1:]) if stack.remainder else None
         fh = torch.exp(ls - new[:m])
+        unit_fh = (fh == 1).tolist()
         n_out = new.shape[0]
         buf = stack.buf
         in_place = (buf is not None and tuple(v.shape[1:]) == tuple(x_shape) and buf.shape[0] >= n_out
@@ -321,6 +337,13 @@ class PathCarrier:
             buf = _new_stack(cap, x_shape, v, cl)
         g_in = buf[:n_out]
         raw = torch.empty((n_out, x_shape[0]), dtype=_acc(v), device=v.device)
+        if g_ref is not None:
+            gf = (_mem_flat(g_ref.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(g_in)
+                  else g_ref.detach().flatten(1))
+            gf_acc = gf.to(raw.dtype)
+            dots = torch.empty_like(raw)
+            total = torch.zeros(gf.numel(), dtype=v.dtype, device=v.device)
+            w_tot = torch.exp(new).to(v.dtype)
         per = max(1, int(self.chunk_elems // max(1, math.prod(x_shape))))
         for a in reversed(range(0, n_out, per)):
             b = min(n_out, a + per)
@@ -350,7 +373,9 @@ class PathCarrier:
                 sx = sx.clone()
             if bx is not None and _aliases(bx, buf):
                 bx = bx.clone()
-            if sx is not None:
+            if sx is not None and _same_view(sx, out[:he - a]) and all(unit_fh[a:he]):
+                pass                                   # in place, scale kept: nothing to do
+            elif sx is not None:
                 torch.mul(sx, _bcast(fh[a:he], sx), out=out[:he - a])
             elif he > a:
                 out[:he - a].zero_()
@@ -359,18 +384,28 @@ class PathCarrier:
             if bx is not None:
                 dst = out[bs + 1 - a:be + 1 - a]
                 dst.add_(bx) if fbx is None else dst.addcmul_(bx, fbx)
-            raw[a:b] = torch.linalg.vector_norm(_mem_flat(out, 2), dim=2, dtype=raw.dtype)   # while in cache
-        return PathStack(g_in, new, remainder, raw, buf)
+            flat = _mem_flat(out, 2)                   # while in cache: norms, and dots and the sum with g
+            raw[a:b] = torch.linalg.vector_norm(flat, dim=2, dtype=raw.dtype)
+            if g_ref is not None:
+                fa = flat.to(raw.dtype)
+                for j in range(fa.shape[1]):            # one matrix-vector product per sample: no copy
+                    torch.mv(fa[:, j], gf_acc[j], out=dots[a:b, j])
+                total.addmv_(flat.reshape(b - a, -1).t(), w_tot[a:b])
+        if g_ref is None:
+            return PathStack(g_in, new, remainder, raw, buf)
+        return PathStack(g_in, new, remainder, raw, buf, g_ref, dots, total)
 
-    def through_unit(self, unit: UnitGraph, stack: PathStack) -> PathStack:
+    def through_unit(self, unit: UnitGraph, stack: PathStack, g: Optional[Tensor] = None) -> PathStack:
         """The stack at the unit's input from the stack at its output.
 
         ``stack`` is consumed: the fast route writes the result into its buffer where the
         shapes allow (take what you need from it, e.g. ``values()``, before this call).
+        ``g``: dE/dx at the unit's input, when known: the fast route then takes the result's
+        ``per_sample_dots(g)`` and ``closure_error(g)`` while each chunk is in cache.
         """
         progs = self._fast(unit, stack.v)
         if progs is not None:
-            return self._through_unit_fast(progs, stack, tuple(unit.x_shape))
+            return self._through_unit_fast(progs, stack, tuple(unit.x_shape), g)
         v, ls = stack.v, stack.log_scale
         gh, gr, gx = self.split(unit, v)
         m = v.shape[0]
