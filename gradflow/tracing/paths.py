@@ -405,7 +405,9 @@ class PathCarrier:
         """
         progs = self._fast(unit, stack.v)
         if progs is not None:
-            return self._through_unit_fast(progs, stack, tuple(unit.x_shape), g)
+            out = self._through_unit_fast(progs, stack, tuple(unit.x_shape), g)
+            unit.fast = None     # the programs hold masks and normalised inputs: free them now
+            return out
         v, ls = stack.v, stack.log_scale
         gh, gr, gx = self.split(unit, v)
         m = v.shape[0]
