@@ -30,6 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+try:
+    import gradflow  # noqa: F401
+except ImportError:   # run from a checkout without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 MODES = ("plain", "stats", "split")
 TB_MODE = "split_tb"
 
@@ -130,11 +135,19 @@ def memory_child(name: str, batch: int, mode: str, device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
+# On the CPU, glibc hands tensors above a moving threshold back to the OS only sometimes, and
+# reuses what it kept: the peak RSS of a step then depends on what ran before it in the
+# process. A fixed threshold (every block of 64 KiB or more is its own mapping, returned when
+# freed) makes the peak RSS the peak of the live tensors, the quantity compared here.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def memory_modes(name: str, batch: int, device: str) -> dict:
     out = {}
+    env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS=str(torch.get_num_threads()))
     for m in MODES:
         cmd = [sys.executable, __file__, "--child", name, str(batch), m, device]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[m] = int(res.stdout.strip().splitlines()[-1])
     return out
 
@@ -145,7 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--no-time", action="store_true", help="only the peak-memory children")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="cpu: this process's CPU time (steadier on a shared machine; CPU only)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: as many as cores)")
@@ -156,6 +170,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.child:
         name, batch, mode, device = a.child
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
         print(memory_child(name, int(batch), mode, device))
         return 0
     torch.set_num_threads(a.threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
@@ -168,7 +183,8 @@ def main(argv=None) -> int:
     for name in a.models:
         modes = MODES + ((TB_MODE,) if name in a.tensorboard else ())
         with tempfile.TemporaryDirectory() as log_dir:
-            t = time_modes(name, a.batch, a.repeats, a.device, modes, log_dir, CLOCKS[a.clock])
+            t = {m: float("nan") for m in modes} if a.no_time else \
+                time_modes(name, a.batch, a.repeats, a.device, modes, log_dir, CLOCKS[a.clock])
         mem = {} if a.no_memory else memory_modes(name, a.batch, a.device)
         row = {"model": name, "batch": a.batch, "device": a.device,
                "time_plain_s": t["plain"], "time_stats_ratio": t["stats"] / t["plain"],
