@@ -119,3 +119,21 @@ def test_fast_route_inside_trace_matches_plain_autograd():
     for i, g in enumerate(grads[:-1]):
         torch.testing.assert_close(tr.tensors[(0, i)]["paths"].sum(0).float(), g, rtol=1e-4,
                                    atol=1e-5 * g.abs().max().item())
+
+
+def test_compile_says_what_it_cannot_batch_and_is_exact_on_what_it_can():
+    """A broadcast operand (autograd sums its gradient down; a rule would not) and a node without a
+    rule are refused with the reason; a DAG of known nodes equals autograd per cotangent."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    e = get_gradient_edge
+    y = x * 2 + torch.relu(x.mean((2, 3), keepdim=True))
+    assert compile_vjp([e(y)], [e(x)]) == "AddBackward0 with a broadcast operand"
+    y = torch.sigmoid(x) + x
+    assert "SigmoidBackward0" in compile_vjp([e(y)], [e(x)])
+    bn = torch.nn.BatchNorm2d(3).double()
+    y = 0.5 * torch.relu(bn(x)) - x.view(2, 48).view(2, 3, 4, 4) + bn(torch.relu(x))   # x feeds four paths
+    p = compile_vjp([e(y)], [e(x)])
+    gs = torch.randn(5, *y.shape, dtype=torch.float64)
+    (got,) = p.run([gs])
+    want = torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0] for g in gs])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)

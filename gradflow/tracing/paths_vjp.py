@@ -146,6 +146,12 @@ def compile_vjp(outputs: list, inputs: list, channels_last: bool = False) -> Uni
                     indeg[_key(nxt)] -= 1
                     if indeg[_key(nxt)] == 0:
                         ready.append(_key(nxt))
+        for node in order:     # autograd sums a broadcast operand's gradient down; these rules do not
+            if type(node).__name__ in _SAME_SHAPE:
+                shape = _out_shape(node, 0)
+                for nxt, nr in node.next_functions:
+                    if nxt is not None and _key(nxt) in (live | stop_nodes) and _out_shape(nxt, nr) != shape:
+                        raise _Unsupported(f"{type(node).__name__} with a broadcast operand")
         rules = {}
         for node in order:
             rules[_key(node)] = _rule(node, {_key(n) for n in [nx for nx, _ in node.next_functions
@@ -156,6 +162,14 @@ def compile_vjp(outputs: list, inputs: list, channels_last: bool = False) -> Uni
                        [_key(n) in nodes for n, _ in inputs])
     except _Unsupported as e:
         return str(e)
+
+
+def _out_shape(node, nr: int) -> tuple:
+    """The shape of the forward tensor whose gradient arrives at ``node``'s input ``nr``."""
+    try:
+        return tuple(node._input_metadata[nr].shape)
+    except (AttributeError, IndexError, RuntimeError) as e:
+        raise _Unsupported(f"no shape metadata on {type(node).__name__} ({e})") from e
 
 
 # --- rules: one node's vector-Jacobian product on folded cotangents [M*B, ...] --------------------
@@ -316,6 +330,8 @@ _RULES: dict[str, Callable[[Any, list], Rule]] = {
     "ConvolutionBackward0": _conv_rule,
 }
 _LAYOUT_AWARE = {_relu_rule, _threshold_rule, _bn_rule, _conv_rule}
+_SAME_SHAPE = {"AddBackward0", "SubBackward0", "MulBackward0", "AliasBackward0", "CloneBackward0", "ReluBackward0",
+               "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "NativeBatchNormBackward0"}
 
 
 def batched_vjp(outputs: list, inputs: list, grads: list) -> Optional[list]:
