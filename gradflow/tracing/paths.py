@@ -20,10 +20,13 @@ layer, so it counts as a branch). S + B is the unit's whole Jacobian, so the
 components always sum to dE/dx_l.
 
 :class:`PathCarrier` applies this to a stack ``[K+1, *x.shape]`` of components
-with two batched vector-Jacobian products per unit
-(``torch.autograd.grad(..., is_grads_batched=True)``) through the recorded
-graph (the same BN batch statistics and dropout masks as the forward; nothing
-is recomputed). With ``max_len=K`` the paths through more than K branches are
+through the recorded graph (the same BN batch statistics and dropout masks as
+the forward; nothing is recomputed). Fast route: each node of the unit's graph
+applied to all components at once from its saved tensors
+(:mod:`gradflow.tracing.paths_vjp`), a few entries at a time, in place; where a
+unit has a node without a rule there, the autograd route: one
+``torch.autograd.grad`` per component (vmap'ed on CUDA). ``PathCarrier.route``
+says which each unit took. With ``max_len=K`` the paths through more than K branches are
 kept summed in one more entry, the remainder (``k = -1`` in tables), which
 passes through the whole unit: R_in = S(R) + B(R + g^(K)).
 
