@@ -45,7 +45,10 @@ import torch
 from torch import Tensor
 
 from ..errors import GradflowError
-from .paths_vjp import compile_vjp
+from .paths_fast import compile_unit, through_unit_fast
+from .paths_stack import PathStack, _bcast, _rescale, _shift_scaled
+
+__all__ = ["UnitGraph", "PathStack", "PathCarrier", "PathTracker", "n_paths", "stack_rows", "is_plain_sum"]
 
 
 @dataclass
@@ -70,142 +73,6 @@ class UnitGraph:
     gate: Any = None        # combine(h.detach(), F.detach(), x): the gate's own path to x (see PathTracker)
     fast: Any = None        # the compiled batched products (see PathCarrier._fast), once tried
     x_shape: Optional[tuple] = None   # x's shape, for the fast route
-
-
-@dataclass
-class PathStack:
-    """Components of dE/dx at one tensor: ``v[i] * exp(log_scale[i])``, i = 0 .. M-1.
-
-    Entry i holds the paths through exactly i branches, except the last entry
-    when ``remainder`` is True, which holds every path through more than
-    ``max_len`` branches.
-    """
-
-    v: Tensor               # [M, *x.shape], each entry scaled to max |v| <= ~1 (to norm <= ~1 on the fast route)
-    log_scale: Tensor       # [M] float64, on v's device
-    remainder: bool = False
-    raw: Optional[Tensor] = None    # [M, B] per-sample norms of v itself (cached; float32 or float64)
-    buf: Optional[Tensor] = None    # the fast route's buffer v is the head of (reused by the next unit)
-    g_ref: Optional[Tensor] = None  # the gradient the next two were taken against (see through_unit's g)
-    raw_dots: Optional[Tensor] = None   # [M, B] <v_k, g_ref> per sample (v itself, not scaled)
-    total: Optional[Tensor] = None      # sum_k exp(log_scale_k) v_k, flattened in memory order
-
-    def raw_norms(self) -> Tensor:
-        """[M, B]: the per-sample norms of ``v`` (not scaled), computed once."""
-        if self.raw is None:
-            self.raw = torch.linalg.vector_norm(_mem_flat(self.v.detach(), 2), dim=2, dtype=_acc(self.v))
-        return self.raw
-
-    def log_magnitude(self) -> Tensor:
-        """[M] float64: log of each entry's norm (over the batch); its log scale where v is 0 or not finite."""
-        n = torch.linalg.vector_norm(self.raw_norms().double(), dim=1)
-        ok = (n > 0) & torch.isfinite(n)
-        return self.log_scale + torch.log(torch.where(ok, n, torch.ones_like(n)))
-
-    def closure_error(self, g: Tensor) -> Tensor:
-        """[B]: ||sum_k g^(k) - g|| / ||g|| per sample (in v's dtype), for g = dE/dx from autograd."""
-        v = self.v.detach()
-        gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
-            g.detach().flatten(1)
-        gf = gf.to(v.dtype)
-        if self.total is not None and self.g_ref is g:
-            total = self.total.view_as(gf)
-        else:
-            total = torch.mv(_mem_flat(v, 1).t(), torch.exp(self.log_scale).to(v.dtype)).view_as(gf)
-        return torch.linalg.vector_norm(total - gf, dim=1) / \
-            torch.linalg.vector_norm(gf, dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-
-    @property
-    def ks(self) -> list[int]:
-        """The path length of each entry; -1 for the remainder."""
-        m = self.v.shape[0]
-        return list(range(m - 1)) + [-1] if self.remainder else list(range(m))
-
-    def values(self, dtype=torch.float64) -> Tensor:
-        """The components themselves, [M, *x.shape] (float64 by default: deep ones underflow float32)."""
-        s = torch.exp(self.log_scale).to(dtype).view(-1, *([1] * (self.v.ndim - 1)))
-        return self.v.to(dtype) * s
-
-    def per_sample_norms(self) -> Tensor:
-        """[M, B] float64: ||g^(k)|| of each sample, without underflow."""
-        return self.raw_norms().double() * torch.exp(self.log_scale).view(-1, 1)
-
-    def per_sample_dots(self, g: Tensor) -> Tensor:
-        """[M, B] float64: <g^(k), g> per sample, for a tensor g shaped like x."""
-        dt = _acc(self.v)
-        v = self.v.detach()
-        if self.raw_dots is not None and self.g_ref is g:
-            return self.raw_dots.double() * torch.exp(self.log_scale).view(-1, 1)
-        gf = _mem_flat(g.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(v) else \
-            g.detach().flatten(1)      # g's elements in the order of v's
-        vf, gf = _mem_flat(v, 2).to(dt), gf.to(dt)
-        d = torch.stack([torch.mv(vf[:, b], gf[b]) for b in range(vf.shape[1])], dim=1)   # no copy of v
-        return d.double() * torch.exp(self.log_scale).view(-1, 1)
-
-
-def _cl(v: Tensor) -> bool:
-    """Whether a stack [M, B, C, H, W] holds each entry in channels_last order (see paths_vjp)."""
-    if v.ndim != 5:
-        return False
-    st = v.stride()
-    return st[2] == 1 and st[4] == v.shape[2] and st[3] == v.shape[2] * v.shape[4] and v.shape[2] > 1
-
-
-def _mem_flat(v: Tensor, keep: int) -> Tensor:
-    """v with its dims from ``keep`` on flattened in memory order: [M, B, N] (keep=2) or [M, N]
-    (keep=1) of a stack; a view, not a copy, also for channels_last stacks."""
-    if _cl(v):
-        return v.permute(0, 1, 3, 4, 2).reshape(v.shape[0], -1) if keep == 1 else \
-            v.permute(0, 1, 3, 4, 2).reshape(v.shape[0], v.shape[1], -1)
-    if v.ndim == 4 and keep == 1 and v.is_contiguous(memory_format=torch.channels_last):
-        return v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)     # [B, C, H, W] in channels_last order
-    return v.flatten(keep)
-
-
-def _new_stack(n: int, entry: tuple, like: Tensor, channels_last: bool) -> Tensor:
-    """An uninitialised stack [n, *entry], each entry channels_last when asked (4-d entries only)."""
-    if channels_last and len(entry) == 4:
-        return torch.empty((n * entry[0],) + tuple(entry[1:]), dtype=like.dtype, device=like.device,
-                           memory_format=torch.channels_last).view(n, *entry)
-    return like.new_empty((n,) + tuple(entry))
-
-
-_KEEP_SCALE = 8.0    # natural log: an entry keeps its log scale while its norm stays within e^+-8 of 1
-
-
-def _aliases(t: Tensor, buf: Tensor) -> bool:
-    return t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-
-
-def _same_view(a: Tensor, b: Tensor) -> bool:
-    """The same elements in the same places (an elementwise op from a into b is then safe in place)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else is reduced in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _rescale(v: Tensor, ls: Tensor) -> tuple[Tensor, Tensor]:
-    """Each entry divided (in place: v is a fresh product) by its max |v|; all-zero or non-finite entries kept."""
-    lo, hi = torch.aminmax(_mem_flat(v.detach(), 1), dim=1)     # max |v| in one pass, no copy
-    m = torch.maximum(hi, -lo).float()
-    m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
-    return v.div_(m.to(v.dtype).view(-1, *([1] * (v.ndim - 1)))), ls + torch.log(m.double())
-
-
-def _shift_scaled(g: Tensor, f: Tensor, up: bool) -> Tensor:
-    """[M+1, ...]: entries of g [M, ...] times f[:M] or f[1:], shifted up by one (a zero entry 0) or not."""
-    out = g.new_empty((g.shape[0] + 1,) + g.shape[1:])
-    body, free = (out[1:], out[0]) if up else (out[:-1], out[-1])
-    torch.mul(g, _bcast(f[1:] if up else f[:-1], g), out=body)
-    free.zero_()
-    return out
-
-
-def _bcast(f: Tensor, like: Tensor) -> Tensor:
-    return f.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
 class PathCarrier:
@@ -269,134 +136,9 @@ class PathCarrier:
     def _fast(self, unit: UnitGraph, v: Tensor) -> Optional[tuple]:
         """(split, shortcut, branch, channels_last) for this unit call, or None (the reason in ``route``)."""
         if unit.fast is None:
-            unit.fast = self._compile(unit, v.device.type)
+            unit.fast = compile_unit(unit, v.device.type, self.fast)
             self.route[unit.name] = "fast" if isinstance(unit.fast, tuple) else f"autograd: {unit.fast}"
         return unit.fast if isinstance(unit.fast, tuple) else None
-
-    def _compile(self, unit: UnitGraph, device_type: str):
-        if not self.fast:
-            return "fast=False"
-        if unit.gate is not None:
-            return "a gate's own path to x (g(x) in the combine)"
-        if unit.x_shape is None:
-            return "x's shape was not recorded"
-        cl = len(unit.x_shape) == 4 and unit.x_shape[1] > 1 and device_type == "cpu"
-        split = None
-        if not unit.plain_sum:
-            ins = [unit.h, unit.r] + ([unit.xc] if unit.xc is not None else [])
-            split = compile_vjp([unit.out], ins, cl)
-            if isinstance(split, str):
-                return split
-            if len(ins) > 2 and split.reached[2]:
-                return "the combine reads x itself"
-        progs = [compile_vjp([e], [unit.x], cl) for e in (unit.h, unit.r)]
-        for p in progs:
-            if isinstance(p, str):
-                return p
-        if not (progs[0].reached[0] or progs[1].reached[0]):
-            return "neither h nor F depends on x"
-        return (split,) + tuple(progs) + (cl,)
-
-    def _through_unit_fast(self, progs: tuple, stack: PathStack, x_shape: tuple,
-                           g_ref: Optional[Tensor] = None) -> PathStack:
-        """:meth:`through_unit` with the compiled products, a few entries at a time (cache-sized).
-
-        Output entry j = fh[j] S(g_h[j]) + fb[j-1] B(g_F[j-1]) (with a remainder, the last
-        branch input is fk g_F^(K) + fr g_F^(R): one product for both), all scaled to the new
-        entry's log scale (from the entries' norms, known from the unit above). Chunks run
-        from the top entry down, so where x has the output's shape the result overwrites the
-        input stack's own buffer (every entry a chunk reads lies at or below it, and is read
-        before it is written): no new memory per unit. Each finished chunk's per-sample norms
-        are taken while it is in cache.
-        """
-        split, p_h, p_r, cl = progs
-        v, ls = stack.v, stack.log_scale
-        m = v.shape[0]
-        mag = stack.log_magnitude()
-        neg = torch.full((1,), -float("inf"), dtype=ls.dtype, device=ls.device)
-        if not stack.remainder:
-            new = torch.maximum(torch.cat([mag, neg]), torch.cat([neg, mag]))
-            mb = m
-            remainder = self.max_len is not None and m == self.max_len + 1
-        else:
-            mag_k, mag_r = mag[:m - 1], mag[m - 1:]
-            new = torch.maximum(mag, torch.cat([neg, mag_k[:-1], torch.maximum(mag_k[-1:], mag_r)]))
-            mb = m - 1
-            remainder = True
-        # where an entry's own scale still fits (the result within e^+-8 of norm 1), keep it:
-        # the shortcut side then needs no multiply (in place: no pass at all)
-        keep_ls = (new[:m] - ls).abs() <= _KEEP_SCALE
-        new[:m] = torch.where(keep_ls, ls, new[:m])
-        fb = torch.exp(ls[:mb] - new[1:mb + 1])         # with a remainder, the last one is fk, for g^(K)
-        fr = torch.exp(ls[m - 1:] - new[-1:]) if stack.remainder else None
-        fh = torch.exp(ls - new[:m])
-        unit_fh = (fh == 1).tolist()
-        n_out = new.shape[0]
-        buf = stack.buf
-        in_place = (buf is not None and tuple(v.shape[1:]) == tuple(x_shape) and buf.shape[0] >= n_out
-                    and _cl(buf) == (cl and len(x_shape) == 4))
-        if not in_place:
-            cap = n_out + (16 if self.max_len is None else max(0, self.max_len + 2 - n_out))
-            buf = _new_stack(cap, x_shape, v, cl)
-        g_in = buf[:n_out]
-        raw = torch.empty((n_out, x_shape[0]), dtype=_acc(v), device=v.device)
-        if g_ref is not None:
-            gf = (_mem_flat(g_ref.detach().contiguous(memory_format=torch.channels_last), 1) if _cl(g_in)
-                  else g_ref.detach().flatten(1))
-            gf_acc = gf.to(raw.dtype)
-            dots = torch.empty_like(raw)
-            total = torch.zeros(gf.numel(), dtype=v.dtype, device=v.device)
-            w_tot = torch.exp(new).to(v.dtype)
-        per = max(1, int(self.chunk_elems // max(1, math.prod(x_shape))))
-        for a in reversed(range(0, n_out, per)):
-            b = min(n_out, a + per)
-            he = min(b, m)                             # shortcut side: entries a..he-1 (below m)
-            bs, be = max(a, 1) - 1, min(b, mb + 1) - 1  # branch side: entries bs..be-1 feed a+..b-1
-            lo, hi = (bs if be > bs else a), min(b, m)
-            if split is None:
-                gh, gr = v[lo:hi], v[lo:hi]
-            else:                                      # post and combine, on the entries this chunk reads
-                gh, gr = split.run([v[lo:hi]])[:2]
-                gh = gh if gh is not None else torch.zeros_like(v[lo:hi])
-                gr = gr if gr is not None else torch.zeros_like(v[lo:hi])
-            # every product this chunk needs, before any of its entries is written
-            sx = p_h.run([gh[a - lo:he - lo]])[0] if he > a and p_h.reached[0] else None
-            bx = None
-            if be > bs and p_r.reached[0]:
-                if fr is not None and be == mb:        # the remainder rides with g^(K): one product
-                    bin_ = gr[bs - lo:be - lo] * _bcast(fb[bs:be], gr)
-                    bin_[-1].add_(gr[m - 1 - lo] * fr.to(gr.dtype))
-                    (bx,) = p_r.run([bin_])
-                    fbx = None
-                else:                                  # B is linear: its scale goes into the add
-                    (bx,) = p_r.run([gr[bs - lo:be - lo]])
-                    fbx = _bcast(fb[bs:be], bx)
-            out = g_in[a:b]
-            if sx is not None and _aliases(sx, buf) and not _same_view(sx, out[:he - a]):
-                sx = sx.clone()
-            if bx is not None and _aliases(bx, buf):
-                bx = bx.clone()
-            if sx is not None and _same_view(sx, out[:he - a]) and all(unit_fh[a:he]):
-                pass                                   # in place, scale kept: nothing to do
-            elif sx is not None:
-                torch.mul(sx, _bcast(fh[a:he], sx), out=out[:he - a])
-            elif he > a:
-                out[:he - a].zero_()
-            if b > he:
-                out[he - a:].zero_()
-            if bx is not None:
-                dst = out[bs + 1 - a:be + 1 - a]
-                dst.add_(bx) if fbx is None else dst.addcmul_(bx, fbx)
-            flat = _mem_flat(out, 2)                   # while in cache: norms, and dots and the sum with g
-            raw[a:b] = torch.linalg.vector_norm(flat, dim=2, dtype=raw.dtype)
-            if g_ref is not None:
-                fa = flat.to(raw.dtype)
-                for j in range(fa.shape[1]):            # one matrix-vector product per sample: no copy
-                    torch.mv(fa[:, j], gf_acc[j], out=dots[a:b, j])
-                total.addmv_(flat.reshape(b - a, -1).t(), w_tot[a:b])
-        if g_ref is None:
-            return PathStack(g_in, new, remainder, raw, buf)
-        return PathStack(g_in, new, remainder, raw, buf, g_ref, dots, total)
 
     def through_unit(self, unit: UnitGraph, stack: PathStack, g: Optional[Tensor] = None) -> PathStack:
         """The stack at the unit's input from the stack at its output.
@@ -408,7 +150,7 @@ class PathCarrier:
         """
         progs = self._fast(unit, stack.v)
         if progs is not None:
-            out = self._through_unit_fast(progs, stack, tuple(unit.x_shape), g)
+            out = through_unit_fast(progs, stack, tuple(unit.x_shape), self.max_len, self.chunk_elems, g)
             unit.fast = None     # the programs hold masks and normalised inputs: free them now
             return out
         v, ls = stack.v, stack.log_scale
