@@ -241,9 +241,17 @@ def _masked(g: Tensor, m: int, mask: Tensor, own: bool) -> Tensor:
     return (ge.mul_(mask) if own and ge.data_ptr() == g.data_ptr() else ge * mask).view(g.shape)
 
 
+def _mask(t: Tensor, threshold, cl: bool) -> Tensor:
+    """(t > threshold) as t's dtype (a float mask multiplies 3-4x faster than a bool one), written
+    straight into channels_last when asked (one pass over t, not three)."""
+    if cl and t.dim() == 4:
+        b = torch.empty(t.shape, dtype=torch.bool, device=t.device, memory_format=torch.channels_last)
+        return torch.gt(t, threshold, out=b).to(t.dtype)
+    return (t > threshold).to(t.dtype)
+
+
 def _relu_rule(node, need, cl=False):
-    res = node._saved_result
-    mask = _fmt((res > 0).to(res.dtype), cl)      # a float mask multiplies 3-4x faster than a bool one
+    mask = _mask(node._saved_result, 0, cl)
 
     def f(g, m, own=False):
         return [_masked(g, m, mask, own) if need[0] else None]
@@ -251,8 +259,7 @@ def _relu_rule(node, need, cl=False):
 
 
 def _threshold_rule(node, need, cl=False):
-    t = node._saved_self
-    mask = _fmt((t > node._saved_threshold).to(t.dtype), cl)
+    mask = _mask(node._saved_self, node._saved_threshold, cl)
 
     def f(g, m, own=False):
         return [_masked(g, m, mask, own) if need[0] else None]
