@@ -137,3 +137,20 @@ def test_compile_says_what_it_cannot_batch_and_is_exact_on_what_it_can():
     (got,) = p.run([gs])
     want = torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0] for g in gs])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_torchvision_and_timm_resnets_take_the_fast_route():
+    """Their blocks are convolutions, BatchNorm, ReLU and sums (plus downsample projections): all fast,
+    and equal to the autograd route."""
+    tv = pytest.importorskip("torchvision")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    for m in (tv.models.resnet18(num_classes=10), timm.create_model("resnetv2_18", pretrained=False, num_classes=10)):
+        m = m.double()
+        x, y = batch(2)
+        fast = path_components(m, x, y=y, keep=True, max_len=2)
+        slow = path_components(m, x, y=y, keep=True, max_len=2, fast=False)
+        assert set(fast.units["vjp"]) == {"fast"}
+        for i, comp in fast.components.items():
+            torch.testing.assert_close(comp, slow.components[i], rtol=1e-10, atol=1e-13 * comp.abs().max())
+        assert fast.units["sum_rel_err"].max() < 1e-10
