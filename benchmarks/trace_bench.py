@@ -6,12 +6,23 @@ direct/residual split (``split=True``), and (``--tensorboard``) the split with
 every step streamed to TensorBoard; interleaved and repeated (median). Each
 traced mode keeps one trace attached across its steps, as a training loop
 does (the parts check runs once, at the warm-up step); the cost of a step
-includes writing the previous step's tables. The memory a step adds is
-measured in a fresh subprocess per mode (peak RSS over the step on CPU,
+includes writing the previous step's rows (its DataFrames are built when read;
+the TensorBoard mode builds them every step). The memory a step adds is
+measured in a fresh subprocess per mode (peak RSS over the step on CPU, with
+glibc's mmap threshold fixed so that it is the peak of the live tensors;
 ``torch.cuda.max_memory_allocated`` on CUDA).
 
     python benchmarks/trace_bench.py                       # resnet164, resnet1001, torchvision resnet50
     python benchmarks/trace_bench.py --models resnet20 --batch 16 --repeats 3
+
+The issue's figures, on an idle machine (time ratios, peak-memory ratios from fresh
+processes, and ``tb/split``, the TensorBoard sink's cost on resnet164)::
+
+    python benchmarks/trace_bench.py --batch 16 --repeats 5 --threads 2 --tensorboard resnet164
+
+On a shared machine add ``--clock cpu --threads 1`` (this process's CPU time): the
+ratios then move by a few percent from run to run (caches and memory bandwidth are
+shared); ``--no-memory`` / ``--no-time`` run one half. The time columns are medians.
 
 Targets (issue 10, CPU, batch 16): statistics <= 1.05x time, split <= 1.15x,
 peak memory <= 1.05x; streaming to TensorBoard every step adds <= 5% on resnet164.

@@ -263,8 +263,8 @@ class UpdateRatio(Quantity):
         use = [t for t in ts if t.before is not None and t.params]
         if not use:
             return [{} for _ in ts]
-        diffs = iter(torch._foreach_sub([p.detach() for t in use for p in t.params],
-                                        [b for t in use for b in t.before]))
+        with torch.no_grad():
+            diffs = iter(torch._foreach_sub([p for t in use for p in t.params], [b for t in use for b in t.before]))
         d = _group_norms([[next(diffs) for _ in t.params] for t in use])
         w = _group_norms([list(t.before) for t in use])
         ratio = iter((d / w.clamp_min(1e-30)).unbind(0))
@@ -296,16 +296,17 @@ class Spectra(Quantity):
 
 def _group_norms(groups: list) -> Tensor:
     """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction."""
-    flat = [t.detach() for g in groups for t in g]
+    flat = [t for g in groups for t in g]
     if not flat:
         return torch.zeros(len(groups))
-    norms = torch._foreach_norm(flat)
-    dev = norms[0].device
-    if len({(n.dtype, n.device) for n in norms}) > 1:
-        norms = [n.to(dev, torch.float32) for n in norms]
-    acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
-    sq = torch.stack(norms).to(acc).square()
-    return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
+    with torch.no_grad():
+        norms = torch._foreach_norm(flat)
+        dev = norms[0].device
+        if len({(n.dtype, n.device) for n in norms}) > 1:
+            norms = [n.to(dev, torch.float32) for n in norms]
+        acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
+        sq = torch.stack(norms).to(acc).square()
+        return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
 
 
 _OWNERS: dict = {}

@@ -9,8 +9,12 @@ import torch
 from torch import Tensor
 
 
+_DIMS = [tuple(range(1, n)) for n in range(16)]
+
+
 def _dims(t: Tensor) -> tuple[int, ...]:
-    return tuple(range(1, t.ndim))
+    n = t.ndim
+    return _DIMS[n] if n < 16 else tuple(range(1, n))
 
 
 def norm(t: Tensor) -> Tensor:

@@ -31,16 +31,23 @@ class Packed:
         self.host, self.event, self.n, self.B, self.cols, self.scols = host, event, n, B, cols, scols
 
 
-def _gather(dicts: list[dict]) -> dict:
-    """name -> ([row index], [tensor]) over the rows that have it, in row order."""
+def _gather(rows: list) -> dict:
+    """name -> ([row index], [tensor]) over the rows that have it, in row order.
+
+    A row is a dict, or a tuple of dicts read as one merged dict (later ones win a name).
+    """
     cols: dict = {}
-    for i, st in enumerate(dicts):
-        for k, t in st.items():
-            e = cols.get(k)
-            if e is None:
-                e = cols[k] = ([], [])
-            e[0].append(i)
-            e[1].append(t)
+    for i, row in enumerate(rows):
+        for st in (row,) if isinstance(row, dict) else row:
+            for k, t in st.items():
+                e = cols.get(k)
+                if e is None:
+                    cols[k] = ([i], [t])
+                elif e[0][-1] == i:   # the name again in the same row: the later value wins
+                    e[1][-1] = t
+                else:
+                    e[0].append(i)
+                    e[1].append(t)
     return cols
 
 
@@ -52,7 +59,7 @@ def _stack(ts: list, dev) -> torch.Tensor:
                             for t in ts])
 
 
-def pack(rows: list[dict], scalars: list[dict]) -> Packed:
+def pack(rows: list, scalars: list) -> Packed:
     """Per-sample reductions (``rows``: name -> [B] per row) and one-number ones (``scalars``: 0-d)
     as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`).
 

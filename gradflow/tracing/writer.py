@@ -63,12 +63,13 @@ class TableWriter:
         if final and m.expects_grad:
             self._check_complete(m)
         metas, rows, scalars, scales = [], [], [], []
+        none: dict = {}
         for p in passes:
             start = len(rows)
-            w = m.weights.get(p, {}) if self.optimizer is None else self._step_w if m.phase == "train" else {}
-            for c in calls:
-                rows.append({**c.fwd, **(c.bwd.get(p, {}) if p is not None else {})})
-                scalars.append({**c.scalars, **w.get(id(c.info), {})})
+            w = m.weights.get(p, none) if self.optimizer is None else self._step_w if m.phase == "train" else none
+            for c in calls:   # a row's dicts in order (later ones win a name, as a merged dict would)
+                rows.append((c.fwd, c.bwd.get(p, none) if p is not None else none))
+                scalars.append((c.scalars, w.get(id(c.info), none)))
                 metas.append(self._meta(m, p, c.index, c.info, c.x_shape, c.info.scalar_coef))
             top = dict(m.top_fwd)
             if p is not None and p in m.top:
@@ -78,8 +79,8 @@ class TableWriter:
                     zero = torch.zeros_like(g)
                     top.update(direct_norm=g, ref_norm=g, direct_log_scale=zero, ref_log_scale=zero,
                                residual_norm=zero, dot_direct_residual=zero)
-            rows.append(top)
-            scalars.append({})
+            rows.append((top,))
+            scalars.append(())
             last = calls[-1]
             metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
             if p is not None and p in m.scale:
