@@ -6,6 +6,7 @@ figures with caption files:
 
     python -m gradflow.pathplots                                   # resnet110 at init into figures/
     python -m gradflow.pathplots --lesion RUN --plain RUN --data DIR   # plus the lesion curves
+    python -m gradflow.pathplots --run RUN                         # along a training run (paths.csv)
 
 * :func:`path_length_distribution` (Veit Fig. 6a): C(n, k) / 2^n.
 * :func:`gradient_per_length` (Fig. 6b): the norm of one sampled path's gradient
@@ -13,6 +14,8 @@ figures with caption files:
 * :func:`contribution_by_length` (Fig. 6c): sampled norm x C(n, k), beside the
   exact ||g^(k)||, which includes the cancellation between paths.
 * :func:`spectrum_by_unit`: the exact share ||g_l^(k)|| / ||dE/dx_l|| per unit and k.
+* :func:`contribution_over_training`: the exact ||g^(k)|| at the first unit at each
+  probe of a training run (``train --probe-every N --probe-paths M``: paths.csv).
 * :func:`lesion_curves` (Fig. 3, 5a, 5b): error with one unit removed, with k
   units removed, and against Kendall's tau after reordering.
 """
@@ -100,6 +103,32 @@ def spectrum_by_unit(exact: pd.DataFrame, label: str = ""):
     return fig
 
 
+def contribution_over_training(paths: pd.DataFrame, label: str = "", mass: float = 0.9):
+    """Exact ||g^(k)|| at the first unit by path length, one curve per probed iteration (paths.csv).
+
+    The legend gives each probe's effective range (the shortest window of lengths holding ``mass``
+    of sum_k ||g^(k)||) and whether the remainder beyond ``--probe-paths`` holds too much to tell.
+    """
+    import matplotlib.cm as cm
+    its = sorted(paths["iteration"].unique())
+    with _style() as plt:
+        fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
+        colours = cm.viridis(np.linspace(0, 0.9, len(its)))
+        for it, c in zip(its, colours):
+            t = paths[(paths["iteration"] == it) & (paths["backward"] == 0)] if "backward" in paths else \
+                paths[paths["iteration"] == it]
+            r = effective_range(t, mass=mass)
+            first = _first_unit(t)
+            tail = " (remainder too large: window unknown)" if r["truncated"] else ""
+            ax.plot(first["k"], first["norm"], "o-", ms=2.5, color=c,
+                    label=f"iteration {it}: {int(mass * 100)}% on k = {r['lo']}-{r['hi']}{tail}")
+        ax.set_yscale("log")
+        ax.set(xlabel="path length k", ylabel="||g^(k)|| at the first unit's input",
+               title=f"Gradient by path length during training {label}".rstrip())
+        ax.legend(fontsize=6)
+    return fig
+
+
 def lesion_curves(results: Sequence):
     """Three panels from :class:`gradflow.lesion.LesionResult` s: one unit removed, k removed, reordered."""
     with _style() as plt:
@@ -143,6 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-step", type=int, default=1, help="sample every k-step-th path length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="measure the paths of this trained run (on its test images, train-mode BN)")
+    p.add_argument("--run", help="a run folder trained with --probe-every and --probe-paths: draw its "
+                                 "paths.csv (the path-length split along training) and nothing else")
     p.add_argument("--lesion", help="a trained residual run folder: also draw the lesion curves")
     p.add_argument("--plain", help="a trained plain run folder (the contrast)")
     p.add_argument("--data", help="the CIFAR folder for the lesion study")
@@ -177,6 +208,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {out / name}.png")
 
     try:
+        if args.run:
+            from .runs import read_run
+            run = read_run(args.run)
+            if run.paths.empty:
+                raise GradflowError(f"{args.run} has no paths.csv: train it with --probe-every N --probe-paths M "
+                                    "(M: the longest path length kept apart, e.g. 20)")
+            name = Path(args.run).resolve().name
+            its = sorted(run.paths["iteration"].unique())
+            cfg = run.config.get("config", {})
+            save(contribution_over_training(run.paths, name), f"paths_over_training_{name}",
+                 [f"exact ||g^(k)|| at the first unit's input by path length k at each probe of the run {args.run} "
+                  f"(iterations {', '.join(map(str, its))}; k up to {cfg.get('probe_paths', '?')} apart, longer "
+                  "paths summed and left out of the curves), with the effective range (shortest window of "
+                  "lengths holding 90% of sum_k ||g^(k)||) per probe in the legend.",
+                  f"run: {cfg.get('model')} {cfg.get('model_options', {})}, seed {cfg.get('seed')}, "
+                  f"data {cfg.get('data')}; the probe's batch is the training batch of that iteration, "
+                  "train-mode BN, mean cross-entropy"])
+            return 0
         torch.manual_seed(args.seed)
         if args.checkpoint:
             from .checkpoint import load_checkpoint

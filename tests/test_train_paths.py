@@ -65,3 +65,16 @@ def test_resume_keeps_what_the_checkpoint_vouches_for(data, whole, tmp_path):
 def test_probe_paths_needs_probe_every(data, tmp_path):
     with pytest.raises(GradflowError, match="probe_paths.*--probe-paths.*--probe-every"):
         cfg(data, tmp_path, probe_every=0)
+
+
+def test_pathplots_draws_a_run(whole, tmp_path, capsys):
+    from gradflow.pathplots import main
+    assert main(["--run", str(whole.path), "--out", str(tmp_path)]) == 0
+    caption = (tmp_path / "paths_over_training_run.txt").read_text()
+    assert "iterations 0, 3, 6; k up to 2 apart" in caption
+    assert (tmp_path / "paths_over_training_run.png").stat().st_size > 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    assert main(["--run", str(bare), "--out", str(tmp_path)]) == 2
+    assert "--probe-paths" in capsys.readouterr().err
