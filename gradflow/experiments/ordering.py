@@ -90,7 +90,8 @@ def ordering_lines(table: pd.DataFrame, groups: dict[str, str]) -> list[str]:
         out.append(f"ordering{where}: paper, lowest error first: "
                    + " < ".join(f"{_label(k)} {_paper_text(paper[k])}" for k in by_paper)
                    + "; here: " + " < ".join(f"{_label(k)} {here[k]:.2f}" for k in by_here)
-                   + f". {len(kept)} of {n} pairs the paper tells apart keep its order, {len(rev)} are reversed"
+                   + f". {len(kept)} of {n} pairs the paper tells apart keep its order, {len(rev)} "
+                   + ("is" if len(rev) == 1 else "are") + " reversed"
                    + (f", {len(tied)} tied" if tied else "") + f": {verdict} at this scale.")
         if rev:
             out.append(f"reversed{where}: " + "; ".join(
