@@ -78,19 +78,11 @@ class RunLog:
 
     def append_probe(self, table, iteration: int) -> None:
         """Append a tracer's per-unit table (a DataFrame) to probe.csv with an ``iteration`` column."""
-        table = table.copy()
-        table.insert(0, "iteration", iteration)
-        header = not self.probe.exists() or self.probe.stat().st_size == 0
-        _append_whole([(self.probe, lambda f: table.to_csv(f, header=header, index=False))])
-        self.probe_rows += len(table)
+        self.probe_rows += _append_table(self.probe, table, iteration)
 
     def append_paths(self, table, iteration: int) -> None:
         """Append a tracer's path-length table (``tr.paths``) to paths.csv with an ``iteration`` column."""
-        table = table.copy()
-        table.insert(0, "iteration", iteration)
-        header = not self.paths.exists() or self.paths.stat().st_size == 0
-        _append_whole([(self.paths, lambda f: table.to_csv(f, header=header, index=False))])
-        self.paths_rows += len(table)
+        self.paths_rows += _append_table(self.paths, table, iteration)
 
     def truncate(self, last_iteration: int) -> None:
         """Keep only rows up to ``last_iteration``; the replacement is on disk before the old logs go."""
@@ -210,6 +202,15 @@ class RunLog:
         if tail:
             notes.append(f"dropped a half-written last line of {path.name} (an interrupted append)")
         return notes, max(len(keep) - 1, 0)
+
+
+def _append_table(path: Path, table, iteration: int) -> int:
+    """Append a DataFrame to a CSV file whole, with a leading ``iteration`` column; returns its rows."""
+    table = table.copy()
+    table.insert(0, "iteration", iteration)
+    header = not path.exists() or path.stat().st_size == 0
+    _append_whole([(path, lambda f: table.to_csv(f, header=header, index=False))])
+    return len(table)
 
 
 def _complete_lines(path: Path) -> tuple[list[bytes], bool]:
