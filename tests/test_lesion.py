@@ -15,13 +15,7 @@ from gradflow.lesion import (error_rate, kendall_tau, lesion_study, plain_blocks
                              residual_blocks, swap_pairs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is faster, and on a shared machine threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tracing_helpers import one_thread  # noqa: E402,F401  (autouse: one torch thread per module)
 
 
 def images(n=8, seed=1):

@@ -14,16 +14,8 @@ from gradflow.models.units import ScaledSum
 from gradflow.parts import Parts
 from gradflow.paths import effective_range, path_components, path_counts, sample_paths
 from gradflow.tracing.paths import PathCarrier
-from tracing_helpers import unit_inputs_and_grads, zoo_direct
+from tracing_helpers import unit_inputs_and_grads, zoo_direct, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is faster, and on a shared machine threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch(n=3, size=32, classes=10, seed=1, dtype=torch.float32):

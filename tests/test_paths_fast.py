@@ -10,15 +10,9 @@ from gradflow.models.resnet import cifar_resnet
 from gradflow.paths import path_components, record
 from gradflow.tracing.paths import PathCarrier
 from gradflow.tracing.paths_vjp import compile_vjp
-from tracing_helpers import unit_inputs_and_grads
+from tracing_helpers import unit_inputs_and_grads, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch(n=3, seed=1):
