@@ -5,6 +5,7 @@ For each model, in one run:
 - ``baseline``  torchvision-style: Dataset of PIL images, per-image RandomCrop(32, 4),
                 RandomHorizontalFlip, ToTensor, Normalize, a DataLoader, fp32, eager
 - ``eager``     gradflow's data path (uint8 CIFAR on the device, batch augmentation), fp32
+- ``eager_cl``  the same, channels_last (the trainer's default on cuda and cpu)
 - ``bf16_cl``   the same with bf16 autocast and channels_last
 - ``compiled``  bf16 + channels_last + torch.compile
 
@@ -14,6 +15,8 @@ CUDA allocator's peak (not measured on CPU). The 200-epoch estimate is 200 x
 50,000 images at the measured rate.
 
     python benchmarks/train_bench.py --models resnet20 --steps 10        # CPU
+    python benchmarks/train_bench.py --models resnet110,resnet164 --width 0.5 \
+        --modes eager,eager_cl --steps 8 --threads 1                    # CPU, laptop scale
     python benchmarks/train_bench.py --models resnet110,resnet164,resnet1001  # GPU
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ import gradflow
 from gradflow.data import CifarArrays, DeviceCifar
 from gradflow.training.loop import forward_backward
 
-MODES = ("baseline", "eager", "bf16_cl", "compiled")
+MODES = ("baseline", "eager", "eager_cl", "bf16_cl", "compiled")
 
 
 def _sync(dev: torch.device) -> None:
@@ -70,12 +73,13 @@ def _baseline_batches(arrays: CifarArrays, batch: int, workers: int, dev: torch.
 
 
 def measure(model_name: str, mode: str, batch: int, warmup: int, steps: int, dev: torch.device,
-            arrays: CifarArrays, workers: int) -> dict:
+            arrays: CifarArrays, workers: int, width: float = 1.0) -> dict:
     """Images/s and peak memory of ``steps`` training steps after ``warmup`` ones."""
     torch.manual_seed(0)
-    model = gradflow.create_model(model_name).to(dev)
+    model = gradflow.create_model(model_name, width=width).to(dev)
     fast = mode in ("bf16_cl", "compiled")
-    if fast:
+    nhwc = fast or mode == "eager_cl"
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if mode == "compiled" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -96,7 +100,7 @@ def measure(model_name: str, mode: str, batch: int, warmup: int, steps: int, dev
             t0 = time.perf_counter()
             warm_s = t0 - t_compile
         x, y = next_batch(i)
-        if fast:
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         forward_backward(runner, opt, x, y, amp)
         opt.step()
@@ -117,30 +121,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--images", type=int, default=50_000, help="size of the fake training set")
     p.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers")
+    p.add_argument("--width", type=float, default=1.0, help="the zoo's width multiplier (0.5: laptop scale)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     arrays = _fake_cifar(args.images)
     modes = args.modes.split(",")
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), "
-          f"batch {args.batch}, {args.steps} timed steps after {args.warmup}, torch {torch.__version__}")
-    print(f"{'model':11s} {'mode':9s} {'images/s':>9s} {'x baseline':>10s} {'peak GiB':>8s} "
+          f"width x{args.width}, {torch.get_num_threads()} threads, batch {args.batch}, {args.steps} timed steps after {args.warmup}, torch {torch.__version__}")
+    print(f"{'model':11s} {'mode':9s} {'images/s':>9s} {'x ' + modes[0]:>10s} {'peak GiB':>8s} "
           f"{'warm-up s':>9s} {'200 ep (h)':>10s}")
     for name in args.models.split(","):
         base = None
         for mode in modes:
             try:
-                r = measure(name, mode, args.batch, args.warmup, args.steps, dev, arrays, args.workers)
+                r = measure(name, mode, args.batch, args.warmup, args.steps, dev, arrays, args.workers,
+                            args.width)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name:11s} {mode:9s} out of memory at batch {args.batch}", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            base = r["images_per_s"] if mode == "baseline" else base
+            base = r["images_per_s"] if base is None else base  # ratios against the first mode
             ratio = f"{r['images_per_s'] / base:10.2f}" if base else f"{'-':>10s}"
             print(f"{name:11s} {mode:9s} {r['images_per_s']:9.0f} {ratio} {r['peak_gib']:8.2f} "
                   f"{r['warmup_s']:9.1f} {r['hours_200_epochs']:10.2f}", flush=True)

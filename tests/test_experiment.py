@@ -192,3 +192,16 @@ def test_laptop_schedule_keeps_the_paper_shape_with_a_warmup_floor():
     assert f["warmup_iters"] == 400 // 8
     assert make_scale("laptop", stop=1600).fields()["warmup_iters"] == 1600 // 8
     assert make_scale("laptop", stop=32000).fields()["warmup_iters"] == 400   # never longer than the paper's
+
+
+def test_several_at_a_time_start_the_deepest_runs_first(tmp_path):
+    """Table 2 lists ResNet-110 rows before ResNet-164 ones; with two slots the 164s go first, each
+    column in the table's order, so the sweep does not end on a long straggler."""
+    from gradflow.experiments.runner import longest_first
+    specs = plan(experiment_rows("table2"), 2, tmp_path)
+    ordered = longest_first(specs)
+    depths = [int(s.row.model.rsplit("resnet", 1)[1]) for s in ordered]
+    assert depths == sorted(depths, reverse=True) and depths[0] == 164 and depths[-1] == 110
+    for d in (110, 164):
+        assert [s.key for s in ordered if s.row.model.endswith(str(d))] == \
+            [s.key for s in specs if s.row.model.endswith(str(d))]

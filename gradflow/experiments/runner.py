@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -128,6 +129,17 @@ def _unlock(spec: RunSpec) -> None:
     (spec.folder.parent / f".{spec.key}.lock").unlink(missing_ok=True)
 
 
+def _depth(spec: RunSpec) -> int:
+    m = re.search(r"(\d+)$", spec.row.model)
+    return int(m.group(1)) if m else 0
+
+
+def longest_first(specs: list[RunSpec]) -> list[RunSpec]:
+    """Deepest nets first (stable otherwise): with several runs at a time the sweep then ends on
+    short runs instead of one long straggler (ResNet-164 steps cost 1.6x ResNet-110's on the CPU)."""
+    return sorted(specs, key=_depth, reverse=True)
+
+
 def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: list[dict],
             device: Optional[str], log_dir: Path, log: Callable[[str], None] = print) -> list[Outcome]:
     """Run every unfinished spec, ``len(slots)`` at a time (each slot: extra environment variables).
@@ -139,7 +151,7 @@ def execute(specs: list[RunSpec], scale: Scale, data: str, verify: bool, slots: 
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
-    todo = list(specs)
+    todo = longest_first(specs) if len(slots) > 1 else list(specs)
     running: dict[int, tuple[subprocess.Popen, RunSpec, str, float, object]] = {}
     stop = {"sig": None}
 

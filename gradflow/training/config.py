@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0                     # model init, data order and augmentation
     device: str = "auto"              # "auto": cuda if available, else cpu
     amp: str = "auto"                 # "bf16" or "none"; auto: bf16 on cuda (no loss scaling needed)
-    channels_last: Optional[bool] = None  # None: on for cuda, where cudnn prefers NHWC
+    channels_last: Optional[bool] = None  # None: on for cuda and cpu (cudnn and oneDNN both prefer NHWC)
     compile: bool = False             # torch.compile the model (minutes of warm-up, faster after)
     deterministic: bool = False       # deterministic kernels, no cudnn autotuning
     sync_bn: bool = False             # BN statistics over all processes' batches (DDP only)
