@@ -342,7 +342,7 @@ def run_cli(args) -> dict:
     atomic_write(out / "lesion.csv", lambda f: f.write(table.to_csv(index=False).encode()))
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2, default=float).encode()))
     try:
-        from .pathplots import lesion_curves
+        from .plot import lesion_curves
         fig = lesion_curves(results)
         atomic_write(out / "lesion.png", lambda f: fig.savefig(f, format="png", dpi=120))
     except ImportError:

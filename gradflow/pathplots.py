@@ -1,12 +1,14 @@
-"""Veit-style figures: path lengths, gradient per path length, contribution by length, lesions.
+"""The command that writes Veit-style figures (draws with :mod:`gradflow.plot`): paths and lesions.
 
-Functions take gradflow's tables and return matplotlib Figures (nothing is
-written); ``python -m gradflow.pathplots`` computes the tables and writes the
-figures with caption files:
+It computes gradflow's path tables (and lesion results) and writes the figures
+with caption files; the figure functions themselves are in :mod:`gradflow.plot`
+(``plot.path_length_distribution`` ... ``plot.lesion_curves``):
 
     python -m gradflow.pathplots                                   # resnet110 at init into figures/
     python -m gradflow.pathplots --lesion RUN --plain RUN --data DIR   # plus the lesion curves
     python -m gradflow.pathplots --run RUN                         # along a training run (paths.csv)
+
+Figures (functions of :mod:`gradflow.plot`):
 
 * :func:`path_length_distribution` (Veit Fig. 6a): C(n, k) / 2^n.
 * :func:`gradient_per_length` (Fig. 6b): the norm of one sampled path's gradient
@@ -23,143 +25,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
-import numpy as np
 import pandas as pd
 
-from .paths import effective_range, path_counts
-
-
-@contextmanager
-def _style():
-    import matplotlib.pyplot as plt
-    with plt.rc_context({"axes.grid": True, "grid.linestyle": ":", "grid.alpha": 0.6, "legend.frameon": False,
-                         "axes.spines.top": False, "axes.spines.right": False, "font.size": 9}):
-        yield plt
-
-
-def path_length_distribution(ns: dict):
-    """Share of the 2^n paths through k branches, one curve per network ({label: n units})."""
-    with _style() as plt:
-        fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
-        for label, n in ns.items():
-            c = path_counts(n)
-            ax.bar(c["k"], c["share"], alpha=0.55, label=f"{label} (n = {n})")
-        ax.set(xlabel="path length k (residual branches passed)", ylabel="share of all paths",
-               title="Path lengths: Binomial(n, 1/2)")
-        ax.legend()
-    return fig
-
-
-def gradient_per_length(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] = None, label: str = ""):
-    """Gradient norm of one path per length k at the first unit's input, log scale (Veit Fig. 6b)."""
-    t = _first_unit(exact)
-    with _style() as plt:
-        fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
-        ax.plot(t["k"], t["norm"] / t["n_paths"], "-", color="C0", label="exact: ||g^(k)|| / C(n,k) (mean path)")
-        if sampled is not None and len(sampled):
-            s = sampled.sort_values("k")
-            ax.errorbar(s["k"], s["path_norm"], yerr=s["path_norm_std"], fmt="o", ms=3, color="C1", alpha=0.8,
-                        label=f"Veit's estimate: one sampled path ({int(s['samples'].iloc[0])} per k)")
-        ax.set_yscale("log")
-        ax.set(xlabel="path length k", ylabel="gradient norm at the input", title=f"Gradient per path {label}")
-        ax.legend(fontsize=7)
-    return fig
-
-
-def contribution_by_length(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] = None, label: str = "",
-                           mass: float = 0.9):
-    """Total gradient by path length (Veit Fig. 6c) beside the exact ||g^(k)||; the effective range shaded."""
-    t = _first_unit(exact)
-    r = effective_range(exact, mass=mass)
-    with _style() as plt:
-        fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
-        ax.plot(t["k"], t["norm"], "-", color="C0", label="exact ||g^(k)||")
-        if sampled is not None and len(sampled):
-            s = sampled.sort_values("k")
-            ax.plot(s["k"], s["total"], "o--", ms=3, color="C1", label="Veit: path norm x C(n,k)")
-        ax.axvspan(r["lo"] - 0.5, r["hi"] + 0.5, color="C0", alpha=0.12,
-                   label=f"{int(mass * 100)}% of exact gradient: k = {r['lo']}-{r['hi']} (peak {r['peak']})")
-        ax.set_yscale("log")
-        ax.set(xlabel="path length k", ylabel="gradient norm at the input", title=f"Contribution by length {label}")
-        ax.legend(fontsize=7)
-    return fig
-
-
-def spectrum_by_unit(exact: pd.DataFrame, label: str = ""):
-    """log10 of ||g_l^(k)|| / ||dE/dx_l|| for every unit l (rows) and length k (columns)."""
-    t = exact[exact["k"] >= 0]
-    grid = t.pivot_table(index="unit", columns="k", values="share")
-    with _style() as plt:
-        fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
-        im = ax.imshow(np.log10(grid.to_numpy(dtype=float)), aspect="auto", origin="lower", cmap="viridis",
-                       vmin=-6, vmax=0)
-        fig.colorbar(im, ax=ax, label="log10 ||g^(k)|| / ||dE/dx_l||")
-        ax.set(xlabel="path length k", ylabel="unit l", title=f"Gradient by path length, every unit {label}")
-    return fig
-
-
-def contribution_over_training(paths: pd.DataFrame, label: str = "", mass: float = 0.9):
-    """Exact ||g^(k)|| at the first unit by path length, one curve per probed iteration (paths.csv).
-
-    The legend gives each probe's effective range (the shortest window of lengths holding ``mass``
-    of sum_k ||g^(k)||) and whether the remainder beyond ``--probe-paths`` holds too much to tell.
-    """
-    import matplotlib.cm as cm
-    its = sorted(paths["iteration"].unique())
-    with _style() as plt:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
-        colours = cm.viridis(np.linspace(0, 0.9, len(its)))
-        for it, c in zip(its, colours):
-            t = paths[(paths["iteration"] == it) & (paths["backward"] == 0)] if "backward" in paths else \
-                paths[paths["iteration"] == it]
-            r = effective_range(t, mass=mass)
-            first = _first_unit(t)
-            tail = " (remainder too large: window unknown)" if r["truncated"] else ""
-            ax.plot(first["k"], first["norm"], "o-", ms=2.5, color=c,
-                    label=f"iteration {it}: {int(mass * 100)}% on k = {r['lo']}-{r['hi']}{tail}")
-        ax.set_yscale("log")
-        ax.set(xlabel="path length k", ylabel="||g^(k)|| at the first unit's input",
-               title=f"Gradient by path length during training {label}".rstrip())
-        ax.legend(fontsize=6)
-    return fig
-
-
-def lesion_curves(results: Sequence):
-    """Three panels from :class:`gradflow.lesion.LesionResult` s: one unit removed, k removed, reordered."""
-    with _style() as plt:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), layout="constrained")
-        for i, r in enumerate(results):
-            c = f"C{i}"
-            if len(r.single):
-                s = r.single
-                axes[0].plot(s["unit"], s["error"], "o-", ms=3, color=c, label=r.network)
-                down = s[s["downsampling"]]
-                axes[0].plot(down["unit"], down["error"], "x", color="k", ms=6)
-                axes[0].axhline(r.baseline, color=c, ls=":", lw=1)
-            if len(r.random):
-                g = r.random.groupby("k")["error"]
-                axes[1].errorbar(g.mean().index, g.mean(), yerr=g.std().fillna(0), fmt="o-", ms=3, color=c,
-                                 label=r.network)
-            if len(r.reorder):
-                axes[2].plot(r.reorder["kendall_tau"], r.reorder["error"], "o", ms=3, color=c, label=r.network)
-        axes[0].set(xlabel="unit removed (x: changes shape)", ylabel="test error (%)",
-                    title="One unit removed (dotted: intact)")
-        axes[1].set(xlabel="units removed at random", ylabel="test error (%)", title="k units removed")
-        axes[2].set(xlabel="Kendall tau of the unit order", ylabel="test error (%)", title="Units reordered")
-        axes[2].invert_xaxis()
-        for ax in axes:
-            ax.legend(fontsize=7)
-    return fig
-
-
-def _first_unit(exact: pd.DataFrame) -> pd.DataFrame:
-    t = exact[exact["unit"] == exact["unit"].min()]
-    return t[t["k"] >= 0].sort_values("k")
+from .paths import effective_range
+from .plot import (contribution_by_length, contribution_over_training, gradient_per_length, lesion_curves,
+                   path_length_distribution, spectrum_by_unit)
 
 
 # --- command line: compute and write figures/ ----------------------------------------------------
