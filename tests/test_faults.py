@@ -553,3 +553,22 @@ def test_sigkill_between_a_probe_and_the_next_checkpoint_doubles_nothing(data, t
     assert [r["iteration"] for r in read_log(run)] == list(range(1, reached + 2))
     per_step = pd.read_csv(run / "probe.csv").groupby("iteration").size()
     assert list(per_step.index) == list(range(0, reached + 1)) and per_step.nunique() == 1
+
+
+def test_probe_rows_stay_under_their_columns_when_a_resumed_run_records_more(tmp_path):
+    """A resumed run whose tracer has other columns (another order, or new ones) must not write
+    values under another column's name: compared with pandas' own concat by column name."""
+    log = RunLog(tmp_path)
+    a = pd.DataFrame({"unit": [0, 1], "grad_ratio": [1.0, 2.0]})
+    b = pd.DataFrame({"grad_ratio": [3.0, 4.0], "unit": [0, 1]})                     # another order
+    c = pd.DataFrame({"unit": [0, 1], "x_norm": [5.0, 6.0], "grad_ratio": [7.0, 8.0]})  # one column more
+    log.append_probe(a, 10)
+    log.append_probe(b, 20)
+    with pytest.warns(UserWarning, match="x_norm.*2 earlier row|x_norm.*4 earlier row"):
+        log.append_probe(c, 30)
+    d = pd.DataFrame({"unit": [0], "grad_ratio": [9.0]})                               # one column fewer
+    log.append_probe(d, 40)
+    got = pd.read_csv(tmp_path / "probe.csv")
+    want = pd.concat([t.assign(iteration=i) for t, i in ((a, 10), (b, 20), (c, 30), (d, 40))], ignore_index=True)
+    pd.testing.assert_frame_equal(got[list(want.columns)], want, check_dtype=False)
+    assert log.probe_rows == len(want) == 7

@@ -205,12 +205,40 @@ class RunLog:
 
 
 def _append_table(path: Path, table, iteration: int) -> int:
-    """Append a DataFrame to a CSV file whole, with a leading ``iteration`` column; returns its rows."""
+    """Append a DataFrame to a CSV file whole, with a leading ``iteration`` column; returns its rows.
+
+    Rows go under the file's own header, whatever the table's column order. A table with
+    columns the file lacks (a run resumed by a newer gradflow that records more) rewrites the
+    file atomically with them, empty in the earlier rows, and says so: no value is ever
+    written under another column's name.
+    """
     table = table.copy()
     table.insert(0, "iteration", iteration)
-    header = not path.exists() or path.stat().st_size == 0
-    _append_whole([(path, lambda f: table.to_csv(f, header=header, index=False))])
+    header = _csv_header(path)
+    if header and list(table.columns) != header:
+        new = [c for c in table.columns if c not in header]
+        if new:
+            import warnings
+
+            import pandas as pd
+            old = pd.read_csv(path)
+            merged = pd.concat([old, table], ignore_index=True)[header + new]
+            atomic_write(path, lambda f: merged.to_csv(f, index=False), fsync=True)
+            warnings.warn(f"{path}: the table now has column(s) {', '.join(new)} that the file's "
+                          f"{len(old)} earlier row(s) lack: the file was rewritten with them, empty in "
+                          "those rows", stacklevel=3)
+            return len(table)
+        table = table.reindex(columns=header)   # the file's order; a column the table lacks: empty
+    _append_whole([(path, lambda f: table.to_csv(f, header=not header, index=False))])
     return len(table)
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file's first line ([] for a missing or empty file)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _complete_lines(path: Path) -> tuple[list[bytes], bool]:
