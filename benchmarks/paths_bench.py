@@ -9,6 +9,15 @@ at batch 16, CPU; resnet164 reported too). The route each unit took is printed
 (``fast``: all components through a unit in one product per node, from saved
 tensors; ``autograd``: one autograd call per component, with the reason).
 
+Beside each measured ratio the script prints the convolution work the exact split cannot
+avoid, in closed form from the model's convolution sizes: a component must pass every
+branch (and projection) below the point where it starts, so unit l (n - l units above it)
+applies its branch to n - l components for the full spectrum and to min(n - l, max_len + 2)
+(max_len + 1 lengths apart and the rest summed) with a cut, against the plain step's three
+passes over every convolution (forward, input gradient, weight gradient). A ratio goal below
+that bound cannot be met by any exact method that goes unit by unit, only by convolutions
+that run faster per row than the baseline's.
+
 On a shared machine use ``--clock cpu`` (this process's CPU time; with one
 thread it is the work done, not the waiting): wall-clock ratios then swing
 with the other processes' load, which is printed.
@@ -31,6 +40,43 @@ import torch.nn.functional as F
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 GOALS = {"full": 8.0, "max_len": 4.0}     # issue 12, resnet110 at batch 16 on the CPU
+
+
+def conv_work_bound(model, x, max_len: int) -> dict:
+    """Multiply-adds of the split's unavoidable convolutions over the plain step's (closed form).
+
+    Convolution MACs are read from forward hooks (output elements x in_channels/groups x kernel
+    area); each convolution inside unit l counts once in the forward and once per component that
+    passes it in the split; the plain step counts every convolution three times.
+    """
+    import gradflow
+    units = list(gradflow.units(model))
+    n = len(units)
+    owner = {}
+    for i, u in enumerate(units):
+        for mod in u.module.modules():
+            owner.setdefault(mod, i)
+    macs, per_unit = 0, [0] * n
+    handles = []
+
+    def hook(mod, inp, out):
+        nonlocal macs
+        k = out.numel() * (mod.in_channels // mod.groups) * mod.weight[0, 0].numel()
+        macs += k
+        if mod in owner:
+            per_unit[owner[mod]] += k
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    full = macs + sum(per_unit[l] * (n - l) for l in range(n))
+    cut = macs + sum(per_unit[l] * min(n - l, max_len + 2) for l in range(n))
+    return {"full": full / (3 * macs), "max_len": cut / (3 * macs), "units": n}
 
 
 def main() -> None:
@@ -75,6 +121,7 @@ def main() -> None:
                  cut: lambda: path_components(model, x, y=y, max_len=args.max_len)}
         if args.autograd:
             modes["full_autograd"] = lambda: path_components(model, x, y=y, fast=False)
+        bound = conv_work_bound(model, x, args.max_len)
         routes = Counter(path_components(model, x, y=y, max_len=1).units["vjp"])   # also a warm-up
         for fn in modes.values():   # warm-up
             fn()
@@ -92,13 +139,16 @@ def main() -> None:
         row = dict(model=name, batch=args.batch, device=args.device, threads=torch.get_num_threads(),
                    clock=args.clock, routes=dict(routes),
                    **{f"{k}_s": v for k, v in med.items()},
-                   **{f"{k}_ratio": med[k] / med["plain"] for k in modes if k != "plain"})
+                   **{f"{k}_ratio": med[k] / med["plain"] for k in modes if k != "plain"},
+                   conv_bound_full=bound["full"], conv_bound_max_len=bound["max_len"])
         rows.append(row)
         if not args.json:
             print(f"{name} batch {args.batch}: plain forward+backward {med['plain']:.3f} s; "
                   + "; ".join(f"{k} {med[k]:.3f} s = {med[k] / med['plain']:.2f}x" for k in modes if k != "plain"))
             print(f"  goals (issue 12, resnet110): full <= {GOALS['full']:.0f}x, {cut} <= {GOALS['max_len']:.0f}x;"
                   f" routes: " + ", ".join(f"{n} units {r}" for r, n in routes.items()))
+            print(f"  convolution work the exact split cannot avoid ({bound['units']} units, closed form): "
+                  f"full >= {bound['full']:.2f}x, {cut} >= {bound['max_len']:.2f}x the plain step's")
     if args.json:
         print(json.dumps(rows, indent=2))
 
