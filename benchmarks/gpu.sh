@@ -34,7 +34,7 @@ echo "== 4. tracer cost on the GPU: plain vs stats vs full split (and split + Te
 timeout 80 python benchmarks/trace_bench.py --models resnet164 resnet1001 --batch 64 --repeats 3 --device cuda \
     --tensorboard resnet164
 
-echo "== 5. laptop-scale Table 2 sweep (ResNet-110 column, 5 runs x 128 iterations, width 0.25) on the GPU"
+echo "== 5. laptop-scale Table 2 sweep (ResNet-110 column: 5 runs x 400 iterations at batch 128, width 0.5) on the GPU"
 # +100 s to the timeouts above. The same sweep on the 2-core CPU: see figures/table2_laptop_results.md.
 timeout 100 python -m gradflow.experiment table2 --scale laptop --rows 'resnet110-*' --data "$tmp/data" \
     --no-verify --out "$tmp/exp" --gpus 0 | grep -E "after [0-9]+s|sweep wall time|error" \
