@@ -590,6 +590,14 @@ def _probe_overview(tables: Mapping[str, pd.DataFrame], title: Optional[str]) ->
 # --- paths and lesions (Veit et al. 2016) -------------------------------------------------------
 # Tables from gradflow.paths (path_components, sample_paths), a run's paths.csv and gradflow.lesion.
 
+def _length_axes(fig: Figure, ax, title: str) -> Figure:
+    """Log gradient norm against path length k at the first unit's input, with the legend."""
+    ax.set_yscale("log")
+    ax.set(xlabel="path length k", ylabel="gradient norm at the input", title=title)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _first_unit(exact: pd.DataFrame) -> pd.DataFrame:
     t = exact[exact["unit"] == exact["unit"].min()]
     return t[t["k"] >= 0].sort_values("k")
@@ -623,10 +631,7 @@ def gradient_per_length(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] = N
         s = sampled.sort_values("k")
         ax.errorbar(s["k"], s["path_norm"], yerr=s["path_norm_std"], fmt="o", ms=3, color="C1", alpha=0.8,
                     label=f"Veit's estimate: one sampled path ({int(s['samples'].iloc[0])} per k)")
-    ax.set_yscale("log")
-    ax.set(xlabel="path length k", ylabel="gradient norm at the input", title=f"Gradient per path {label}")
-    ax.legend(fontsize=7)
-    return fig
+    return _length_axes(fig, ax, f"Gradient per path {label}")
 
 
 @_styled
@@ -647,10 +652,7 @@ def contribution_by_length(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] 
         ax.plot(s["k"], s["total"], "o--", ms=3, color="C1", label="Veit: path norm x C(n,k)")
     ax.axvspan(r["lo"] - 0.5, r["hi"] + 0.5, color="C0", alpha=0.12,
                label=f"{int(mass * 100)}% of exact gradient: k = {r['lo']}-{r['hi']} (peak {r['peak']})")
-    ax.set_yscale("log")
-    ax.set(xlabel="path length k", ylabel="gradient norm at the input", title=f"Contribution by length {label}")
-    ax.legend(fontsize=7)
-    return fig
+    return _length_axes(fig, ax, f"Contribution by length {label}")
 
 
 @_styled
