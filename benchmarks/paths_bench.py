@@ -12,8 +12,8 @@ tensors; ``autograd``: one autograd call per component, with the reason).
 Beside each measured ratio the script prints the convolution work the exact split cannot
 avoid, in closed form from the model's convolution sizes: a component must pass every
 branch (and projection) below the point where it starts, so unit l (n - l units above it)
-applies its branch to n - l components for the full spectrum and to min(n - l, max_len + 2)
-(max_len + 1 lengths apart and the rest summed) with a cut, against the plain step's three
+applies its branch to n - l components for the full spectrum and to min(n - l, max_len + 1)
+with a cut (lengths 0..max_len - 1 apart, and g^(max_len) with the remainder in one product), against the plain step's three
 passes over every convolution (forward, input gradient, weight gradient). A ratio goal below
 that bound cannot be met by any exact method that goes unit by unit, only by convolutions
 that run faster per row than the baseline's.
@@ -75,7 +75,7 @@ def conv_work_bound(model, x, max_len: int) -> dict:
         for h in handles:
             h.remove()
     full = macs + sum(per_unit[l] * (n - l) for l in range(n))
-    cut = macs + sum(per_unit[l] * min(n - l, max_len + 2) for l in range(n))
+    cut = macs + sum(per_unit[l] * min(n - l, max_len + 1) for l in range(n))
     return {"full": full / (3 * macs), "max_len": cut / (3 * macs), "units": n}
 
 
