@@ -317,6 +317,7 @@ def test_summary_fits_each_step_and_returns_plain_numbers():
 class XKurtosis(gradflow.tracing.Quantity):
     columns = ("x_kurtosis",)
     top = True
+    early = True     # reads only t.x: computed as the unit is entered
 
     def forward(self, t):
         x = t.x.detach().flatten(1).float()
@@ -377,3 +378,58 @@ def test_zoo_forward_is_its_parts_so_only_other_forwards_are_checked():
     unit.__class__ = ResidualUnit
     unit.forward = lambda x: run_parts(unit.parts(), x)   # a replaced forward: checked too
     assert not forward_runs_parts(unit)
+
+
+class _InPlaceNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.stem = nn.Linear(d, d)
+        self.blocks = nn.ModuleList([_InPlaceBlock(d) for _ in range(2)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class _InPlaceBlock(nn.Module):
+    """Known only by input and output: its branch ReLUs the unit's input in place."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = x.clone()
+        return h + self.lin(x.relu_())   # x_l itself is overwritten by the branch
+
+
+@pytest.mark.parametrize("quantities,split", [(None, True), (("cheap",), False)])
+def test_a_unit_that_overwrites_its_input_is_measured_at_the_input_it_was_given(quantities, split):
+    """x_l, dE/dx_l (and the split) are of the tensor the unit was given, not of what it left
+    in its place: against x_l and dE/dx_l taken by forward pre-hooks on an untraced run."""
+    torch.manual_seed(0)
+    m = _InPlaceNet()
+    x, y = data(n=5, shape=(8,))
+    seen, grads = [], {}
+
+    def pre(mod, a):
+        seen.append(a[0].detach().clone())
+        a[0].register_hook(lambda g, i=len(seen) - 1: grads.__setitem__(i, g.detach().clone()))
+    hs = [b.register_forward_pre_hook(pre) for b in m.blocks]
+    F.cross_entropy(m(x), y).backward()
+    for h in hs:
+        h.remove()
+    with gradflow.trace(m, units=list(m.blocks), quantities=quantities, split=split, keep=("x",)) as tr:
+        F.cross_entropy(m(x), y).backward()
+    s = tr.samples.sort_values(["unit", "sample"])
+    for i, t in enumerate(seen):
+        torch.testing.assert_close(tr.tensors[(0, i)]["x"], t)
+        np.testing.assert_allclose(s.loc[s["unit"] == i, "x_norm"], t.norm(dim=1).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(s.loc[s["unit"] == i, "x_mean"], t.mean(dim=1).numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(s.loc[s["unit"] == i, "grad_norm"], grads[i].norm(dim=1).numpy(), rtol=1e-5)
+    if split:   # the shortcut is a copy of x_l: the direct term of the last unit is dE/dx_L itself
+        last = s[s["unit"] == len(seen) - 1]
+        np.testing.assert_allclose(last["direct_ratio"], 1.0, rtol=1e-6)

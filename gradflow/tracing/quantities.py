@@ -8,6 +8,8 @@ A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
 * ``forward(t)`` at each unit's call, with the unit's tensors (``t.x``, ``t.z``,
   ``t.h``, ``t.r``, ``t.y``, ``t.out``, ``t.coef``; ``t.h`` is None for units
   known only by input and output, and for the ``x_L`` row, where ``t.is_top``);
+  a quantity that reads only ``t.x`` says ``early = True`` and is computed as
+  the unit is entered, while x_l is still in cache, instead of after its branch;
 * ``backward(t)`` when dE/dx_l is complete (``t.grad``; with the split, the
   carried direct term, see :class:`Split`);
 * ``weights(t)`` once per step on the unit's parameters (``t.params``, their
@@ -30,6 +32,7 @@ Adding one (this is the README's example)::
     class XKurtosis(gradflow.tracing.Quantity):
         columns = ("x_kurtosis",)
         top = True                      # also on x_L
+        early = True                    # reads only t.x: computed as the unit is entered
         def forward(self, t):
             x = t.x.detach().flatten(1).float()
             z = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
@@ -114,6 +117,8 @@ class Quantity:
     scalars: tuple = ()       # one-number-per-row columns
     needs: str = "forward"    # "forward", "grad", "split", "weights" or "update"
     top: bool = False         # also computed on x_L, the head's input
+    early: bool = False       # forward reads only t.x and t.step: computed as the unit is
+                              # entered, while x_l is still in cache (not after its branch ran)
 
     def should_compute(self, step: int) -> bool:
         return True
@@ -146,6 +151,7 @@ class Signal(Quantity):
 
     columns = ("x_norm", "x_rms", "x_mean")
     top = True
+    early = True
 
     def forward(self, t: Forward) -> dict:
         return {"x_norm": stats.norm(t.x), "x_mean": stats.mean(t.x)}

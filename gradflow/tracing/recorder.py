@@ -33,6 +33,9 @@ How it works, and its sharp edges
 * Gradients are captured with ``Tensor.register_hook`` on each unit's input,
   not with module backward hooks, so in-place operations inside a block, units
   whose input does not require grad and modules called more than once are fine.
+  The hook, the graph edge and the x-only (``early``) reductions are taken as
+  the unit (or its block) is entered: a unit that overwrites its input in place
+  is measured at the x_l it was given, not at what it left in its place.
 * The direct term of eq. (5)/(8) is dE/dx_L carried back through the shortcut
   side only. It is computed during the backward pass: when dE/dx_{l+1} is
   complete, unit l's part of the graph has not run yet, and a small re-entrant
@@ -68,7 +71,7 @@ from .quantities import Backward, Forward, Quantity, Weights, resolve
 from .paths import PathTracker
 from .schedule import as_schedule
 from .carry import DirectCarrier, _exp
-from .steps import Call, Micro
+from .steps import Call, Micro, _Entry
 from .writer import TableWriter
 
 _ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
@@ -156,6 +159,7 @@ class Tracer(TableWriter, DirectCarrier):
         self.quantities = resolve(quantities, spectra, spectra_iters)
         self._q_fwd = [q for q in self.quantities if q.needs == "forward"]
         self._q_before = [q for q in self._q_fwd if type(q).before is not Quantity.before]
+        self._q_early = [q for q in self._q_fwd if q.early]
         self._q_bwd = [q for q in self.quantities if q.needs in ("grad", "split")]
         self._q_w = [q for q in self.quantities if q.needs == "weights"]
         self._q_upd = [q for q in self.quantities if q.needs == "update"] if optimizer is not None else []
@@ -300,6 +304,8 @@ class Tracer(TableWriter, DirectCarrier):
     def _open_micro(self) -> None:
         m, train = self._micro, torch.is_grad_enabled()
         fresh, self._fresh = self._fresh, None
+        if m is not None:
+            m.entries.clear()      # inputs of the last forward that no unit claimed
         if m is not None and m is fresh and not m.calls and not m.final \
                 and m.phase == ("train" if train else "eval"):
             return   # the micro-batch new_micro() opened, joined by the model's forward
@@ -389,15 +395,17 @@ class Tracer(TableWriter, DirectCarrier):
         if args and isinstance(args[0], Tensor) and torch.is_grad_enabled() and \
                 args[0].is_floating_point() and not args[0].requires_grad:
             args = (args[0].detach().requires_grad_(),) + tuple(args[1:])   # e.g. a frozen stem
+        x0 = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        self._enter(x0)     # x_l as it enters, before the module can change it in place
         if group.block is None:
             out = original(*args, **kwargs)
-            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             first = _first_tensor(out)
-            if isinstance(x, Tensor) and isinstance(first, Tensor):
+            if isinstance(x0, Tensor) and isinstance(first, Tensor):
                 call = self._new_call(group.infos[0], group, None, ())
-                self._forward_stats(call, Forward(x=x, step=self.step, info=call.info, module=group.module))
-                call.x_shape = _shape(x)
-                self._after_unit(call, x, first)
+                self._claim(call, x0)
+                self._forward_stats(call, Forward(x=x0, step=self.step, info=call.info, module=group.module))
+                call.x_shape = _shape(x0)
+                self._after_unit(call, x0, first)
             return out
         ref = None
         if self.check and not group.checked:
@@ -421,10 +429,46 @@ class Tracer(TableWriter, DirectCarrier):
 
     def _forward_stats(self, call: Call, t: Forward) -> None:
         t.stats = call.fwd
+        early = call.entry is not None
         for q in self._q_fwd:
-            if q.should_compute(self.step):
+            if not (early and q.early) and q.should_compute(self.step):
                 for k, v in q.forward(t).items():
                     (call.scalars if k in self._scalar_cols else call.fwd)[k] = v
+
+    def _enter(self, x) -> Optional[_Entry]:
+        """Take x_l as a unit (or a block of units) is entered: the ``early`` quantities, the
+        gradient hook and the graph edge, before the unit can change x in place, and while x
+        is still in cache. A unit whose input is this very tensor claims it (``_claim``)."""
+        m = self._micro
+        if not (self._recording and isinstance(x, Tensor)) or m is None:
+            return None
+        e = m.entries.get(id(x))
+        if e is not None and e.x is x and e.version == x._version:
+            return e
+        e = m.entries[id(x)] = _Entry(x, x._version)
+        if "x" in self.keep:
+            e.kept = x.detach().to("cpu", copy=True)
+        if self._q_early:
+            t = Forward(x=x, step=self.step, stats=e.fwd)
+            for q in self._q_early:
+                if q.should_compute(self.step):
+                    for k, v in q.forward(t).items():
+                        (e.scalars if k in self._scalar_cols else e.fwd)[k] = v
+        if torch.is_grad_enabled() and x.requires_grad:
+            cell = e.cell = [None]
+            x.register_hook(lambda g: None if cell[0] is None else self._on_grad(cell[0], g))
+            if self.split:
+                e.edge = get_gradient_edge(x)
+        return e
+
+    def _claim(self, call: Call, x: Tensor) -> None:
+        """Give ``call`` the entry taken when its input ``x`` came in (if any, and unclaimed)."""
+        e = call.micro.entries.pop(id(x), None)
+        if e is None or e.x is not x:
+            return
+        call.entry = e
+        call.fwd.update(e.fwd)
+        call.scalars.update(e.scalars)
 
     def _before_unit(self, call: Call, x: Tensor) -> None:
         t = Forward(x=x, step=self.step, info=call.info, module=call.module, parts=call.parts,
@@ -450,20 +494,26 @@ class Tracer(TableWriter, DirectCarrier):
         m = call.micro
         call.out_shape = _shape(out)
         if "x" in self.keep:
-            self._keep(call, "x", x, 0)
+            e = call.entry
+            self._keep(call, "x", e.kept if e is not None and e.kept is not None else x, 0)
         prev_out, m.last_out = m.last_out, out
         m.calls.append(call)
         if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad
                 and x.requires_grad):
             return
         call.expects_grad = m.expects_grad = True
+        e = call.entry
         if self.split:
-            call.x_edge = get_gradient_edge(x)
+            call.x_edge = e.edge if e is not None and e.edge is not None else get_gradient_edge(x)
             call.out_edge = get_gradient_edge(out)
             prev = m.calls[-2] if len(m.calls) > 1 else None
             if prev is not None and prev.out_edge is not None and x is not prev_out:
                 call.link_edges = (call.x_edge, prev.out_edge)
-        x.register_hook(lambda g, c=call: self._on_grad(c, g))
+        if e is not None and e.cell is not None:
+            e.cell[0] = call      # the hook taken at entry: dE/dx_l of x_l as it came in
+        else:
+            x.register_hook(lambda g, c=call: self._on_grad(c, g))
+        call.entry = None
         # dE/dx_L arrives at the output of the last unit called; move that hook along.
         if m.top_handle is not None:
             m.top_handle.remove()
@@ -640,6 +690,8 @@ class _Run:
         call = tr._new_call(self.group.infos[k], self.group, parts, args)
         if self.group.params[k] is None:
             self.group.params[k] = _params(parts.owned_modules())
+        tr._enter(x)
+        tr._claim(call, x)
         if tr._q_before:
             tr._before_unit(call, x)
         # h = x itself unless the path split needs the identity shortcut as a node of its own
@@ -655,6 +707,7 @@ class _Run:
         if k >= len(self.group.infos):
             return h + r
         call = tr._new_call(self.group.infos[k], self.group, None, ())
+        tr._claim(call, x)
         identity = h is x
         if identity and tr._paths is not None:
             h = x.view_as(x)

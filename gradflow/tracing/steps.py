@@ -29,6 +29,7 @@ class Call:
     args: tuple = ()
     fwd: dict = field(default_factory=dict)       # per-sample forward reductions, [B] each
     scalars: dict = field(default_factory=dict)   # one-number forward reductions (0-d)
+    entry: Any = None                             # the _Entry its input was taken in with, until used
     bwd: dict = field(default_factory=dict)       # pass -> per-sample backward reductions
     expects_grad: bool = False
     x_edge: Any = None
@@ -60,6 +61,7 @@ class Micro:
     top: dict = field(default_factory=dict)       # pass -> per-sample ||dE/dx_L||
     top_fwd: dict = field(default_factory=dict)   # forward reductions of x_L
     last_out: Any = None                          # x_L so far: the last unit's output
+    entries: dict = field(default_factory=dict)   # id(x) -> _Entry of inputs entered, not yet claimed
     top_handle: Any = None
     passes: dict = field(default_factory=dict)    # backward id -> pass number
     done: list = field(default_factory=list)      # passes whose backward finished
@@ -73,3 +75,22 @@ class Micro:
     def complete(self) -> bool:
         """Every gradient it waits for has arrived at least once (or it waits for none)."""
         return bool(self.done) or not self.expects_grad
+
+
+class _Entry:
+    """A unit's input as it came in: its early reductions, its gradient hook and graph edge.
+
+    Taken before the unit runs, so a unit that changes its input in place is still
+    measured (x_l, dE/dx_l and the split's edge) at the tensor it was given. ``cell``
+    holds the call the hook reports to, once a unit claims the entry.
+    """
+
+    __slots__ = ("x", "version", "fwd", "scalars", "cell", "edge", "kept")
+
+    def __init__(self, x: Tensor, version: int):
+        self.x, self.version = x, version
+        self.fwd: dict = {}
+        self.scalars: dict = {}
+        self.cell: Optional[list] = None
+        self.edge: Any = None
+        self.kept: Optional[Tensor] = None      # keep=("x",): a copy as it came in

@@ -239,7 +239,9 @@ def _release(m) -> None:
     A backward that comes later is refused before it reads any of these.
     """
     m.last_out = None
+    m.entries.clear()
     for c in m.calls:
+        c.entry = None
         c.x_edge = c.out_edge = c.y_edge = c.h_edge = c.link_edges = None
         c.direct = c.ref = c.direct_norm = None
         c.args, c.parts, c.coef = (), None, 1.0
