@@ -233,3 +233,55 @@ def test_weight_grad_norm_without_an_optimizer():
         gn = torch.cat([p.grad.flatten() for p in blk.parameters()]).norm().item()
         assert body["weight_grad_norm"].iloc[i] == pytest.approx(gn, rel=1e-5)
     assert "update_ratio" not in body or body["update_ratio"].isna().all()
+
+
+class _Checkpointed(torch.nn.Module):
+    """ResMLP whose blocks run under torch.utils.checkpoint (activation checkpointing)."""
+
+    def __init__(self, net, reentrant):
+        super().__init__()
+        self.net, self.reentrant = net, reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = self.net.inp(x)
+        for b in self.net.blocks:
+            h = checkpoint(b, h, use_reentrant=self.reentrant)
+        return self.net.head(h)
+
+
+def test_activation_checkpointing_non_reentrant_is_recorded_exactly():
+    """The re-run inside the backward adds no rows; gradients and the split are the plain ones."""
+    m = model()
+    x, y = data()
+    ts, grads = grads_at_inputs(list(m.blocks), lambda: F.cross_entropy(m(x), y))
+    plain = gradflow.trace(copy.deepcopy(m), units="blocks.*")
+    with plain:
+        F.cross_entropy(plain.model(x), y).backward()
+    ck = _Checkpointed(m, reentrant=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with gradflow.trace(ck, units="net.blocks.*") as tr:
+            F.cross_entropy(ck(x), y).backward()
+    no_gradflow_warnings(w)
+    assert len(tr.units) == len(m.blocks) + 1
+    check(tr, grads)
+    for c in ("direct_norm", "residual_norm", "x_norm"):
+        np.testing.assert_allclose(tr.samples[c], plain.samples[c], rtol=1e-5)
+
+
+def test_activation_checkpointing_reentrant_says_what_it_cannot_record():
+    """use_reentrant=True runs the forward under no_grad: x_l is recorded, dE/dx_l cannot be, said once."""
+    m = model()
+    x, y = data()
+    ts, _ = grads_at_inputs(list(m.blocks), lambda: F.cross_entropy(m(x), y))
+    ck = _Checkpointed(m, reentrant=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with gradflow.trace(ck, units="net.blocks.*") as tr:
+            F.cross_entropy(ck(x), y).backward()
+    said = [str(i.message) for i in w if "gradflow" in str(i.message)]
+    assert len(said) == 1 and "use_reentrant=False" in said[0], said
+    assert len(tr.units) == len(m.blocks) + 1            # the re-runs add no rows
+    check(tr, ts[:-1], column="x_norm")
+    assert tr.units["grad_norm"].isna().all()

@@ -70,8 +70,10 @@ def traced(model, loss_fn):
     return tr
 
 
-def check_against_autograd(model, loss_fn, x_modules, top, detach, names):
-    model.eval()   # dropout off: the same function on every run (train-mode BN-free models)
+def check_against_autograd(model, loss_fn, x_modules, top, detach, names, train=False):
+    # dropout off: the same function on every run (train-mode BN-free models); train=True keeps
+    # training mode (for its own code paths, such as activation checkpointing) with dropout at 0
+    model.train(train)
     with torch.no_grad():
         torch.manual_seed(0)
         plain = _logits(model)
@@ -166,6 +168,22 @@ def test_hf_gpt2_with_its_default_cache():
     blocks = list(m.transformer.h)
     check_against_autograd(m, _lm_loss, [x for b in blocks for x in (b.ln_1, b.ln_2)], blocks[-1],
                            [x for b in blocks for x in (b.attn, b.mlp)], _names("transformer.h", 2, ("attn", "mlp")))
+
+
+def test_hf_gpt2_with_gradient_checkpointing():
+    """Hugging Face's activation checkpointing re-runs each block inside the backward: same rows."""
+    m = _tokens(_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    reruns = []
+    hooks = [b.attn.register_forward_pre_hook(lambda *a: reruns.append(torch._C._current_graph_task_id() != -1))
+             for b in m.transformer.h]
+    blocks = list(m.transformer.h)
+    check_against_autograd(m, _lm_loss, [x for b in blocks for x in (b.ln_1, b.ln_2)], blocks[-1],
+                           [x for b in blocks for x in (b.attn, b.mlp)], _names("transformer.h", 2, ("attn", "mlp")),
+                           train=True)
+    for h in hooks:
+        h.remove()
+    assert any(reruns)   # the blocks were re-run inside backward passes: checkpointing was on
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

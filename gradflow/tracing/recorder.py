@@ -36,6 +36,10 @@ How it works, and its sharp edges
   The hook, the graph edge and the x-only (``early``) reductions are taken as
   the unit (or its block) is entered: a unit that overwrites its input in place
   is measured at the x_l it was given, not at what it left in its place.
+* Activation checkpointing re-runs units inside the backward pass: the re-run
+  records nothing new (the forward call's rows stand). ``use_reentrant=False``
+  is recorded exactly; ``use_reentrant=True`` runs the forward under
+  ``no_grad``, so the checkpointed units' gradient columns are NaN, said once.
 * The direct term of eq. (5)/(8) is dE/dx_L carried back through the shortcut
   side only. It is computed during the backward pass: when dE/dx_{l+1} is
   complete, unit l's part of the graph has not run yet, and a small re-entrant
@@ -263,6 +267,9 @@ class Tracer(TableWriter, DirectCarrier):
         tracer = self
 
         def forward(self_module, *args, **kwargs):
+            if _in_backward():          # activation checkpointing re-running the unit
+                tracer._recomputed(group)
+                return original(*args, **kwargs)
             if tracer._micro is None:   # a unit called before any forward of the model itself
                 tracer._open_micro()
             if not tracer._recording:
@@ -270,6 +277,25 @@ class Tracer(TableWriter, DirectCarrier):
             return tracer._run_module(group, original, args, kwargs)
 
         module.forward = types.MethodType(forward, module)
+
+    def _recomputed(self, group: _Group) -> None:
+        """A unit re-run inside a backward pass: activation checkpointing recomputing its forward.
+
+        Its rows are those of the forward call; the re-run adds none. With
+        ``use_reentrant=False`` the forward ran with gradients and is fully
+        recorded. With ``use_reentrant=True`` it ran under ``no_grad``: no hook
+        could be placed, so its gradient columns are NaN, said here once.
+        """
+        ids = {id(i) for i in group.infos}
+        if any(not c.expects_grad and id(c.info) in ids and m.phase == "train"
+               for m in self._open for c in m.calls):
+            self._warn("reentrant", f"unit {group.infos[0].name!r} ran its forward under no_grad and again "
+                       "inside the backward pass (activation checkpointing with use_reentrant=True): "
+                       "dE/dx_l and the split of checkpointed units (and dE/dx_L after a checkpointed last unit) "
+                       "cannot be recorded and are NaN. "
+                       "Checkpoint with use_reentrant=False (torch.utils.checkpoint.checkpoint(..., "
+                       "use_reentrant=False); Hugging Face: gradient_checkpointing_enable("
+                       "gradient_checkpointing_kwargs={'use_reentrant': False}))")
 
     def _patch_scaler(self) -> None:
         scaler, original = self.scaler, self.scaler.update
@@ -716,6 +742,14 @@ class _Run:
         call.identity_shortcut = identity
         tr._after_unit(call, x, y)
         return y
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running a backward pass (a forward called from one is a recomputation)."""
+    return _GRAPH_TASK() != -1
+
+
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _first_tensor(out):
