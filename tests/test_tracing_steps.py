@@ -148,7 +148,8 @@ def test_amp_grad_scaler_unscaled_and_skipped_steps_marked():
     assert not df.loc[df["step"] == 0, "skipped"].any() and df.loc[df["step"] == 1, "skipped"].all()
 
 
-def test_no_grad_evaluation_between_steps_is_its_own_rows():
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_no_grad_evaluation_between_steps_is_its_own_rows(no_grad):
     m = model()
     ref = copy.deepcopy(m)
     x, y = data()
@@ -174,7 +175,7 @@ def test_no_grad_evaluation_between_steps_is_its_own_rows():
             opt.step()
             opt.zero_grad()
             if step == 0:
-                with torch.no_grad():
+                with no_grad():
                     m(xe)
     no_gradflow_warnings(w)
     check(tr, g0, step=0, phase="train")

@@ -468,10 +468,10 @@ class Tracer(TableWriter, DirectCarrier):
         m = self._micro
         if not (self._recording and isinstance(x, Tensor)) or m is None:
             return None
-        e = m.entries.get(id(x))
-        if e is not None and e.x is x and e.version == x._version:
+        e, version = m.entries.get(id(x)), _version(x)
+        if e is not None and e.x is x and e.version == version:
             return e
-        e = m.entries[id(x)] = _Entry(x, x._version)
+        e = m.entries[id(x)] = _Entry(x, version)
         if "x" in self.keep:
             e.kept = x.detach().to("cpu", copy=True)
         if self._q_early:
@@ -742,6 +742,11 @@ class _Run:
         call.identity_shortcut = identity
         tr._after_unit(call, x, y)
         return y
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's in-place version counter (-1 for inference tensors, which keep none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _in_backward() -> bool:
