@@ -8,6 +8,7 @@ For each model, in one run:
 - ``eager_cl``  the same, channels_last (the trainer's default on cuda and cpu)
 - ``bf16_cl``   the same with bf16 autocast and channels_last
 - ``compiled``  bf16 + channels_last + torch.compile
+- ``compiled_cl`` fp32 + channels_last + torch.compile (the laptop recipe's arithmetic, compiled)
 
 Images/s count training images (forward, backward, SGD step, data included),
 timed after warm-up steps, with the device synchronised. Peak memory is the
@@ -17,6 +18,8 @@ CUDA allocator's peak (not measured on CPU). The 200-epoch estimate is 200 x
     python benchmarks/train_bench.py --models resnet20 --steps 10        # CPU
     python benchmarks/train_bench.py --models resnet110,resnet164 --width 0.5 \
         --modes eager,eager_cl --steps 8 --threads 1                    # CPU, laptop scale
+    python benchmarks/train_bench.py --models resnet110 --width 0.5 \
+        --modes eager_cl,compiled_cl --steps 8 --warmup 3 --threads 1   # CPU: does compile pay?
     python benchmarks/train_bench.py --models resnet110,resnet164,resnet1001  # GPU
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ import gradflow
 from gradflow.data import CifarArrays, DeviceCifar
 from gradflow.training.loop import forward_backward
 
-MODES = ("baseline", "eager", "eager_cl", "bf16_cl", "compiled")
+MODES = ("baseline", "eager", "eager_cl", "bf16_cl", "compiled", "compiled_cl")
 
 
 def _sync(dev: torch.device) -> None:
@@ -78,10 +81,10 @@ def measure(model_name: str, mode: str, batch: int, warmup: int, steps: int, dev
     torch.manual_seed(0)
     model = gradflow.create_model(model_name, width=width).to(dev)
     fast = mode in ("bf16_cl", "compiled")
-    nhwc = fast or mode == "eager_cl"
+    nhwc = fast or mode in ("eager_cl", "compiled_cl")
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if mode == "compiled" else model
+    runner = torch.compile(model) if mode in ("compiled", "compiled_cl") else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if fast else nullcontext
     if mode == "baseline":
