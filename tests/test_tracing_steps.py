@@ -286,3 +286,20 @@ def test_activation_checkpointing_reentrant_says_what_it_cannot_record():
     assert len(tr.units) == len(m.blocks) + 1            # the re-runs add no rows
     check(tr, ts[:-1], column="x_norm")
     assert tr.units["grad_norm"].isna().all()
+
+
+def test_an_evaluation_forward_keeps_no_unit_input_alive():
+    """The tracer holds no activation of a no_grad forward once it returns (only reductions)."""
+    import gc
+    import weakref
+    m = model()
+    x, _ = data()
+    refs = []
+    hs = [b.register_forward_pre_hook(lambda mod, a: refs.append(weakref.ref(a[0]))) for b in m.blocks]
+    with gradflow.trace(m) as tr, torch.no_grad():
+        m(x)
+        gc.collect()
+        assert [r() is None for r in refs[:-1]] == [True] * (len(refs) - 1)   # the last one feeds x_L
+        assert len(tr.units) == len(m.blocks) + 1
+    for h in hs:
+        h.remove()

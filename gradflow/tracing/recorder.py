@@ -286,6 +286,8 @@ class Tracer(TableWriter, DirectCarrier):
         recorded. With ``use_reentrant=True`` it ran under ``no_grad``: no hook
         could be placed, so its gradient columns are NaN, said here once.
         """
+        if "reentrant" in self._warned:
+            return
         ids = {id(i) for i in group.infos}
         if any(not c.expects_grad and id(c.info) in ids and m.phase == "train"
                for m in self._open for c in m.calls):
@@ -519,8 +521,8 @@ class Tracer(TableWriter, DirectCarrier):
     def _after_unit(self, call: Call, x: Tensor, out: Tensor) -> None:
         m = call.micro
         call.out_shape = _shape(out)
+        e, call.entry = call.entry, None      # its hook, edge and x are used here or let go
         if "x" in self.keep:
-            e = call.entry
             self._keep(call, "x", e.kept if e is not None and e.kept is not None else x, 0)
         prev_out, m.last_out = m.last_out, out
         m.calls.append(call)
@@ -528,7 +530,6 @@ class Tracer(TableWriter, DirectCarrier):
                 and x.requires_grad):
             return
         call.expects_grad = m.expects_grad = True
-        e = call.entry
         if self.split:
             call.x_edge = e.edge if e is not None and e.edge is not None else get_gradient_edge(x)
             call.out_edge = get_gradient_edge(out)
@@ -539,7 +540,6 @@ class Tracer(TableWriter, DirectCarrier):
             e.cell[0] = call      # the hook taken at entry: dE/dx_l of x_l as it came in
         else:
             x.register_hook(lambda g, c=call: self._on_grad(c, g))
-        call.entry = None
         # dE/dx_L arrives at the output of the last unit called; move that hook along.
         if m.top_handle is not None:
             m.top_handle.remove()
