@@ -380,20 +380,6 @@ def test_zoo_forward_is_its_parts_so_only_other_forwards_are_checked():
     assert not forward_runs_parts(unit)
 
 
-class _InPlaceNet(nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.stem = nn.Linear(d, d)
-        self.blocks = nn.ModuleList([_InPlaceBlock(d) for _ in range(2)])
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 class _InPlaceBlock(nn.Module):
     """Known only by input and output: its branch ReLUs the unit's input in place."""
 
@@ -411,7 +397,7 @@ def test_a_unit_that_overwrites_its_input_is_measured_at_the_input_it_was_given(
     """x_l, dE/dx_l (and the split) are of the tensor the unit was given, not of what it left
     in its place: against x_l and dE/dx_l taken by forward pre-hooks on an untraced run."""
     torch.manual_seed(0)
-    m = _InPlaceNet()
+    m = ResMLP(n=2, block=_InPlaceBlock)
     x, y = data(n=5, shape=(8,))
     seen, grads = [], {}
 
