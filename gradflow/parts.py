@@ -35,7 +35,11 @@ tensor, or a tuple for Hugging Face blocks). For example, a pre-LN block::
 A unit whose parts are only known as tensors (found in a torch.fx graph: the
 two operands of an addition) calls ``run.add(k, x, h, r)`` instead: x is the
 unit's input, h the shortcut side and r the branch side, both already computed
-from x; it returns h + r. A single :class:`Parts` is the one-unit block
+from x; it returns h + r. Such a block calls ``run.enter(k, x)`` as soon as x
+exists, before anything uses it (the torch.fx blocks do): the tracer then
+measures x_l and dE/dx_l at the input as given, even when the branch
+overwrites it in place (``run.unit`` does this itself; without ``enter`` an
+``add`` unit's input is measured at the addition). A single :class:`Parts` is the one-unit block
 ``forward(run, x, *a, **k) = run.unit(0, parts, x, *a, **k)``.
 
 Without a tracer the same forward runs with :data:`PLAIN` as ``run``, which
@@ -147,6 +151,8 @@ class Runner(Protocol):
 
     def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor: ...
 
+    def enter(self, k: int, x: Tensor) -> None: ...
+
 
 class _Plain:
     """The runner without a tracer: the module's own function, nothing recorded."""
@@ -156,6 +162,9 @@ class _Plain:
 
     def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
         return h + r
+
+    def enter(self, k: int, x: Tensor) -> None:
+        pass
 
 
 PLAIN: Runner = _Plain()

@@ -419,3 +419,36 @@ def test_a_unit_that_overwrites_its_input_is_measured_at_the_input_it_was_given(
     if split:   # the shortcut is a copy of x_l: the direct term of the last unit is dE/dx_L itself
         last = s[s["unit"] == len(seen) - 1]
         np.testing.assert_allclose(last["direct_ratio"], 1.0, rtol=1e-6)
+
+
+class _TwoAddOverwrite(nn.Module):
+    """Two residual additions found by fx; the second unit's branch overwrites its input in place."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        y = x + self.a(torch.tanh(x))
+        return y * 1.0 + self.b(y.relu_())
+
+
+def test_second_fx_unit_that_overwrites_its_input_is_measured_at_the_input_it_was_given():
+    torch.manual_seed(0)
+    m = ResMLP(n=1, block=_TwoAddOverwrite)
+    x, y = data(n=5, shape=(8,))
+    # plain autograd: x_1 (the first addition's output) and dE/dx_1, taken before the in-place ReLU
+    blk = m.blocks[0]
+    x0 = m.inp(x)
+    x1 = x0 + blk.a(torch.tanh(x0))
+    seen = x1.detach().clone()
+    g = {}
+    x1.register_hook(lambda t: g.__setitem__("x1", t))
+    out = m.head(x1 * 1.0 + blk.b(x1.relu_()))
+    F.cross_entropy(out, y).backward()
+    with gradflow.trace(m) as tr:
+        F.cross_entropy(m(x), y).backward()
+    assert [i.found for i in tr.infos] == ["fx", "fx"]
+    s = tr.samples.sort_values(["unit", "sample"])
+    np.testing.assert_allclose(s.loc[s["unit"] == 1, "x_norm"], seen.norm(dim=1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(s.loc[s["unit"] == 1, "grad_norm"], g["x1"].norm(dim=1).numpy(), rtol=1e-5)

@@ -11,8 +11,8 @@ kept as a leaf, and each of its residual additions becomes one unit:
   common ancestor;
 * the shortcut side h is that operand (or, for ``a(x) + b(x)``, the operand
   with the shorter computation from x_l), the branch side r the other;
-* the addition is replaced by ``run.add(k, x_l, h, r)`` (see
-  :mod:`gradflow.parts`), so a hand-written ``x + f(x)`` network, a pre-LN
+* the addition is replaced by ``run.add(k, x_l, h, r)``, and ``run.enter(k, x_l)``
+  is called where x_l is made (see :mod:`gradflow.parts`), so a hand-written ``x + f(x)`` network, a pre-LN
   block with two additions or a ResNet block written by hand gets the
   direct/residual split with no declaration. Whatever follows the last
   addition (a ReLU, a post-LN LayerNorm) sits between units, and the direct
@@ -145,12 +145,16 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
         found.append((node, x, h, r, k))
         stream = node
     new_of: dict = {}
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1:]
     for node, x, h, r, k in found:      # rewrite after every decision: the ancestry is of the original graph
         with graph.inserting_after(node):
             new = graph.call_function(_adder(holder, k), tuple(new_of.get(v, v) for v in (x, h, r)))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         new_of[node] = new
+        xk = new_of.get(x, x)           # run.enter(k, x_l) right where x_l is made, before any use
+        with graph.inserting_after(last_input[0] if xk.op == "placeholder" and last_input else xk):
+            graph.call_function(_enterer(holder, k), (xk,))
     if not names:
         return None, f"no residual addition in {type(module).__name__}'s own code"
     gm.recompile()
@@ -169,6 +173,13 @@ def _adder(holder: dict, k: int):
         return holder["run"].add(k, x, h, r)
     gradflow_residual_add.__name__ = f"gradflow_residual_add_{k}"
     return gradflow_residual_add
+
+
+def _enterer(holder: dict, k: int):
+    def gradflow_unit_enter(x):
+        holder["run"].enter(k, x)
+    gradflow_unit_enter.__name__ = f"gradflow_unit_enter_{k}"
+    return gradflow_unit_enter
 
 
 def _slot_name(r, anc: dict, k: int) -> str:

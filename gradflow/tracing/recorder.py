@@ -728,6 +728,10 @@ class _Run:
         tr._after_unit(call, x, out)
         return out
 
+    def enter(self, k: int, x: Tensor) -> None:
+        if k < len(self.group.infos):
+            self.tracer._enter(x)
+
     def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
         tr = self.tracer
         if k >= len(self.group.infos):
