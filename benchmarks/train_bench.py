@@ -20,6 +20,8 @@ CUDA allocator's peak (not measured on CPU). The 200-epoch estimate is 200 x
         --modes eager,eager_cl --steps 8 --threads 1                    # CPU, laptop scale
     python benchmarks/train_bench.py --models resnet110 --width 0.5 \
         --modes eager_cl,compiled_cl --steps 8 --warmup 3 --threads 1   # CPU: does compile pay?
+    python benchmarks/train_bench.py --models resnet110,resnet164 --width 0.5 \
+        --eval-batches 128,500 --threads 1                               # the evaluation's batch
     python benchmarks/train_bench.py --models resnet110,resnet164,resnet1001  # GPU
 """
 from __future__ import annotations
@@ -127,7 +129,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.0, help="the zoo's width multiplier (0.5: laptop scale)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eval-batches", default="",
+                   help="instead: time the trainer's evaluation of a 1,017-image test set at these "
+                        "batch sizes (e.g. 128,500; ratios against the first)")
     return p
+
+
+def measure_eval(model_name: str, batches: list, dev: torch.device, width: float, repeats: int = 3) -> list:
+    """Seconds per evaluation of a 1,017-image test set (the CPU subset's size) per batch size."""
+    from contextlib import nullcontext
+    from gradflow.training.distributed import Dist
+    from gradflow.training.steps import evaluate
+    arrays = _fake_cifar(1017)
+    arrays = CifarArrays(arrays.train_x, arrays.train_y, arrays.train_x, arrays.train_y, 10)
+    data = DeviceCifar(arrays, dev)
+    torch.manual_seed(0)
+    model = gradflow.create_model(model_name, width=width).to(dev, memory_format=torch.channels_last)
+    out = []
+    for b in batches:
+        evaluate(model, data, Dist(0, 1, dev), nullcontext, True, b)       # warm-up
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            evaluate(model, data, Dist(0, 1, dev), nullcontext, True, b)
+        _sync(dev)
+        out.append((time.perf_counter() - t0) / repeats)
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -136,6 +163,15 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.eval_batches:
+        batches = [int(b) for b in args.eval_batches.split(",")]
+        print(f"device {dev}, width x{args.width}, {torch.get_num_threads()} threads: seconds per evaluation "
+              f"of 1,017 test images at batch {', '.join(map(str, batches))} (ratio to the first)")
+        for name in args.models.split(","):
+            t = measure_eval(name, batches, dev, args.width)
+            print(f"{name:11s} " + "  ".join(f"{b}: {s:.2f} s (x{s / t[0]:.2f})" for b, s in zip(batches, t)),
+                  flush=True)
+        return 0
     arrays = _fake_cifar(args.images)
     modes = args.modes.split(",")
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), "

@@ -228,3 +228,29 @@ def test_probe_every_appends_per_unit_records(data, tmp_path):
     names = [f"stages.{s}.{i}" for s in range(3) for i in range(3)]  # resnet20: 3 stages of 3 units
     for _, rows in table.groupby("iteration"):
         assert names == [n for n in rows["name"] if n.startswith("stages.")]
+
+
+def test_evaluation_in_any_batch_size_is_the_whole_test_set(data):
+    """evaluate() in small batches equals cross-entropy and error over the whole test set at once."""
+    import torch.nn.functional as F
+    from contextlib import nullcontext
+    from gradflow.data import DeviceCifar, load_cifar, normalise
+    from gradflow.training.distributed import Dist
+    from gradflow.training.steps import evaluate
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    cifar = DeviceCifar(load_cifar("cifar10", data, verify=False), dev)
+    model = gradflow.create_model("resnet20").train()
+    with torch.no_grad():
+        for _ in range(2):   # running statistics that are not the initial ones
+            model(normalise(cifar.train_x[:64], cifar.mean, cifar.std))
+    model.eval()
+    with torch.no_grad():
+        logits = model(normalise(cifar.test_x, cifar.mean, cifar.std))
+    want_loss = F.cross_entropy(logits, cifar.test_y).item()
+    want_err = (logits.argmax(1) != cifar.test_y).float().mean().item()
+    model.train()
+    for bs in (7, 128, 1000):
+        loss, err = evaluate(model, cifar, Dist(0, 1, dev), nullcontext, False, bs)
+        assert loss == pytest.approx(want_loss, rel=1e-5) and err == pytest.approx(want_err, abs=1e-12)
+        assert model.training          # left as found

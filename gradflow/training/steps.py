@@ -101,13 +101,16 @@ def forward_backward(runner: nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     return loss, logits
 
 
-def evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, channels_last: bool):
-    """Test loss and error over the whole test set (summed over processes)."""
+def evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, channels_last: bool,
+             batch_size: int = 128):
+    """Test loss and error over the whole test set (summed over processes), in this process's
+    training batch size: larger batches outgrow the CPU's cache (500 images made a width-0.5
+    ResNet-164's evaluation 1.85x slower than 128 on the 2-core machine)."""
     was = runner.training
     runner.eval()
     acc = torch.zeros(3, device=d.device, dtype=torch.float64)  # loss sum, errors, count
     with torch.no_grad(), amp():
-        for x, y in data.test_batches(500, d.rank, d.world):
+        for x, y in data.test_batches(batch_size, d.rank, d.world):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = runner(x).float()
@@ -339,7 +342,8 @@ class Steps:
                        wall_time=time.perf_counter() - self.t_start)
             if do_eval:
                 row["test_loss"], row["test_error"] = evaluate(self.runner, data, d, self.amp,
-                                                               self.channels_last)
+                                                               self.channels_last,
+                                                               max(1, cfg.batch_size // d.world))
                 self.last = row["test_error"]
             self.acc.zero_()
             with flag.writing():
