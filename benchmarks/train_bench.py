@@ -164,7 +164,11 @@ def main(args: argparse.Namespace) -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.eval_batches:
-        batches = [int(b) for b in args.eval_batches.split(",")]
+        try:
+            batches = [int(b) for b in args.eval_batches.split(",")]
+            assert all(b > 0 for b in batches)
+        except (ValueError, AssertionError):
+            get_args_parser().error(f"--eval-batches {args.eval_batches!r}: give positive batch sizes, e.g. 128,500")
         print(f"device {dev}, width x{args.width}, {torch.get_num_threads()} threads: seconds per evaluation "
               f"of 1,017 test images at batch {', '.join(map(str, batches))} (ratio to the first)")
         for name in args.models.split(","):
