@@ -38,10 +38,12 @@ class Run:
 
     @property
     def device(self) -> str:
-        """The hardware the run used, as the trainer recorded it ('' if unknown)."""
+        """The hardware the run used and its precision, as the trainer recorded them ('' if unknown)."""
         dev = str(self.config.get("device", ""))
         world = self.config.get("world_size")
-        return f"{dev} x{world}" if dev and world and int(world) > 1 else dev
+        dev = f"{dev} x{world}" if dev and world and int(world) > 1 else dev
+        precision = self.config.get("precision")   # recorded since the CPU default became hardware-dependent
+        return f"{dev} ({precision})" if dev and precision else dev
 
     @property
     def train_config(self) -> dict:

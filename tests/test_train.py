@@ -94,6 +94,27 @@ def test_learns_a_synthetic_task(data, tmp_path):
     assert header == list(COLUMNS)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_hardware_and_says_so(data, tmp_path, capsys, monkeypatch, native):
+    # --amp auto: bf16 autocast where the CPU does bf16 in hardware, float32 elsewhere; the probes
+    # are replaced so that both branches run here, and the dtype is observed at the convolutions
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.add(o.dtype) if isinstance(m, torch.nn.Conv2d) else None)
+    try:
+        run = train(small(data, tmp_path, stop=2, log_every=1, eval_every=2, checkpoint_every=2))
+    finally:
+        hook.remove()
+    want = "bf16 autocast" if native else "float32"
+    assert seen == ({torch.bfloat16} if native else {torch.float32})
+    assert json.loads((run / "config.json").read_text())["precision"] == want
+    assert f"precision: {want} (--amp auto on cpu" in capsys.readouterr().err
+    from gradflow.runs import read_run
+    assert read_run(run).device == f"cpu ({want})"
+
+
 def test_high_error_is_marked_fail(data, tmp_path):
     run = train(small(data, tmp_path, stop=5, eval_every=5, lr=1e-5))
     status = json.loads((run / "status.json").read_text())
@@ -134,8 +155,8 @@ def test_divergence_from_the_cli_exits_1(data, tmp_path, capsys):
          "--lr", "1e30", "--warmup-iters", "0", "--out-dir", str(tmp_path), "--no-progress",
          "--device", "cpu"])
     assert main(args) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "diverged" in err
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "precision: " not in ln]  # --amp auto
+    assert len(lines) == 1 and "diverged" in lines[0]
 
 
 # --- bad input: one line, exit code 2, nothing written ----------------------------------------

@@ -26,7 +26,7 @@ def cfg(data, out, **kw):
     base = dict(model="resnet20", data=str(data), verify_data=False, batch_size=4, stop=8, warmup_iters=0,
                 lr=0.05, milestones=(), log_every=2, eval_every=4, checkpoint_every=4, out_dir=str(out),
                 run_name="run", progress=False, device="cpu", deterministic=True, fail_error=1.0,
-                probe_every=3, probe_paths=2)
+                probe_every=3, probe_paths=2, amp="none")   # two exact mechanisms: compared in float32
     return resolve(**{**base, **kw})
 
 

@@ -64,7 +64,7 @@ class TrainConfig:
     # how to run it
     seed: int = 0                     # model init, data order and augmentation
     device: str = "auto"              # "auto": cuda if available, else cpu
-    amp: str = "auto"                 # "bf16" or "none"; auto: bf16 on cuda (no loss scaling needed)
+    amp: str = "auto"                 # "bf16", "none"; auto: bf16 where hardware has it (cuda, bf16 cpus)
     channels_last: Optional[bool] = None  # None: on for cuda and cpu (cudnn and oneDNN both prefer NHWC)
     compile: bool = False             # torch.compile the model (minutes of warm-up, faster after)
     deterministic: bool = False       # deterministic kernels, no cudnn autotuning
