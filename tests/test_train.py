@@ -110,9 +110,28 @@ def test_auto_precision_follows_the_hardware_and_says_so(data, tmp_path, capsys,
     want = "bf16 autocast" if native else "float32"
     assert seen == ({torch.bfloat16} if native else {torch.float32})
     assert json.loads((run / "config.json").read_text())["precision"] == want
-    assert f"precision: {want} (--amp auto on cpu" in capsys.readouterr().err
+    assert f"precision: {want} (--amp auto: cpu with" in capsys.readouterr().err
     from gradflow.runs import read_run
     assert read_run(run).device == f"cpu ({want})"
+
+
+def test_a_resumed_run_keeps_the_precision_it_began_with(data, tmp_path, capsys, monkeypatch):
+    # begun where --amp auto meant float32, resumed where it means bf16: it goes on in float32
+    native = [False]
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native[0], raising=False)
+    part = train(small(data, tmp_path, stop=4, log_every=1, eval_every=2, checkpoint_every=2, halt_at=2))
+    native[0] = True
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.add(o.dtype) if isinstance(m, torch.nn.Conv2d) else None)
+    try:
+        train(resume_config(part), resume=part)
+    finally:
+        hook.remove()
+    assert seen == {torch.float32}
+    assert "precision: float32 (--amp auto: kept from the run's start" in capsys.readouterr().err
+    assert json.loads((part / "config.json").read_text())["precision"] == "float32"
 
 
 def test_high_error_is_marked_fail(data, tmp_path):

@@ -48,6 +48,33 @@ def native_bf16(dev: torch.device) -> bool:
     return any(bool(p()) for p in probes if p is not None)
 
 
+BF16, FP32 = "bf16 autocast", "float32"   # config.json's "precision"
+
+
+def _choose_amp(cfg: TrainConfig, dev: torch.device, resumed: Optional[Path]) -> tuple[bool, str]:
+    """Whether the run computes under bf16 autocast, and (for ``--amp auto``) why.
+
+    A resumed run computes as it began, even on other hardware: its config.json
+    says how (runs written before it did: ``auto`` then meant bf16 on CUDA only).
+    """
+    if cfg.amp != "auto":
+        return cfg.amp == "bf16", ""
+    saved: dict = {}
+    if resumed is not None:
+        try:
+            saved = json.loads((resumed / "config.json").read_text())
+        except (OSError, ValueError):
+            pass
+    if saved.get("precision") in (BF16, FP32):
+        return saved["precision"] == BF16, "kept from the run's start, as a resumed run computes as it began"
+    if "device" in saved:
+        return str(saved["device"]).startswith("cuda"), ("kept from the run's start, when --amp auto meant "
+                                                         "bf16 on CUDA only")
+    if native_bf16(dev):
+        return True, f"{dev.type} with bf16 arithmetic in hardware; --amp none for float32"
+    return False, f"{dev.type} without bf16 arithmetic in hardware; --amp bf16 forces it"
+
+
 class TrainingDiverged(RuntimeError):
     """The loss, a parameter or a buffer became NaN or Inf. The last good checkpoint is kept."""
 
@@ -153,7 +180,7 @@ class Steps:
         self.cfg, self.d, self.data, self.ipe, self.sched = cfg, d, data, ipe, sched
         self.options, self.run_dir = options, run_dir
         dev = self.dev = d.device
-        self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(dev))
+        self.use_amp, why = _choose_amp(cfg, dev, run_dir if ckpt is not None else None)
         # NHWC is faster for convolutions on cuda (cudnn) and on the cpu (oneDNN): 21-35% per step on
         # the CPU for the zoo's CIFAR nets (benchmarks/train_bench.py); mps keeps NCHW
         self.channels_last = (cfg.channels_last if cfg.channels_last is not None
@@ -181,9 +208,7 @@ class Steps:
                                                  "world_size": d.world, "device": str(dev),
                                                  "precision": self.precision()})
         if cfg.amp == "auto":   # the one default that depends on the hardware: said, not silent
-            say(d, f"precision: {self.precision()} (--amp auto on {dev.type}"
-                   + (", which has bf16 arithmetic in hardware; --amp none for float32)" if self.use_amp
-                      else ": no bf16 arithmetic in hardware; --amp bf16 forces it)"))
+            say(d, f"precision: {self.precision()} (--amp auto: {why})")
         self.t_start = time.perf_counter() - wall0
         wrapped: nn.Module = eager
         if d.world > 1:
@@ -218,7 +243,7 @@ class Steps:
 
     def precision(self) -> str:
         """``"bf16 autocast"`` or ``"float32"``: how this run computes, for config.json and captions."""
-        return "bf16 autocast" if self.use_amp else "float32"
+        return BF16 if self.use_amp else FP32
 
     def amp(self):
         return torch.autocast(self.dev.type, dtype=torch.bfloat16) if self.use_amp else nullcontext()
