@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
     g.add_argument("--amp", choices=["auto", "bf16", "none"],
                    help="auto (default): bf16 autocast where the hardware does bf16 "
-                        "(CUDA, AVX512-BF16/AMX CPUs), else float32")
+                        "(Ampere+ GPUs, AVX512-BF16/AMX CPUs), else float32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
     g.add_argument("--compile", action="store_true")
     g.add_argument("--deterministic", action="store_true")
