@@ -183,3 +183,58 @@ def test_hf_trainer_callback_records_each_optimizer_step(tmp_path):
     np.testing.assert_allclose(all_norms[idx], s[s["unit"] == 0]["x_norm"], rtol=1e-5)
     check_ratios(s, grad_ratios(ref, x[idx], y[idx]))
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_hf_trainer_callback_detaches_after_a_train_that_raised(tmp_path):
+    # Hugging Face calls no callback when train() raises: `with` detaches, and so does the next train()
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradflow.integrations.hf import GradflowTrainerCallback
+
+    x, y = data(n=8)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i]}
+
+    class Failing(HFModel):
+        calls, fail_at = 0, 3          # the first micro-batch of the second optimizer step
+
+        def forward(self, x, labels=None):
+            Failing.calls += 1
+            if Failing.calls == self.fail_at:
+                raise RuntimeError("boom")
+            return super().forward(x, labels)
+
+    def patched(model):
+        return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+    args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+                learning_rate=0.05, report_to=[], use_cpu=True, remove_unused_columns=False,
+                save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                optim="sgd", lr_scheduler_type="constant", seed=0, data_seed=0)
+    model = Failing()
+    with GradflowTrainerCallback(units="net.blocks.*") as cb:
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+            output_dir=str(tmp_path / "a"), **args), train_dataset=DS(), callbacks=[cb])
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.train()
+        assert cb.tracer.attached and patched(model)       # still traced: no callback ran
+    assert not cb.tracer.attached and patched(model) == []
+    assert set(pd.read_csv(tmp_path / "a" / "gradflow.csv")["step"]) == {0}   # the finished step, written
+
+    Failing.calls = 0                  # without `with`: the next train() detaches the stale trace, and says so
+    model = Failing()
+    cb = GradflowTrainerCallback(units="net.blocks.*")
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "b"), **args), train_dataset=DS(), callbacks=[cb])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    stale = cb.tracer
+    with pytest.warns(UserWarning, match="ended without on_train_end"):
+        trainer.train()
+    assert not stale.attached and not cb.tracer.attached and patched(model) == []
+    assert sorted(cb.tracer.units["step"].unique()) == [0, 1]

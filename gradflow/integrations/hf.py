@@ -6,6 +6,11 @@
     trainer.train()
     cb.tracer.units
 
+Hugging Face calls no callback when ``train()`` raises, so the model would stay
+traced; ``with GradflowTrainerCallback(...) as cb:`` around the training detaches
+it on any exit (``cb.close()`` does the same), and a later ``train()`` detaches
+a trace left over from one that raised, with a warning.
+
 A step is one optimizer step (``gradient_accumulation_steps`` forwards are its
 micro-batches); evaluation runs under ``no_grad`` and gives ``phase="eval"``
 rows. By default rows stream to ``<output_dir>/gradflow.csv``. Needs
@@ -13,6 +18,7 @@ rows. By default rows stream to ``<output_dir>/gradflow.csv``. Needs
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -38,7 +44,23 @@ class GradflowTrainerCallback(TrainerCallback):
         self.sinks, self.history, self.kwargs = sinks, history, trace_kwargs
         self.tracer: Optional[Tracer] = None
 
+    def __enter__(self) -> "GradflowTrainerCallback":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach the trace: the model's modules as they were, pending rows written, sinks closed."""
+        if self.tracer is not None:
+            self.tracer.detach()
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.tracer is not None and self.tracer.attached:
+            warnings.warn("gradflow: the previous Trainer.train() ended without on_train_end (it raised?); "
+                          "its trace is detached now and its pending rows written. Wrap the training in "
+                          "`with GradflowTrainerCallback(...) as cb:` to detach when it raises", stacklevel=2)
+            self.tracer.detach()
         if model is None or optimizer is None:
             raise ValueError("GradflowTrainerCallback: the Trainer passed no model/optimizer to "
                              "on_train_begin; trace the model yourself with gradflow.trace(model, optimizer=...)")
@@ -48,5 +70,4 @@ class GradflowTrainerCallback(TrainerCallback):
         self.tracer.attach()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.tracer is not None:
-            self.tracer.detach()
+        self.close()

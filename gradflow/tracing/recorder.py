@@ -202,6 +202,11 @@ class Tracer(TableWriter, DirectCarrier):
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on and the units' modules patched (between attach and detach)."""
+        return self._attached
+
     def attach(self) -> "Tracer":
         """Attach the hooks and patch the units' modules (``with`` does this)."""
         if self._attached:
