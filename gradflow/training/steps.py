@@ -28,56 +28,9 @@ from ..errors import GradflowError
 from . import distributed
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .precision import BF16, FP32, choose_amp
 from .runlog import RunLog, code_version, read_log, write_json
 from .signals import Interrupted, StopFlag, stop_on_signals
-
-
-def native_bf16(dev: torch.device) -> bool:
-    """Whether ``dev`` does bf16 matrix products in hardware: a CUDA GPU from Ampere on, or a CPU
-    with AVX512-BF16 or AMX.
-
-    There bf16 autocast is the faster way to train (1.49x a float32 step for a
-    width-0.5 ResNet-164 on an AVX512-BF16 CPU, ``benchmarks/train_bench.py
-    --modes eager_cl,bf16_cl``); elsewhere bf16 is emulated and slower.
-    """
-    if dev.type == "cuda":   # Ampere and later; on older GPUs bf16 is emulated
-        with torch.cuda.device(dev):
-            try:
-                return torch.cuda.is_bf16_supported(including_emulation=False)
-            except TypeError:    # torch < 2.4 counts no emulation
-                return torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
-        return False
-    cpu = torch.cpu   # private probes (torch >= 2.1); a torch without them gets float32
-    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(p()) for p in probes if p is not None)
-
-
-BF16, FP32 = "bf16 autocast", "float32"   # config.json's "precision"
-
-
-def _choose_amp(cfg: TrainConfig, dev: torch.device, resumed: Optional[Path]) -> tuple[bool, str]:
-    """Whether the run computes under bf16 autocast, and (for ``--amp auto``) why.
-
-    A resumed run computes as it began, even on other hardware: its config.json
-    says how (runs written before it did: ``auto`` then meant bf16 on CUDA only).
-    """
-    if cfg.amp != "auto":
-        return cfg.amp == "bf16", ""
-    saved: dict = {}
-    if resumed is not None:
-        try:
-            saved = json.loads((resumed / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
-    if saved.get("precision") in (BF16, FP32):
-        return saved["precision"] == BF16, "kept from the run's start, as a resumed run computes as it began"
-    if "device" in saved:
-        return str(saved["device"]).startswith("cuda"), ("kept from the run's start, when --amp auto meant "
-                                                         "bf16 on CUDA only")
-    if native_bf16(dev):
-        return True, f"{dev.type} with bf16 arithmetic in hardware; --amp none for float32"
-    return False, f"{dev.type} without bf16 arithmetic in hardware; --amp bf16 forces it"
 
 
 class TrainingDiverged(RuntimeError):
@@ -185,7 +138,7 @@ class Steps:
         self.cfg, self.d, self.data, self.ipe, self.sched = cfg, d, data, ipe, sched
         self.options, self.run_dir = options, run_dir
         dev = self.dev = d.device
-        self.use_amp, why = _choose_amp(cfg, dev, run_dir if ckpt is not None else None)
+        self.use_amp, why = choose_amp(cfg, dev, run_dir if ckpt is not None else None)
         # NHWC is faster for convolutions on cuda (cudnn) and on the cpu (oneDNN): 21-35% per step on
         # the CPU for the zoo's CIFAR nets (benchmarks/train_bench.py); mps keeps NCHW
         self.channels_last = (cfg.channels_last if cfg.channels_last is not None
