@@ -146,29 +146,39 @@ class HFModel(nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
+class DictDataset(torch.utils.data.Dataset):
+    """Hugging Face's input format: one dict per sample."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def hf_args(transformers, out):
+    """Two optimizer steps of two micro-batches of 2 samples, plain SGD, on the CPU, nothing else."""
+    return transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=2, learning_rate=0.05, report_to=[], use_cpu=True, remove_unused_columns=False,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        optim="sgd", lr_scheduler_type="constant", seed=0, data_seed=0)
+
+
 def test_hf_trainer_callback_records_each_optimizer_step(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from gradflow.integrations.hf import GradflowTrainerCallback
 
     x, y = data(n=8)
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"x": x[i], "labels": y[i]}
-
     model = HFModel()
     ref = copy.deepcopy(model.net)
     cb = GradflowTrainerCallback(units="net.blocks.*")
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=2, learning_rate=0.05, report_to=[], use_cpu=True, remove_unused_columns=False,
-        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        optim="sgd", lr_scheduler_type="constant", seed=0, data_seed=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=DS(), callbacks=[cb])
+    trainer = transformers.Trainer(model=model, args=hf_args(transformers, tmp_path),
+                                   train_dataset=DictDataset(x, y), callbacks=[cb])
     trainer.train()
     df = cb.tracer.units
     assert sorted(df["step"].unique()) == [0, 1] and set(df["micro"]) == {0, 1}
@@ -193,13 +203,6 @@ def test_hf_trainer_callback_detaches_after_a_train_that_raised(tmp_path):
 
     x, y = data(n=8)
 
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"x": x[i], "labels": y[i]}
-
     class Failing(HFModel):
         calls, fail_at = 0, 3          # the first micro-batch of the second optimizer step
 
@@ -212,14 +215,10 @@ def test_hf_trainer_callback_detaches_after_a_train_that_raised(tmp_path):
     def patched(model):
         return [n for n, m in model.named_modules() if "forward" in m.__dict__]
 
-    args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-                learning_rate=0.05, report_to=[], use_cpu=True, remove_unused_columns=False,
-                save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                optim="sgd", lr_scheduler_type="constant", seed=0, data_seed=0)
     model = Failing()
     with GradflowTrainerCallback(units="net.blocks.*") as cb:
-        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-            output_dir=str(tmp_path / "a"), **args), train_dataset=DS(), callbacks=[cb])
+        trainer = transformers.Trainer(model=model, args=hf_args(transformers, tmp_path / "a"),
+                                       train_dataset=DictDataset(x, y), callbacks=[cb])
         with pytest.raises(RuntimeError, match="boom"):
             trainer.train()
         assert cb.tracer.attached and patched(model)       # still traced: no callback ran
@@ -229,8 +228,8 @@ def test_hf_trainer_callback_detaches_after_a_train_that_raised(tmp_path):
     Failing.calls = 0                  # without `with`: the next train() detaches the stale trace, and says so
     model = Failing()
     cb = GradflowTrainerCallback(units="net.blocks.*")
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path / "b"), **args), train_dataset=DS(), callbacks=[cb])
+    trainer = transformers.Trainer(model=model, args=hf_args(transformers, tmp_path / "b"),
+                                   train_dataset=DictDataset(x, y), callbacks=[cb])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
     stale = cb.tracer
