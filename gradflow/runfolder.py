@@ -7,7 +7,7 @@ so reading a run never imports the trainer.
 
 Only rank 0 writes. Layout of ``runs/<name>/``:
 
-- ``config.json``   the resolved TrainConfig, gradflow version and git commit
+- ``config.json``   the resolved TrainConfig, gradflow version and git commit, device, precision
 - ``log.jsonl``, ``log.csv``  one row per log point (COLUMNS); test columns empty between evals
 - ``checkpoint.pt`` the latest good checkpoint (see gradflow/checkpoint.py)
 - ``status.json``   "running", "ok", "fail" (test error above the paper's 20%), "diverged",
