@@ -248,6 +248,7 @@ def _release(m) -> None:
         for a in ("path_graph", "path_stack"):
             if hasattr(c, a):
                 setattr(c, a, None)
+    m.calls = []    # each call names its micro-batch: without this, a cycle per step for gc's full pass
 
 
 def _numel(shape: str) -> int:
