@@ -332,3 +332,28 @@ def test_a_written_step_leaves_no_reference_cycle(split):
             gc.set_debug(was)
             gc.garbage.clear()
     assert cyclic == []
+
+
+def test_units_called_outside_the_model_forward_get_dE_dx_L_at_the_last_one():
+    """dE/dx_L is hooked when the model's forward ends; units run by hand, never through the
+    model's forward, move it along to the last unit called. Both against autograd."""
+    m = model()
+    ref = copy.deepcopy(m)
+    x, y = data()
+
+    def by_hand(net):
+        h = net.inp(x)
+        for b in net.blocks:
+            h = b(h)
+        return F.cross_entropy(net.head(h), y)
+    ts, g = grads_at_inputs(list(ref.blocks), lambda: by_hand(ref))
+    with gradflow.trace(m, units="blocks.*", split=True) as tr:
+        by_hand(m).backward()
+    check(tr, g)
+    top = per_sample_norm(g[-1]).numpy()
+    body = rows(tr)
+    for i, gi in enumerate(g[:-1]):
+        got = body.loc[body["unit"] == i, "grad_ratio"].to_numpy()
+        np.testing.assert_allclose(got, per_sample_norm(gi).numpy() / top, rtol=1e-5)
+    # identity shortcuts: the direct term carried from the last unit's output is dE/dx_L (eq. 5)
+    np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)

@@ -192,6 +192,7 @@ class Tracer(TableWriter, DirectCarrier):
         self._before: dict = {}     # id(param) -> its value before the update
         self._updated = False
         self._attached = False
+        self._in_model = 0          # depth of the traced model's forward calls running now
 
     # -- attach / detach -------------------------------------------------------------
 
@@ -216,6 +217,8 @@ class Tracer(TableWriter, DirectCarrier):
         for m in mods:
             _ACTIVE[id(m)] = self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._handles.append(self.model.register_forward_hook(self._on_model_forward_end, always_call=True))
+        self._in_model = 0
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_opt_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_post))
@@ -324,6 +327,14 @@ class Tracer(TableWriter, DirectCarrier):
 
     def _on_model_forward(self, module, args) -> None:
         self._open_micro()
+        self._in_model += 1
+
+    def _on_model_forward_end(self, module, args, output) -> None:
+        """dE/dx_L arrives at the last unit's output: hook it once the model's forward is done."""
+        self._in_model = max(0, self._in_model - 1)
+        m = self._micro
+        if not self._in_model and m is not None and m.top_pending is not None:
+            self._hook_top(m)
 
     def new_micro(self) -> None:
         """Open a new micro-batch of the current step (trainer callbacks call this per batch).
@@ -339,6 +350,8 @@ class Tracer(TableWriter, DirectCarrier):
         fresh, self._fresh = self._fresh, None
         if m is not None:
             m.entries.clear()      # inputs of the last forward that no unit claimed
+            if m.top_pending is not None:
+                self._hook_top(m)
         if m is not None and m is fresh and not m.calls and not m.final \
                 and m.phase == ("train" if train else "eval"):
             return   # the micro-batch new_micro() opened, joined by the model's forward
@@ -545,9 +558,18 @@ class Tracer(TableWriter, DirectCarrier):
             e.cell[0] = call      # the hook taken at entry: dE/dx_l of x_l as it came in
         else:
             x.register_hook(lambda g, c=call: self._on_grad(c, g))
-        # dE/dx_L arrives at the output of the last unit called; move that hook along.
+        # dE/dx_L arrives at the output of the last unit called: hooked once the model's forward
+        # ends (or now, for a unit called outside it; it moves the hook along)
         if m.top_handle is not None:
             m.top_handle.remove()
+            m.top_handle = None
+        m.top_pending = (call, out)
+        if not self._in_model:
+            self._hook_top(m)
+
+    def _hook_top(self, m: Micro) -> None:
+        call, out = m.top_pending
+        m.top_pending = None
         m.top_handle = out.register_hook(lambda g, c=call: self._on_top_grad(c, g))
 
     # -- backward -----------------------------------------------------------------------

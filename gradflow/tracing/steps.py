@@ -63,6 +63,7 @@ class Micro:
     last_out: Any = None                          # x_L so far: the last unit's output
     entries: dict = field(default_factory=dict)   # id(x) -> _Entry of inputs entered, not yet claimed
     top_handle: Any = None
+    top_pending: Any = None                       # (call, its output) to hook when the forward ends
     passes: dict = field(default_factory=dict)    # backward id -> pass number
     done: list = field(default_factory=list)      # passes whose backward finished
     weights: dict = field(default_factory=dict)   # pass -> {id(info): {name: 0-d tensor}}

@@ -238,7 +238,7 @@ def _release(m) -> None:
     collect, which kept every traced model alive (the probe's ``--compare``).
     A backward that comes later is refused before it reads any of these.
     """
-    m.last_out = None
+    m.last_out = m.top_pending = None
     m.entries.clear()
     for c in m.calls:
         c.entry = None
