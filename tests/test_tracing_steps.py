@@ -357,3 +357,35 @@ def test_units_called_outside_the_model_forward_get_dE_dx_L_at_the_last_one():
         np.testing.assert_allclose(got, per_sample_norm(gi).numpy() / top, rtol=1e-5)
     # identity shortcuts: the direct term carried from the last unit's output is dE/dx_L (eq. 5)
     np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
+
+
+def test_a_re_attached_trace_checks_its_parts_once_and_measures_each_unit_once():
+    """Attach, detach, attach again (a probe every N steps): the parts are checked once per
+    trace, and each step's weight quantities cover each unit once, not once per attach."""
+    from gradflow.tracing import Quantity
+
+    class Seen(Quantity):      # how many times the weight quantities see each unit per step
+        scalars = ("seen",)
+        needs = "weights"
+
+        def __init__(self):
+            self.n = []
+
+        def weights_all(self, ts):
+            self.n.append(len(ts))
+            return [{"seen": torch.tensor(1.0)} for _ in ts]
+
+    m = model()
+    x, y = data()
+    calls = []
+    hs = [b.fc1.register_forward_hook(lambda mod, a, o: calls.append(1)) for b in m.blocks]
+    seen = Seen()
+    tr = gradflow.trace(m, units="blocks.*", quantities=[seen])     # parts from torch.fx
+    for _ in range(3):
+        with tr:
+            F.cross_entropy(m(x), y).backward()
+    for h in hs:
+        h.remove()
+    # three forwards run each branch once; the check (once per trace) runs each unit's own forward once more
+    assert len(calls) == 4 * len(m.blocks)
+    assert seen.n == [len(m.blocks)] * 3

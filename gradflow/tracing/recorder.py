@@ -225,15 +225,17 @@ class Tracer(TableWriter, DirectCarrier):
             self._begin_step(0)
         if self.scaler is not None:
             self._patch_scaler()
-        by_module: dict = {}
-        for info in self.infos:
-            by_module.setdefault(id(info.module), []).append(info)
-        for infos in by_module.values():
-            block = infos[0].parts() if infos[0].parts is not None else None
-            group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot), block)
-            # a zoo unit's forward is run_parts(parts()): checking one against the other is a tautology
-            group.checked = infos[0].found == "zoo" and forward_runs_parts(group.module)
-            self._groups.append(group)
+        if not self._groups:    # once per trace: a re-attached trace keeps its checked parts
+            by_module: dict = {}
+            for info in self.infos:
+                by_module.setdefault(id(info.module), []).append(info)
+            for infos in by_module.values():
+                block = infos[0].parts() if infos[0].parts is not None else None
+                group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot), block)
+                # a zoo unit's forward is run_parts(parts()): checking one against the other is a tautology
+                group.checked = infos[0].found == "zoo" and forward_runs_parts(group.module)
+                self._groups.append(group)
+        for group in self._groups:
             self._patch(group)
         for s in self.sinks:
             if hasattr(s, "open"):
