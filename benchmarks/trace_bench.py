@@ -20,6 +20,13 @@ processes, and ``tb/split``, the TensorBoard sink's cost on resnet164)::
 
     python benchmarks/trace_bench.py --batch 16 --repeats 5 --threads 2 --tensorboard resnet164
 
+The host's share: on a GPU, a deep network of small convolutions (resnet1001 on CIFAR)
+runs as fast as the host launches its kernels, so the tracer's Python and launches per unit
+set the ratio there. The CPU run at batch 1 on 8x8 images is bound the same way (its
+kernels are tiny) and measures that share without a GPU::
+
+    python benchmarks/trace_bench.py --models resnet1001 --batch 1 --image-size 8 --threads 1 --no-memory
+
 On a shared machine add ``--clock cpu --threads 1`` (this process's CPU time): the
 ratios then move by a few percent from run to run (caches and memory bandwidth are
 shared); ``--no-memory`` / ``--no-time`` run one half. The time columns are medians.
@@ -30,6 +37,7 @@ peak memory <= 1.05x; streaming to TensorBoard every step adds <= 5% on resnet16
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -94,8 +102,20 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir: str,
-               clock=time.perf_counter) -> dict:
+               clock=time.perf_counter, image_size: int = 0, gc_steps: int = 16) -> dict:
+    """Seconds per step of each mode, full garbage collections counted at their steady rate.
+
+    Python's full (generation 2) collection walks every object of the process: about
+    300,000 for a resnet1001, 0.1 s here. It comes when enough objects have outlived two
+    younger collections; a traced step keeps its records until its rows are written, so a
+    trace attached across a training loop brings one every several steps. Re-attaching
+    between the interleaved modes would bring more, and at random places: so each timed
+    pair starts from a collected heap and leaves out any full collection inside it, and
+    each mode's full collections are measured on their own, in ``gc_steps`` steps run in
+    a row with its trace attached (as in training), and added back per step.
+    """
     model, size = build(name, device)
+    size = image_size or size
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     steps = {m: Stepper(model, x, y, m, log_dir) for m in modes}
@@ -104,18 +124,57 @@ def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir:
         steps[m]()
         steps[m]()
         steps[m].pause()
+    full = GcClock(clock)
     for _ in range(repeats):
         for m in modes:
             st = steps[m]
             st()                        # the first step after re-attaching is not timed
             sync(device)
+            gc.collect()
+            full.reset()
             t0 = clock()
             st()
             st()
             sync(device)
-            times[m].append((clock() - t0) / 2)
+            times[m].append((clock() - t0 - full.seconds) / 2)
             st.pause()
-    return {m: statistics.median(v) for m, v in times.items()}
+    out = {m: statistics.median(v) for m, v in times.items()}
+    for m in modes:                     # the full collections of a loop with the trace attached
+        st = steps[m]
+        st()
+        gc.collect()
+        full.reset()
+        for _ in range(gc_steps):
+            st()
+        sync(device)
+        out[f"gc_{m}"] = full.seconds / gc_steps
+        out[m] += out[f"gc_{m}"]
+        st.pause()
+    full.close()
+    return out
+
+
+class GcClock:
+    """Time spent in Python's full (generation 2) garbage collections since ``reset()``."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock, self.seconds, self._t0 = clock, 0.0, None
+        gc.callbacks.append(self._cb)
+
+    def reset(self) -> None:
+        self.seconds, self._t0 = 0.0, None
+
+    def _cb(self, phase, info) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = self.clock()
+        elif self._t0 is not None:
+            self.seconds += self.clock() - self._t0
+            self._t0 = None
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._cb)
 
 
 def _rss_bytes() -> int:
@@ -123,9 +182,10 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(name: str, batch: int, mode: str, device: str) -> int:
+def memory_child(name: str, batch: int, mode: str, device: str, image_size: int = 0) -> int:
     """Bytes one step of ``mode`` adds on top of the built model (run in a fresh process)."""
     model, size = build(name, device)
+    size = image_size or size
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     st = Stepper(model, x[:1], y[:1], mode, "")
@@ -153,11 +213,11 @@ def memory_child(name: str, batch: int, mode: str, device: str) -> int:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def memory_modes(name: str, batch: int, device: str) -> dict:
+def memory_modes(name: str, batch: int, device: str, image_size: int = 0) -> dict:
     out = {}
     env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS=str(torch.get_num_threads()))
     for m in MODES:
-        cmd = [sys.executable, __file__, "--child", name, str(batch), m, device]
+        cmd = [sys.executable, __file__, "--child", name, str(batch), m, device, str(image_size)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[m] = int(res.stdout.strip().splitlines()[-1])
     return out
@@ -167,7 +227,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet164", "resnet1001", "torchvision:resnet50"])
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=0,
+                   help="input height and width (0: the model's own, 32 for the zoo, 160 for torchvision)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gc-steps", type=int, default=16,
+                   help="steps in a row per mode that measure its full garbage collections")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--no-time", action="store_true", help="only the peak-memory children")
@@ -177,31 +241,37 @@ def main(argv=None) -> int:
     p.add_argument("--tensorboard", nargs="*", default=["resnet164"],
                    help="models also timed with the split streamed to TensorBoard every step")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        name, batch, mode, device = a.child
+        name, batch, mode, device, image_size = a.child
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
-        print(memory_child(name, int(batch), mode, device))
+        print(memory_child(name, int(batch), mode, device, int(image_size)))
         return 0
+    if a.image_size < 0 or a.batch < 1 or a.gc_steps < 1 or a.repeats < 1:
+        p.error(f"--batch {a.batch} --image-size {a.image_size} --repeats {a.repeats} --gc-steps "
+                f"{a.gc_steps}: give a batch, repeats and gc steps of 1 or more, and an image size "
+                "of 1 or more (0: the model's own)")
     torch.set_num_threads(a.threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rows = []
-    print(f"device={a.device} batch={a.batch} repeats={a.repeats} clock={a.clock} "
+    print(f"device={a.device} batch={a.batch} image_size={a.image_size or 'own'} repeats={a.repeats} clock={a.clock} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} load={os.getloadavg()[0]:.1f}")
     print(f"{'model':24s} {'plain s':>8s} {'stats x':>8s} {'split x':>8s} {'mem plain MB':>13s} "
-          f"{'stats x':>8s} {'split x':>8s} {'tb/split':>9s}")
+          f"{'stats x':>8s} {'split x':>8s} {'tb/split':>9s}  full gc ms/step plain/stats/split")
     import tempfile
     for name in a.models:
         modes = MODES + ((TB_MODE,) if name in a.tensorboard else ())
         with tempfile.TemporaryDirectory() as log_dir:
             t = {m: float("nan") for m in modes} if a.no_time else \
-                time_modes(name, a.batch, a.repeats, a.device, modes, log_dir, CLOCKS[a.clock])
-        mem = {} if a.no_memory else memory_modes(name, a.batch, a.device)
-        row = {"model": name, "batch": a.batch, "device": a.device,
+                time_modes(name, a.batch, a.repeats, a.device, modes, log_dir, CLOCKS[a.clock], a.image_size,
+                           a.gc_steps)
+        mem = {} if a.no_memory else memory_modes(name, a.batch, a.device, a.image_size)
+        row = {"model": name, "batch": a.batch, "image_size": a.image_size, "device": a.device,
                "time_plain_s": t["plain"], "time_stats_ratio": t["stats"] / t["plain"],
                "time_split_ratio": t["split"] / t["plain"]}
         if TB_MODE in t:
             row["time_tb_over_split"] = t[TB_MODE] / t["split"]
+        row.update({k: v for k, v in t.items() if k.startswith("gc_")})
         if mem:
             row.update(mem_plain_mb=mem["plain"] / 2**20, mem_stats_ratio=mem["stats"] / mem["plain"],
                        mem_split_ratio=mem["split"] / mem["plain"])
@@ -209,7 +279,8 @@ def main(argv=None) -> int:
         print(f"{name:24s} {t['plain']:8.3f} {row['time_stats_ratio']:8.3f} {row['time_split_ratio']:8.3f} "
               + (f"{row['mem_plain_mb']:13.1f} {row['mem_stats_ratio']:8.3f} {row['mem_split_ratio']:8.3f}"
                  if mem else f"{'':13s} {'':8s} {'':8s}")
-              + (f" {row['time_tb_over_split']:9.3f}" if TB_MODE in t else ""), flush=True)
+              + (f" {row['time_tb_over_split']:9.3f}" if TB_MODE in t else f" {'':9s}")
+              + ("" if a.no_time else "  " + "/".join(f"{1e3 * t['gc_' + m]:.0f}" for m in MODES)), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
