@@ -359,12 +359,14 @@ def test_units_called_outside_the_model_forward_get_dE_dx_L_at_the_last_one():
     np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
 
 
-def test_a_re_attached_trace_checks_its_parts_once_and_measures_each_unit_once():
-    """Attach, detach, attach again (a probe every N steps): the parts are checked once per
-    trace, and each step's weight quantities cover each unit once, not once per attach."""
+def test_a_re_attached_trace_measures_each_unit_once_and_runs_the_model_as_it_is_now():
+    """Attach, detach, attach again (a callback per fit, a probe every N steps): each step's
+    weight quantities cover each unit once, not once per attach; and a unit whose branch was
+    replaced, between two attaches or while attached, runs its new branch, as the untraced
+    model does."""
     from gradflow.tracing import Quantity
 
-    class Seen(Quantity):      # how many times the weight quantities see each unit per step
+    class Seen(Quantity):      # how many units the weight quantities see per step
         scalars = ("seen",)
         needs = "weights"
 
@@ -375,17 +377,30 @@ def test_a_re_attached_trace_checks_its_parts_once_and_measures_each_unit_once()
             self.n.append(len(ts))
             return [{"seen": torch.tensor(1.0)} for _ in ts]
 
-    m = model()
-    x, y = data()
-    calls = []
-    hs = [b.fc1.register_forward_hook(lambda mod, a, o: calls.append(1)) for b in m.blocks]
+    torch.manual_seed(0)
+    m = gradflow.create_model("resnet20")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)
+    def new_branch(unit):
+        unit.branch = copy.deepcopy(unit.branch)
+        with torch.no_grad():
+            for p in unit.branch.parameters():
+                p.mul_(-2.0)
+
     seen = Seen()
-    tr = gradflow.trace(m, units="blocks.*", quantities=[seen])     # parts from torch.fx
-    for _ in range(3):
+    tr = gradflow.trace(m, quantities=[seen])
+    for k in range(3):
+        if k == 1:      # a lesion between two attaches: the first unit's branch is replaced
+            new_branch(m.units()[0])
+        ref = copy.deepcopy(m)           # untraced, as the model is now
         with tr:
-            F.cross_entropy(m(x), y).backward()
-    for h in hs:
-        h.remove()
-    # three forwards run each branch once; the check (once per trace) runs each unit's own forward once more
-    assert len(calls) == 4 * len(m.blocks)
-    assert seen.n == [len(m.blocks)] * 3
+            got = m(x)
+            F.cross_entropy(got, y).backward()
+            torch.testing.assert_close(got, ref(x))
+            if k == 2:  # and one replaced while the trace is attached
+                new_branch(m.units()[1])
+                new_branch(ref.units()[1])
+                got = m(x)
+                F.cross_entropy(got, y).backward()
+                torch.testing.assert_close(got, ref(x))
+    assert seen.n == [len(m.units())] * 4        # four steps, each unit once in each

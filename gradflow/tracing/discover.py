@@ -80,8 +80,9 @@ def _kind(m: nn.Module) -> str:
 
 
 def _expand(name: str, m: nn.Module, block: Block, found: str, stage: Optional[int],
-            coef: Optional[float], fixed: bool) -> list[UnitInfo]:
-    """One UnitInfo per unit of the module's block."""
+            coef: Optional[float], fixed: bool, rebuild: Callable[[], Block]) -> list[UnitInfo]:
+    """One UnitInfo per unit of the module's block; ``rebuild`` makes the block from the module
+    as it is when called (a trace attaches with the unit's current submodules)."""
     kind = _kind(m)
     out = []
     for k, slot in enumerate(block.names):
@@ -92,7 +93,7 @@ def _expand(name: str, m: nn.Module, block: Block, found: str, stage: Optional[i
             owned = (m,)
         else:
             owned = ()
-        out.append(UnitInfo(full, m, kind, stage, lambda b=block: b, coef, found, k,
+        out.append(UnitInfo(full, m, kind, stage, rebuild, coef, found, k,
                             stage_fixed=fixed, owned=owned, module_name=name))
     return out
 
@@ -103,11 +104,11 @@ def _known(name: str, m: nn.Module) -> Optional[list[UnitInfo]]:
         scalar = getattr(m, "shortcut_scalar", None)
         coef = scalar() if callable(scalar) else None
         stage = getattr(m, "stage", None)
-        return _expand(name, m, block, "zoo", stage, coef, stage is not None)
+        return _expand(name, m, block, "zoo", stage, coef, stage is not None, lambda: as_block(m.parts()))
     adapter = adapter_for(m)
     if adapter is not None:
         return _expand(name, m, as_block(adapter.factory(m)), "adapter", adapter.stage,
-                       adapter.scalar_coef, adapter.stage is not None)
+                       adapter.scalar_coef, adapter.stage is not None, lambda: as_block(adapter.factory(m)))
     return None
 
 
@@ -200,11 +201,12 @@ def _find_declared(model, named, units, parts) -> list[UnitInfo]:
             continue
         factory = _declared_parts(m, parts)
         if factory is not None:
-            found += _expand(n, m, as_block(factory()), "declared", None, 1.0, False)
+            found += _expand(n, m, as_block(factory()), "declared", None, 1.0, False,
+                             lambda f=factory: as_block(f()))
             continue
         block, why = fx_block(m, leaves)
         if block is not None:
-            found += _expand(n, m, block, "fx", None, 1.0, False)
+            found += _expand(n, m, block, "fx", None, 1.0, False, _fx_rebuild(n, m, leaves))
         else:
             found.append(UnitInfo(n, m, _kind(m), None, None, 1.0, "declared",
                                   note=f"no split: no parts declared, and {why}", owned=(m,)))
@@ -242,6 +244,17 @@ def _find_known(named) -> list[UnitInfo]:
     return found
 
 
+def _fx_rebuild(name: str, m: nn.Module, leaves: set) -> Callable[[], Block]:
+    """The block torch.fx reads from ``m`` as it is when called (its graph holds the submodules)."""
+    def rebuild() -> Block:
+        block, why = fx_block(m, leaves)
+        if block is None:
+            raise GradflowError(f"unit {name!r}: its parts came from torch.fx, which cannot read the "
+                                f"module as it is now ({why}); declare parts= for it")
+        return block
+    return rebuild
+
+
 def _find_fx(model: nn.Module) -> tuple[list[UnitInfo], str]:
     """Units from the residual additions torch.fx finds, each with parts from the graph."""
     paths, reason = residual_module_paths(model)
@@ -253,7 +266,7 @@ def _find_fx(model: nn.Module) -> tuple[list[UnitInfo], str]:
         m = modules[p]
         block, why = fx_block(m, leaves)
         if block is not None:
-            found += _expand(p, m, block, "fx", None, 1.0, False)
+            found += _expand(p, m, block, "fx", None, 1.0, False, _fx_rebuild(p, m, leaves))
         else:
             found.append(UnitInfo(p, m, _kind(m), None, None, 1.0, "fx",
                                   note=f"no split: {why}", owned=(m,)))

@@ -85,12 +85,24 @@ _MAX_PENDING = 16       # micro-batches waiting for a backward before they are w
 class _Group:
     """One patched module: its units (in block order), its block, and whether it was checked."""
 
-    def __init__(self, module: nn.Module, infos: list, block):
-        self.module, self.infos, self.block = module, infos, block
-        self.checked = False
+    def __init__(self, module: nn.Module, infos: list):
+        self.module, self.infos = module, infos
+        self.build()
+
+    def build(self) -> None:
+        """The block and parameters of the module as it is now (again when a child was replaced)."""
+        info = self.infos[0]
+        self.block = info.parts() if info.parts is not None else None
+        self.children = _children(self.module)
+        # a zoo unit's forward is run_parts(parts()): checking one against the other is a tautology
+        self.checked = info.found == "zoo" and forward_runs_parts(self.module)
         # per unit, its parameters; units of several-unit blocks without declared modules learn
         # theirs from the Parts they run with, on their first call
-        self.params = [_params(i.owned) if i.owned else None for i in infos]
+        self.params = [_params(i.owned) if i.owned else None for i in self.infos]
+
+
+def _children(module: nn.Module) -> tuple:
+    return tuple(map(id, module._modules.values()))
 
 
 def _params(owned) -> list:
@@ -225,17 +237,14 @@ class Tracer(TableWriter, DirectCarrier):
             self._begin_step(0)
         if self.scaler is not None:
             self._patch_scaler()
-        if not self._groups:    # once per trace: a re-attached trace keeps its checked parts
-            by_module: dict = {}
-            for info in self.infos:
-                by_module.setdefault(id(info.module), []).append(info)
-            for infos in by_module.values():
-                block = infos[0].parts() if infos[0].parts is not None else None
-                group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot), block)
-                # a zoo unit's forward is run_parts(parts()): checking one against the other is a tautology
-                group.checked = infos[0].found == "zoo" and forward_runs_parts(group.module)
-                self._groups.append(group)
-        for group in self._groups:
+        # built at each attach: a module changed between two attaches runs (and is checked) as it is now
+        self._groups = []
+        by_module: dict = {}
+        for info in self.infos:
+            by_module.setdefault(id(info.module), []).append(info)
+        for infos in by_module.values():
+            group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot))
+            self._groups.append(group)
             self._patch(group)
         for s in self.sinks:
             if hasattr(s, "open"):
@@ -455,6 +464,8 @@ class Tracer(TableWriter, DirectCarrier):
                 call.x_shape = _shape(x0)
                 self._after_unit(call, x0, first)
             return out
+        if group.children != _children(group.module):
+            group.build()   # a child replaced while attached (a lesion, a swapped branch): run it
         ref = None
         if self.check and not group.checked:
             try:
