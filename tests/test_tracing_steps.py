@@ -404,3 +404,36 @@ def test_a_re_attached_trace_measures_each_unit_once_and_runs_the_model_as_it_is
                 F.cross_entropy(got, y).backward()
                 torch.testing.assert_close(got, ref(x))
     assert seen.n == [len(m.units())] * 4        # four steps, each unit once in each
+
+
+class _Unreadable(torch.nn.Module):
+    """x + f(x) behind data-dependent control flow: torch.fx cannot read it, so no parts."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            return x + torch.tanh(self.fc(x))
+        return x
+
+
+def test_a_unit_without_parts_measures_the_weights_it_has_now():
+    """A unit known only by input and output, whose child is replaced while the trace is
+    attached: the next step's weight gradient norm is that of its new parameters (autograd)."""
+    torch.manual_seed(0)
+    m = ResMLP(block=_Unreadable)
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # "no split" for these units is said, once
+        with gradflow.trace(m, units="blocks.*") as tr:
+            F.cross_entropy(m(x), y).backward()
+            m.zero_grad()
+            m.blocks[0].fc = torch.nn.Linear(8, 8)
+            F.cross_entropy(m(x), y).backward()
+            want = torch.cat([p.grad.flatten() for p in m.blocks[0].parameters()]).norm().item()
+    assert not any(i.split for i in tr.infos)
+    df = tr.units
+    got = df[(df["step"] == df["step"].max()) & (df["unit"] == 0)]["weight_grad_norm"].item()
+    assert got == pytest.approx(want, rel=1e-5)

@@ -308,10 +308,12 @@ def _group_norms(groups: list) -> Tensor:
     with torch.no_grad():
         norms = torch._foreach_norm(flat)
         dev = norms[0].device
-        if len({(n.dtype, n.device) for n in norms}) > 1:
-            norms = [n.to(dev, torch.float32) for n in norms]
+        try:
+            stacked = torch.stack(norms)        # mixed dtypes are promoted
+        except RuntimeError:                    # parameters on several devices
+            stacked = torch.stack([n.to(dev, torch.float32) for n in norms])
         acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
-        sq = torch.stack(norms).to(acc).square()
+        sq = stacked.to(acc).square()
         return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
 
 

@@ -454,6 +454,8 @@ class Tracer(TableWriter, DirectCarrier):
             args = (args[0].detach().requires_grad_(),) + tuple(args[1:])   # e.g. a frozen stem
         x0 = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         self._enter(x0)     # x_l as it enters, before the module can change it in place
+        if group.children != _children(group.module):
+            group.build()   # a child replaced while attached (a lesion, a swapped branch): run it
         if group.block is None:
             out = original(*args, **kwargs)
             first = _first_tensor(out)
@@ -464,8 +466,6 @@ class Tracer(TableWriter, DirectCarrier):
                 call.x_shape = _shape(x0)
                 self._after_unit(call, x0, first)
             return out
-        if group.children != _children(group.module):
-            group.build()   # a child replaced while attached (a lesion, a swapped branch): run it
         ref = None
         if self.check and not group.checked:
             try:
