@@ -15,9 +15,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-echo "== 1. smoke run of python -m gradflow.train on the GPU"
-python -c "from gradflow.data import synthetic_cifar; synthetic_cifar('$tmp/data', 4096, 1024)"
-timeout 60 python -m gradflow.train --model resnet20 --data "$tmp/data" --no-verify --smoke \
+echo "== 1. smoke run of python -m gradflow train on the GPU"
+python -c "from gradflow.data.cifar import synthetic_cifar; synthetic_cifar('$tmp/data', 4096, 1024)"
+timeout 60 python -m gradflow train --model resnet20 --data "$tmp/data" --no-verify --smoke \
     --train-subset 4096 --stop 60 --out-dir "$tmp/runs" --run-name smoke --no-progress \
   && cat "$tmp/runs/smoke/log.csv" "$tmp/runs/smoke/status.json"
 
@@ -36,7 +36,7 @@ timeout 80 python benchmarks/trace_bench.py --models resnet164 resnet1001 --batc
 
 echo "== 5. laptop-scale Table 2 sweep (ResNet-110 column: 5 runs x 400 iterations at batch 128, width 0.5) on the GPU"
 # +100 s to the timeouts above. The same sweep on the 2-core CPU: see figures/table2_laptop_results.md.
-timeout 100 python -m gradflow.experiment table2 --scale laptop --rows 'resnet110-*' --data "$tmp/data" \
+timeout 100 python -m gradflow experiment table2 --scale laptop --rows 'resnet110-*' --data "$tmp/data" \
     --no-verify --out "$tmp/exp" --gpus 0 | grep -E "after [0-9]+s|sweep wall time|error" \
   || echo "laptop Table 2 sweep: did not finish within 100 s"
 

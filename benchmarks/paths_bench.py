@@ -99,7 +99,7 @@ def main() -> None:
     if args.clock == "cpu" and args.device.startswith("cuda"):
         p.error("--clock cpu measures the CPU's work; on CUDA use --clock wall")
     import gradflow
-    from gradflow.paths import path_components
+    from gradflow.tracing.paths.components import path_components
     if not args.json:
         print(f"device={args.device} batch={args.batch} threads={torch.get_num_threads()} clock={args.clock} "
               f"torch={torch.__version__} load={os.getloadavg()[0]:.1f}")

@@ -11,7 +11,7 @@
    summary, report, files, figure (where the wall time goes besides imports).
 4. Wall time of ``--compare table1`` on resnet110 (all ten Table 1 variants).
 
-Every traced step here is :func:`gradflow.probing.trace_once`, the function the
+Every traced step here is :func:`gradflow.probe.trace_once`, the function the
 probe and the figures call.
 
     python benchmarks/probe_bench.py                 # targets: <= 7 s wall, <= 1.3x (2 CPU cores)
@@ -45,8 +45,8 @@ def wall(args: list[str]) -> float:
 
 
 def step_ratio(model_name: str, repeats: int) -> dict:
-    from gradflow.probing import build_model, synthetic, trace_once
-    from gradflow.probing.run import DEFAULT_BATCH_32
+    from gradflow.probe import build_model, synthetic, trace_once
+    from gradflow.probe.run import DEFAULT_BATCH_32
     model = build_model(model_name, {}, seed=0).module.train()
     inputs = synthetic(DEFAULT_BATCH_32, 1, 32, seed=0)
     (x, y), = inputs
@@ -82,7 +82,7 @@ def phases(model_name: str) -> dict:
     """Seconds per phase of the default probe, in this process (imports already paid)."""
     import matplotlib
     matplotlib.use("Agg")
-    from gradflow.probing import ProbeConfig, report_dict, run_probe, write_outputs
+    from gradflow.probe import ProbeConfig, report_dict, run_probe, write_outputs
     t0 = time.perf_counter()
     res = run_probe(ProbeConfig(model=model_name, progress=False, device="cpu"))
     total = time.perf_counter() - t0

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 
 import gradflow
-from gradflow.data import CifarArrays, DeviceCifar
+from gradflow.data.cifar import CifarArrays, DeviceCifar
 from gradflow.training.loop import forward_backward
 
 MODES = ("baseline", "eager", "eager_cl", "bf16_cl", "compiled", "compiled_cl")

@@ -5,25 +5,25 @@ Built around He et al. 2016, "Identity Mappings in Deep Residual Networks".
 ``import gradflow`` costs little more than ``import torch``: the registry and the
 model zoo load at once (they need only ``torch.nn``); everything that needs
 pandas, scipy or matplotlib (``trace``, ``theory``, ``plot``, ``training``,
-``probing``, ``runs``) is imported on first use, e.g. ``gradflow.trace`` or
+``probe``, ``runs``) is imported on first use, e.g. ``gradflow.trace`` or
 ``gradflow.plot``. ``benchmarks/import_bench.py`` measures it.
 """
 from __future__ import annotations
 
 import importlib
 
-from .errors import GradflowError
-from .registry import create_model, list_models, model_inputs, model_options, register_model
-from . import models  # noqa: F401  (registers the zoo: the registry itself never imports the models)
+from gradflow.errors import GradflowError
+from gradflow.models.registry import create_model, list_models, model_inputs, model_options, register_model
+from gradflow import models  # noqa: F401  (registers the zoo: the registry itself never imports the models)
 
 __version__ = "0.1.0"
 
 # name -> (module, attribute): imported on first access (PEP 562)
 _LAZY = {"trace": ("tracing", "trace"), "Tracer": ("tracing", "Tracer"), "find_units": ("tracing", "find_units"),
          "units": ("tracing", "units"),
-         "load_checkpoint": ("checkpoint", "load_checkpoint"), "train": ("training", "train")}
-_SUBMODULES = ("theory", "tracing", "training", "plot", "probing", "runs", "figures", "data", "io",
-               "provenance", "cli", "parts", "checkpoint")
+         "load_checkpoint": ("runs.checkpoint", "load_checkpoint"), "train": ("training", "train")}
+_SUBMODULES = ("cli", "data", "experiments", "integrations", "plot", "probe", "runs", "theory", "tracing",
+               "training", "utils")
 
 __all__ = ["create_model", "list_models", "model_inputs", "model_options", "register_model", "GradflowError",
            "trace", "Tracer", "find_units", "units", "__version__"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradflow import GradflowError
-from gradflow.data import (CIFAR, DeviceCifar, channel_stats, crop_flip, epoch_plan, load_cifar,
+from gradflow.data.cifar import (CIFAR, DeviceCifar, channel_stats, crop_flip, epoch_plan, load_cifar,
                            normalise, write_cifar)
 
 

@@ -1,4 +1,4 @@
-"""python -m gradflow.experiment: skip finished runs, resume interrupted ones, the results table
+"""python -m gradflow experiment: skip finished runs, resume interrupted ones, the results table
 checked against the run logs read by hand, --print-commands, --collect, bad input.
 
 Tiny runs on generated data: ResNet-20 at width 1/8, 3 seeds, batch 16, 8 iterations.
@@ -16,15 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradflow.data import write_cifar
-from gradflow.experiment import main
+from gradflow.data.cifar import write_cifar
+from gradflow.cli.experiment import main
 from gradflow.experiments import command_for, experiment_rows, make_scale, plan, run_state, select_rows
 
 SCALE = ["--scale", "laptop", "--width", "0.125", "--stop", "8", "--batch-size", "16", "--probe-every", "4"]
 
 
 def _exp(args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "gradflow.experiment", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gradflow", "experiment", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout)
 
 
@@ -100,7 +100,7 @@ def test_figures_and_captions(sweep):
     for stem in ("depth_laptop_training_curves", "depth_laptop_gradient_flow_resnet20"):
         assert (exp_dir / f"{stem}.png").stat().st_size > 1000
         caption = (exp_dir / f"{stem}.txt").read_text()
-        assert "laptop scale" in caption and "command: python -m gradflow.experiment depth" in caption
+        assert "laptop scale" in caption and "command: python -m gradflow experiment depth" in caption
     assert "Probed iterations: 0, 4" in (exp_dir / "depth_laptop_gradient_flow_resnet20.txt").read_text()
 
 
@@ -149,7 +149,7 @@ def test_bad_input_one_line_exit_2(args, words, capsys):
 def test_bad_input_through_the_module(tmp_path):
     done = _exp(["table1", "--data", str(tmp_path / "missing")])
     assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("gradflow.experiment: error")
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("gradflow experiment: error")
 
 
 def test_rows_and_paper_numbers_come_from_the_presets():

@@ -20,14 +20,14 @@ import torch
 
 import gradflow
 from gradflow import GradflowError
-from gradflow import cli as gcli
-from gradflow.data import DeviceCifar, load_cifar, synthetic_cifar, write_cifar
+from gradflow.cli import args as gcli
+from gradflow.data.cifar import DeviceCifar, load_cifar, synthetic_cifar, write_cifar
 from gradflow.training import TrainingDiverged, resolve, resume_config, run_training, train
-from gradflow.training import runlog as runlog_mod
+from gradflow.runs import log as runlog_mod
 from gradflow.training import steps as steps_mod
-from gradflow.training.checkpoint import read_checkpoint, save_checkpoint
-from gradflow.training.folder import holder as lock_holder
-from gradflow.training.runlog import TIMING, RunLog, read_log
+from gradflow.runs.checkpoint import read_checkpoint, save_checkpoint
+from gradflow.runs.folder import holder as lock_holder
+from gradflow.runs.log import TIMING, RunLog, read_log
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 
@@ -95,8 +95,8 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
     for load in (read_checkpoint, gradflow.load_checkpoint):
         with pytest.raises(GradflowError, match="refused to load.*system"):
             load(tmp_path)
-    from gradflow.probe import main as probe_main
-    from gradflow.train import get_args_parser, main as train_main
+    from gradflow.cli.probe import main as probe_main
+    from gradflow.cli.train import get_args_parser, main as train_main
     assert train_main(get_args_parser().parse_args(["--resume", str(tmp_path), "--no-progress"])) == 2
     assert probe_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert not marker.exists()
@@ -109,7 +109,7 @@ def test_a_crafted_cifar_file_is_refused_by_train_and_probe(tmp_path):
     (folder / "test_batch").write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}, protocol=2))
     with pytest.raises(GradflowError, match="refused to unpickle 'test_batch'.*system.*does not contain"):
         load_cifar("cifar10", tmp_path, verify=False)
-    from gradflow.probing.inputs import cifar_test
+    from gradflow.probe.inputs import cifar_test
     with pytest.raises(GradflowError, match="refused to unpickle 'test_batch'.*system"):
         cifar_test(str(tmp_path), 4, 1, 32)
     assert not marker.exists()
@@ -188,7 +188,7 @@ TRAIN_FLAGS = {
 @pytest.mark.parametrize("flags,named", TRAIN_FLAGS.values(), ids=TRAIN_FLAGS.keys())
 def test_every_bad_train_flag_is_one_line_exit_2_and_leaves_nothing(data, tmp_path, capsys, flags, named,
                                                                     monkeypatch):
-    from gradflow.train import get_args_parser, main
+    from gradflow.cli.train import get_args_parser, main
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     base = ["--model", "resnet20", "--data", str(data), "--no-verify", "--smoke", "--out-dir", str(out),
@@ -221,7 +221,7 @@ PROBE_FLAGS = {
 
 @pytest.mark.parametrize("flags,named", PROBE_FLAGS.values(), ids=PROBE_FLAGS.keys())
 def test_every_bad_probe_flag_is_one_line_exit_2(tmp_path, capsys, flags, named):
-    from gradflow.probe import main
+    from gradflow.cli.probe import main
     assert main(["--model", "resnet20", "--out", str(tmp_path / "p"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err, err
@@ -229,8 +229,8 @@ def test_every_bad_probe_flag_is_one_line_exit_2(tmp_path, capsys, flags, named)
 
 
 def test_the_key_value_parser_is_shared_and_takes_lambda_and_dashes():
-    from gradflow.probing import parse_option
-    from gradflow.train import get_args_parser
+    from gradflow.probe import parse_option
+    from gradflow.cli.train import get_args_parser
     assert gcli.parse_key_value("lambda=0.5") == ("scale", 0.5) == parse_option("lambda=0.5")
     assert gcli.parse_key_value("gate-bias=-6") == ("gate_bias", -6)
     args = get_args_parser().parse_args(["--model-opt", "lambda=0.5", "--model-opt", "scale-branch=True"])
@@ -296,7 +296,7 @@ def test_a_full_disk_mid_append_leaves_whole_lines_status_crashed_and_exit_3(dat
             raise OSError(errno.ENOSPC, "No space left on device", str(self.csv))
         return real_append(self, row)
     monkeypatch.setattr(RunLog, "append", append)
-    from gradflow.train import get_args_parser, main
+    from gradflow.cli.train import get_args_parser, main
     args = get_args_parser().parse_args(["--model", "resnet20", "--data", str(data), "--no-verify",
                                          "--device", "cpu", "--batch-size", "4", "--stop", "8",
                                          "--warmup-iters", "0", "--milestones", "", "--lr", "0.05",
@@ -336,7 +336,7 @@ def test_a_failed_append_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
 def test_a_second_process_is_locked_out_and_told_who_holds_the_folder(data, tmp_path):
     run = train(tiny(data, tmp_path, halt_at=4))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gradflow.training.folder import RunLock; "
+        [sys.executable, "-c", "import sys, time; from gradflow.runs.folder import RunLock; "
          "lk = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(run)],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -433,7 +433,7 @@ def test_an_exception_mid_run_marks_the_status_crashed(data, tmp_path, monkeypat
 # --- 12 and issue 13.4: exit codes, wall time, file modes --------------------------------------------
 
 def test_halt_at_exits_75_and_wall_time_continues_after_resume(data, tmp_path, capsys):
-    from gradflow.train import get_args_parser, main
+    from gradflow.cli.train import get_args_parser, main
     flags = ["--model", "resnet20", "--data", str(data), "--no-verify", "--device", "cpu",
              "--batch-size", "4", "--stop", "8", "--warmup-iters", "0", "--milestones", "",
              "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "4",
@@ -460,7 +460,7 @@ def test_run_files_get_the_users_umask(data, tmp_path):
 
 
 def _signal_run(data, tmp_path, sig, twice=False):
-    cmd = [sys.executable, "-m", "gradflow.train", *train_flags(data, tmp_path, "--probe-every", "1")]
+    cmd = [sys.executable, "-m", "gradflow", "train", *train_flags(data, tmp_path, "--probe-every", "1")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_rows(tmp_path / "run" / "log.jsonl", 3, proc)
     proc.send_signal(sig)
@@ -487,7 +487,7 @@ def test_two_sigterms_exit_143_and_resume_doubles_nothing(data, tmp_path):
     assert not list(run.glob(".*.tmp"))
     reached = max(r["iteration"] for r in read_log(run))
     ckpt = (run / "checkpoint.pt").exists()
-    cmd = [sys.executable, "-m", "gradflow.train", "--resume", str(run), "--stop", str(reached + 2),
+    cmd = [sys.executable, "-m", "gradflow", "train", "--resume", str(run), "--stop", str(reached + 2),
            "--no-progress"]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -515,7 +515,7 @@ def small_filesystem(tmp_path):
 
 
 def test_a_real_full_disk_exits_3_names_enospc_and_keeps_the_last_checkpoint(data, small_filesystem, capsys):
-    from gradflow.train import get_args_parser, main
+    from gradflow.cli.train import get_args_parser, main
     args = get_args_parser().parse_args(
         ["--model", "resnet20", "--data", str(data), "--no-verify", "--device", "cpu", "--batch-size", "4",
          "--stop", "8", "--warmup-iters", "0", "--milestones", "", "--log-every", "2", "--eval-every", "4",
@@ -533,7 +533,7 @@ def test_a_real_full_disk_exits_3_names_enospc_and_keeps_the_last_checkpoint(dat
 
 
 def test_sigkill_between_a_probe_and_the_next_checkpoint_doubles_nothing(data, tmp_path):
-    cmd = [sys.executable, "-m", "gradflow.train",
+    cmd = [sys.executable, "-m", "gradflow", "train",
            *train_flags(data, tmp_path, "--probe-every", "1", "--checkpoint-every", "3")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_rows(tmp_path / "run" / "log.jsonl", 5, proc)  # iterations 1..5: checkpoint at 3, rows after
@@ -541,10 +541,10 @@ def test_sigkill_between_a_probe_and_the_next_checkpoint_doubles_nothing(data, t
     proc.wait()
     run = tmp_path / "run"
     assert status(run)["status"] == "running"  # SIGKILL cannot be recorded...
-    from gradflow.training.folder import holder
+    from gradflow.runs.folder import holder
     assert holder(run) is None                 # ...but nobody holds the folder: it is dead
     reached = max(r["iteration"] for r in read_log(run))
-    cmd = [sys.executable, "-m", "gradflow.train", "--resume", str(run), "--stop", str(reached + 1),
+    cmd = [sys.executable, "-m", "gradflow", "train", "--resume", str(run), "--stop", str(reached + 1),
            "--no-progress"]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

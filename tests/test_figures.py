@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from gradflow.figures import figure_specs, main, table_configs
+from gradflow.cli.figures import figure_specs, main, table_configs
 
 
 def test_every_table_1_and_2_variant_is_in_a_figure():
@@ -22,7 +22,7 @@ def test_cli_writes_figures_and_captions(tmp_path, capsys):
     assert (out / "table2_resnet110_cosine.png").stat().st_size > 0
     assert (out / "table2_resnet110_cosine.svg").stat().st_size > 0
     caption = (out / "table2_resnet110_cosine.txt").read_text()
-    for needle in ("command: python -m gradflow.figures --out", "seed 0, batch 2", "torch:", "hardware:",
+    for needle in ("command: python -m gradflow figures --out", "seed 0, batch 2", "torch:", "hardware:",
                    "create_model('resnet110', unit='full_preact')"):
         assert needle in caption, needle
     assert main(["--list"]) == 0

@@ -19,9 +19,9 @@ import gradflow
 
 ROOT = Path(gradflow.__file__).parent
 # the faces and libraries below or beside the trainer: none may import gradflow.training
-NOT_TRAINING = ["probing", "tracing", "theory", "lesion.py", "pathplots.py", "paths.py", "path_tables.py",
-                "figures.py", "plot.py", "probe.py", "runs.py", "runfolder.py", "checkpoint.py", "parts.py", "io.py",
-                "provenance.py", "cli.py", "data.py", "registry.py"]
+NOT_TRAINING = ["probe", "tracing", "theory", "plot", "runs", "utils", "data", "models", "errors.py",
+                "experiments/lesion.py", "experiments/xiong.py", "cli/args.py", "cli/probe.py", "cli/figures.py",
+                "cli/paths.py", "cli/lesion.py", "cli/xiong.py"]
 
 
 def imported(path: Path) -> list[tuple[int, str]]:
@@ -42,11 +42,11 @@ def imported(path: Path) -> list[tuple[int, str]]:
 
 
 def test_the_scan_sees_relative_and_local_imports():
-    # lesion.py reads checkpoints inside a function, through a relative import: the scan must see it
-    names = {m for _, m in imported(ROOT / "lesion.py")}
-    assert "gradflow.checkpoint.load_checkpoint" in names and "gradflow.errors" in names
+    # the lesion command reads checkpoints inside a function: the scan must see it
+    names = {m for _, m in imported(ROOT / "cli" / "lesion.py")}
+    assert "gradflow.runs.checkpoint.load_checkpoint" in names and "gradflow.errors" in names
     names = {m for _, m in imported(ROOT / "training" / "loop.py")}
-    assert "gradflow.training.steps" in names and "gradflow.checkpoint" in names
+    assert "gradflow.training.steps" in names and "gradflow.runs.checkpoint" in names
 
 
 def test_nothing_below_the_trainer_imports_it():
@@ -71,19 +71,56 @@ def test_tracing_knows_units_by_protocol_and_calls_theory_late():
            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
                name.startswith("gradflow.theory") for line, name in imported(f) if line == node.lineno)]
     assert not top, top
-    assert not [n for _, n in imported(ROOT / "registry.py") if n.startswith("gradflow.models")]
+    assert not [n for _, n in imported(ROOT / "models" / "registry.py") if n.startswith("gradflow.models.")]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_at_module_level():
+    # imports run when a module loads (not those inside functions) form no cycle: every module can be
+    # imported first, and a reader finds a module's dependencies below it
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    graph = {}
+    for f in files:
+        me = _module_name(f)
+        deps = set()
+        top = {n.lineno for n in ast.parse(f.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for line, name in imported(f):
+            if line in top and name in modules and name != me and not me.startswith(name + "."):
+                deps.add(name)
+        graph[me] = deps
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)
+
 
 def test_probe_lesion_and_figures_read_a_checkpoint_without_the_trainer(tmp_path):
-    from gradflow.training.checkpoint import save_checkpoint
+    from gradflow.runs.checkpoint import save_checkpoint
     torch.manual_seed(0)
     model = gradflow.create_model("resnet20", unit="original")
     save_checkpoint(tmp_path / "checkpoint.pt", {"model": "resnet20", "options": {"unit": "original"},
                                         "model_state": model.state_dict()})
     code = (
         "import sys, torch, gradflow\n"
-        "import gradflow.probing.run, gradflow.lesion, gradflow.pathplots, gradflow.figures, gradflow.plot\n"
-        "import gradflow.paths, gradflow.theory, gradflow.tracing, gradflow.probe, gradflow.runs\n"
-        "from gradflow.probing import build_model\n"
+        "import gradflow.probe.run, gradflow.experiments.lesion, gradflow.cli.paths, gradflow.cli.figures, gradflow.plot\n"
+        "import gradflow.tracing.paths.components, gradflow.theory, gradflow.tracing, gradflow.cli.probe, gradflow.runs.read\n"
+        "from gradflow.probe import build_model\n"
         f"built = build_model('resnet1001', {{}}, 0, checkpoint={str(tmp_path / 'checkpoint.pt')!r})\n"
         f"model, info = gradflow.load_checkpoint({str(tmp_path)!r})\n"
         "total = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))\n"
@@ -98,18 +135,17 @@ def test_probe_lesion_and_figures_read_a_checkpoint_without_the_trainer(tmp_path
 
 
 def test_the_trainer_reexports_the_one_reader():
-    from gradflow import checkpoint, training
-    from gradflow.training import checkpoint as written
-    assert training.load_checkpoint is checkpoint.load_checkpoint is gradflow.load_checkpoint
-    assert written.read_checkpoint is checkpoint.read_checkpoint and written.FORMAT == checkpoint.FORMAT
+    from gradflow import runs, training
+    from gradflow.runs import checkpoint
+    assert training.load_checkpoint is checkpoint.load_checkpoint is gradflow.load_checkpoint is runs.load_checkpoint
 
 
 def test_the_table_reader_and_the_trainer_read_one_log_format(tmp_path):
     # a run still writing: two whole rows, then half a line; both readers keep the two rows, and say so
     import json
 
-    from gradflow.runs import read_log_table
-    from gradflow.training.runlog import read_log
+    from gradflow.runs.read import read_log_table
+    from gradflow.runs.log import read_log
     rows = [dict(iteration=10, train_loss=2.25, test_error=None), dict(iteration=20, train_loss=1.5, test_error=0.5)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3')
     with pytest.warns(UserWarning, match="half-written last line"):

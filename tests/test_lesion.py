@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradflow
-from gradflow.lesion import (error_rate, kendall_tau, lesion_study, plain_blocks, removed, reordered,
+from gradflow.experiments.lesion import (error_rate, kendall_tau, lesion_study, plain_blocks, removed, reordered,
                              residual_blocks, swap_pairs)
 
 
@@ -97,7 +97,7 @@ def test_study_tables_residual_and_plain():
 def test_swaps_stay_within_a_stage_and_shape():
     m = gradflow.create_model("resnet20", width=0.25).eval()
     blocks = residual_blocks(m)
-    from gradflow.lesion import _shapes
+    from gradflow.experiments.lesion import _shapes
     _shapes(m, blocks, images(2))
     pairs = swap_pairs(blocks)
     assert pairs and all(blocks[a].stage == blocks[b].stage and a not in (3, 6) and b not in (3, 6)
@@ -108,13 +108,13 @@ def test_swaps_stay_within_a_stage_and_shape():
 
 def _run(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")     # a tiny net: threads would only contend
-    return subprocess.run([sys.executable, "-m", "gradflow.lesion", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gradflow", "lesion", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300, env=env)
 
 
 def test_cli_end_to_end_and_bad_input(tmp_path):
-    from gradflow.data import synthetic_cifar
-    from gradflow.training.checkpoint import save_checkpoint
+    from gradflow.data.cifar import synthetic_cifar
+    from gradflow.runs.checkpoint import save_checkpoint
     torch.manual_seed(0)
     m = gradflow.create_model("resnet20", width=0.25, num_classes=10)
     run = tmp_path / "run"
@@ -136,8 +136,8 @@ def test_cli_end_to_end_and_bad_input(tmp_path):
                                         (["--checkpoint", "NOPE"], "no checkpoint"),
                                         (["--data", "NODATA"], "--data")])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, words):
-    from gradflow.lesion import main
-    from gradflow.training.checkpoint import save_checkpoint
+    from gradflow.cli.lesion import main
+    from gradflow.runs.checkpoint import save_checkpoint
     m = gradflow.create_model("resnet20", width=0.25)
     save_checkpoint(tmp_path / "c.pt", dict(model="resnet20", options=dict(width=0.25), model_state=m.state_dict(),
                                            config=dict(dataset="cifar10")))
@@ -146,7 +146,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, words):
         base[k] = str(tmp_path / v) if v.isupper() else v
     assert main([a for kv in base.items() for a in kv] + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gradflow.lesion: error:") and words in err
+    assert err.startswith("gradflow.experiments.lesion: error:") and words in err
 
 
 def test_torchvision_and_timm_blocks_lose_their_branches():

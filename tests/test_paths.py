@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 import gradflow
 from gradflow.models.units import ScaledSum
-from gradflow.parts import Parts
-from gradflow.paths import effective_range, path_components, path_counts, sample_paths
-from gradflow.tracing.paths import PathCarrier
+from gradflow.tracing.parts import Parts
+from gradflow.theory.paths import effective_range, path_counts
+from gradflow.tracing.paths import path_components, sample_paths
+from gradflow.tracing.paths.carrier import PathCarrier
 from tracing_helpers import unit_inputs_and_grads, zoo_direct, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
 
 
@@ -245,7 +246,7 @@ def test_transformer_units_split_and_close(name):
         pytest.skip(f"{name} is not in this zoo")
     torch.manual_seed(0)
     m = gradflow.create_model(name).double()
-    inp = gradflow.registry.model_inputs(name)
+    inp = gradflow.models.registry.model_inputs(name)
     x = torch.randint(0, inp["vocab_size"], (2, 16)) if inp["kind"] == "tokens" else batch(2, dtype=torch.float64)[0]
     res = path_components(m, x, loss_fn=lambda out: (out[0] if isinstance(out, tuple) else out).pow(2).mean(),
                           max_len=2)
@@ -289,8 +290,8 @@ def test_trace_paths_during_a_real_backward(kw, max_len):
 def test_probe_reports_the_effective_path_range(tmp_path, capsys):
     """python -m gradflow.probe --paths: the range in the report is the one the exact split gives on the
     probe's own synthetic batch."""
-    from gradflow.probe import main
-    from gradflow.probing.inputs import synthetic
+    from gradflow.cli.probe import main
+    from gradflow.probe.inputs import synthetic
     out = tmp_path / "p"
     assert main(["--model", "resnet20", "--batch-size", "4", "--paths", "--out", str(out), "--no-progress",
                  "--device", "cpu"]) == 0

@@ -1,5 +1,5 @@
 """The fast route of the path split (all components through a unit in one product per graph node,
-from saved tensors: gradflow/tracing/paths_vjp.py) against the autograd route and plain autograd."""
+from saved tensors: gradflow/tracing/paths/vjp.py) against the autograd route and plain autograd."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,9 +7,9 @@ from torch.autograd.graph import get_gradient_edge
 
 import gradflow
 from gradflow.models.resnet import cifar_resnet
-from gradflow.paths import path_components, record
-from gradflow.tracing.paths import PathCarrier
-from gradflow.tracing.paths_vjp import compile_vjp
+from gradflow.tracing.paths.components import path_components, record
+from gradflow.tracing.paths.carrier import PathCarrier
+from gradflow.tracing.paths.vjp import compile_vjp
 from tracing_helpers import unit_inputs_and_grads, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
 
 

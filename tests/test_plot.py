@@ -16,8 +16,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import gradflow  # noqa: E402
 from gradflow import plot  # noqa: E402
-from gradflow.figures import Config, trace_at_init  # noqa: E402
-from gradflow.runs import read_run, read_runs, logs  # noqa: E402
+from gradflow.cli.figures import Config, trace_at_init  # noqa: E402
+from gradflow.runs.read import read_run, read_runs, logs  # noqa: E402
 from gradflow.theory import predict_direct  # noqa: E402
 
 
@@ -214,7 +214,7 @@ def test_shape_lines_sit_between_the_projection_unit_and_the_next(traced):
 
 def test_shape_lines_of_a_torchvision_resnet():
     torchvision = pytest.importorskip("torchvision")
-    from gradflow.probing import synthetic, trace_once
+    from gradflow.probe import synthetic, trace_once
     model = torchvision.models.resnet18(num_classes=10)
     units = trace_once(model, synthetic(2, 1, 32, seed=0)).units
     blocks = [m for m in model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]

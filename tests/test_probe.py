@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import gradflow
-from gradflow.probing import ProbeConfig, build_model, parse_compare, run_probe, synthetic
+from gradflow.probe import ProbeConfig, build_model, parse_compare, run_probe, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -113,15 +113,15 @@ def test_table1_in_process_every_variant_predicted_or_said_so():
     cfg = ProbeConfig(model="resnet20", batch_size=4, compare=parse_compare(["table1"]), progress=False)
     res = run_probe(cfg)
     assert len(res.variants) == 10
-    from gradflow.probing.report import verdicts
+    from gradflow.probe.report import verdicts
     for label, v in res.variants.items():
         text = verdicts(v.summary, v.units)["direct"]
         assert "departs" not in text, (label, text)
 
 
 def test_cli_data_and_checkpoint(tmp_path):
-    from gradflow.data import synthetic_cifar
-    from gradflow.training.checkpoint import save_checkpoint
+    from gradflow.data.cifar import synthetic_cifar
+    from gradflow.runs.checkpoint import save_checkpoint
     synthetic_cifar(tmp_path / "cifar", n_train=10, n_test=40)
     torch.manual_seed(1)
     model = gradflow.create_model("resnet20", unit="original")
@@ -191,7 +191,7 @@ def _check(case, want, code, out, err):
     lines = err.strip().splitlines()
     assert code == 2, (case, err)
     assert "Traceback" not in err and len(lines) == 1, (case, err)
-    assert lines[0].startswith("gradflow.probe: error:") and want in lines[0], (case, lines)
+    assert lines[0].startswith("gradflow probe: error:") and want in lines[0], (case, lines)
     assert out == "", (case, out)
 
 
@@ -209,7 +209,7 @@ def test_bad_input_subprocess_one_line_exit_2(bad_files):
 
 @pytest.mark.parametrize("case", list(BAD_IN_PROCESS))
 def test_bad_input_in_process(case, bad_files, capsys):
-    from gradflow.probe import main
+    from gradflow.cli.probe import main
     args, want = BAD_IN_PROCESS[case]
     code = main(["--no-progress", *_args(args, bad_files)])
     cap = capsys.readouterr()
@@ -219,7 +219,7 @@ def test_bad_input_in_process(case, bad_files, capsys):
 # --- the report's words (issue 14): the finding first, no verdict that holds by construction -------
 
 def _report(cfg: ProbeConfig):
-    from gradflow.probing import format_report, report_dict
+    from gradflow.probe import format_report, report_dict
     res = run_probe(cfg)
     rep = report_dict(res)
     return res, rep, format_report(rep)
@@ -275,9 +275,9 @@ def test_report_post_activation_and_lambda_and_gate_verdicts_are_claims():
 
 
 def test_report_without_a_split_says_so_and_nothing_about_cancelling():
-    from gradflow.probing import trace_once
-    from gradflow.probing.report import format_report, variant_report
-    from gradflow.probing.run import VariantResult
+    from gradflow.probe import trace_once
+    from gradflow.probe.report import format_report, variant_report
+    from gradflow.probe.run import VariantResult
     built = build_model("resnet20", {}, seed=0)
     traced = trace_once(built.module, synthetic(4, 1, 32, seed=0), seed=0, split=False)
     units = traced.units
@@ -315,9 +315,9 @@ class _MLP(torch.nn.Module):
 
 
 def test_report_fx_found_units_speak_only_of_what_was_recorded():
-    from gradflow.probing import trace_once
-    from gradflow.probing.report import format_report, variant_report
-    from gradflow.probing.run import VariantResult
+    from gradflow.probe import trace_once
+    from gradflow.probe.report import format_report, variant_report
+    from gradflow.probe.run import VariantResult
     torch.manual_seed(0)
     traced = trace_once(_MLP(), synthetic(4, 1, 8, seed=0), seed=0)
     units = traced.units
@@ -349,7 +349,7 @@ def test_report_third_party_resnets_are_not_labelled_eq5():
 # --- the probe leaves the caller's model as it found it; releases variants; records what it probed ---
 
 def test_probe_model_restores_the_callers_model():
-    from gradflow.probing.run import probe_model
+    from gradflow.probe.run import probe_model
     built = build_model("resnet20", dict(shortcut="dropout"), seed=0)
     model = built.module
     model.eval()
@@ -374,7 +374,7 @@ def test_probe_model_restores_the_callers_model():
 def test_compare_releases_each_variant_before_building_the_next(monkeypatch):
     import gc
     import weakref
-    import gradflow.probing.run as run
+    import gradflow.probe.run as run
     refs, alive_at_build = [], []
     real = run.build_model
 
@@ -395,8 +395,8 @@ def test_compare_releases_each_variant_before_building_the_next(monkeypatch):
 
 
 def test_checkpoint_probe_records_the_probed_model_and_real_timings(tmp_path):
-    from gradflow.probing import report_dict, write_outputs
-    from gradflow.training.checkpoint import save_checkpoint
+    from gradflow.probe import report_dict, write_outputs
+    from gradflow.runs.checkpoint import save_checkpoint
     model = gradflow.create_model("resnet32", unit="original")
     save_checkpoint(tmp_path / "c.pt", {"model": "resnet32", "options": {"unit": "original"},
                                         "model_state": model.state_dict()})
@@ -410,7 +410,7 @@ def test_checkpoint_probe_records_the_probed_model_and_real_timings(tmp_path):
 
 
 def test_figures_trace_the_probes_network_and_batch():
-    from gradflow.figures import Config, trace_at_init
+    from gradflow.cli.figures import Config, trace_at_init
     units, _ = trace_at_init(Config("x", "resnet20", (("unit", "original"),)), 4, 5)
     res = run_probe(ProbeConfig(model="resnet20", options=dict(unit="original"), batch_size=4, seed=5,
                                 progress=False))
@@ -420,7 +420,7 @@ def test_figures_trace_the_probes_network_and_batch():
 
 def test_compare_sets_come_from_the_one_paper_table():
     from gradflow.models.paper import paper_rows
-    from gradflow.figures import table_configs
+    from gradflow.cli.figures import table_configs
     t1 = parse_compare(["table1"])
     rows = [r for r in paper_rows("1") if not r.sweep]
     assert list(t1) == [r.label for r in rows] and len(t1) == 10

@@ -314,7 +314,7 @@ def test_a_written_step_leaves_no_reference_cycle(split):
     few steps); gc.DEBUG_SAVEALL keeps what a collection would free, to look at it.
     """
     import gc
-    from gradflow.tracing.steps import Call, Micro
+    from gradflow.tracing.records import Call, Micro
     m = model()
     x, y = data()
     with gradflow.trace(m, split=split, history=1) as tr:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradflow
-from gradflow.parts import Block, Parts
+from gradflow.tracing.parts import Block, Parts
 from tracing_helpers import ResMLP, TwoAddBlock, grads_at_inputs, per_sample_norm
 
 
@@ -199,7 +199,7 @@ class TwoUnitModule(nn.Module):
         return Block(("first", "second"), forward)
 
     def forward(self, x, bias=0.0):
-        from gradflow.parts import PLAIN
+        from gradflow.tracing.parts import PLAIN
         return self.parts().forward(PLAIN, x, bias=bias)
 
 
@@ -359,7 +359,7 @@ def test_user_quantities_forward_and_backward():
 def test_zoo_forward_is_its_parts_so_only_other_forwards_are_checked():
     from gradflow.errors import GradflowError
     from gradflow.models.units import ResidualUnit
-    from gradflow.parts import forward_runs_parts, run_parts
+    from gradflow.tracing.parts import forward_runs_parts, run_parts
 
     m = gradflow.create_model("resnet20")
     unit = m.units()[0]

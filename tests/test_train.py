@@ -7,12 +7,12 @@ import torch
 
 import gradflow
 from gradflow import GradflowError
-from gradflow.data import synthetic_cifar
+from gradflow.data.cifar import synthetic_cifar
 from gradflow.models import SHORTCUT_TYPES, UNIT_TYPES
-from gradflow.train import get_args_parser, main
+from gradflow.cli.train import get_args_parser, main
 from gradflow.training import (RECIPES, TrainingDiverged, get_preset, presets, resolve, resume_config,
                                save_checkpoint, schedule, train)
-from gradflow.training.runlog import COLUMNS, TIMING, read_log
+from gradflow.runs.log import COLUMNS, TIMING, read_log
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_auto_precision_follows_the_hardware_and_says_so(data, tmp_path, capsys,
     assert seen == ({torch.bfloat16} if native else {torch.float32})
     assert json.loads((run / "config.json").read_text())["precision"] == want
     assert f"precision: {want} (--amp auto: cpu with" in capsys.readouterr().err
-    from gradflow.runs import read_run
+    from gradflow.runs.read import read_run
     assert read_run(run).device == f"cpu ({want})"
 
 
@@ -194,7 +194,7 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys, flags, named):
             "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
     assert main(get_args_parser().parse_args(base + flags)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("gradflow.train: error:") and named in err
+    assert err.count("\n") == 1 and err.startswith("gradflow train: error:") and named in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -274,7 +274,7 @@ def test_evaluation_in_any_batch_size_is_the_whole_test_set(data):
     """evaluate() in small batches equals cross-entropy and error over the whole test set at once."""
     import torch.nn.functional as F
     from contextlib import nullcontext
-    from gradflow.data import DeviceCifar, load_cifar, normalise
+    from gradflow.data.cifar import DeviceCifar, load_cifar, normalise
     from gradflow.training.distributed import Dist
     from gradflow.training.steps import evaluate
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gradflow.data import synthetic_cifar
-from gradflow.training.runlog import read_log
+from gradflow.data.cifar import synthetic_cifar
+from gradflow.runs.log import read_log
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 
@@ -27,7 +27,7 @@ def _flags(data, out, *extra):
 
 
 def test_torchrun_two_processes_train_and_write_one_set_of_logs(data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradflow.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradflow", "train",
            *_flags(data, tmp_path, "--stop", "20", "--lr", "0.05", "--warmup-iters", "0",
                    "--milestones", "", "--eval-every", "20")]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
@@ -45,7 +45,7 @@ def test_torchrun_two_processes_train_and_write_one_set_of_logs(data, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(data, tmp_path):
-    cmd = [sys.executable, "-m", "gradflow.train",
+    cmd = [sys.executable, "-m", "gradflow", "train",
            *_flags(data, tmp_path, "--stop", "100000", "--log-every", "2", "--checkpoint-every", "1000")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "log.jsonl"
@@ -60,7 +60,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(data, tmp_path):
     assert status["status"] == "interrupted" and status["iteration"] >= 4
 
     step = status["iteration"]
-    cmd = [sys.executable, "-m", "gradflow.train", "--resume", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "gradflow", "train", "--resume", str(tmp_path / "run"),
            "--halt-at", str(step + 3), "--no-progress"]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 75, out.stderr[-3000:]  # stopped by --halt-at

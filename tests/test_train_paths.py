@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradflow.data import synthetic_cifar
+from gradflow.data.cifar import synthetic_cifar
 from gradflow.errors import GradflowError
-from gradflow.runs import read_run
+from gradflow.runs.read import read_run
 from gradflow.training import resolve, resume_config, run_training
 
 
@@ -68,7 +68,7 @@ def test_probe_paths_needs_probe_every(data, tmp_path):
 
 
 def test_pathplots_draws_a_run(whole, tmp_path, capsys):
-    from gradflow.pathplots import main
+    from gradflow.cli.paths import main
     assert main(["--run", str(whole.path), "--out", str(tmp_path)]) == 0
     caption = (tmp_path / "paths_over_training_run.txt").read_text()
     assert "iterations 0, 3, 6; k up to 2 apart" in caption

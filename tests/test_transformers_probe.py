@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradflow.probe import main
-from gradflow.probing import ProbeConfig, build_model, run_probe
-from gradflow.probing.inputs import synthetic_tokens
+from gradflow.cli.probe import main
+from gradflow.probe import ProbeConfig, build_model, run_probe
+from gradflow.probe.inputs import synthetic_tokens
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_timm_vit_takes_the_image_size():
 def test_bad_transformer_input_is_one_line_exit_2(argv, want, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "out"), "--batch-size", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("gradflow.probe: error:") and want in err[0], err
+    assert len(err) == 1 and err[0].startswith("gradflow probe: error:") and want in err[0], err
 
 
 def test_cli_compares_transformer_units_on_tokens(tmp_path):

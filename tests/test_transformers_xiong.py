@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import gradflow
 from gradflow.models import GPT, TransformerSpec
-from gradflow.models.transformer_xiong import (fit_exponent, last_layer_grad_norm, main, xiong_ratio,
-                                               xiong_sweep)
+from gradflow.cli.xiong import main
+from gradflow.experiments.xiong import fit_exponent, last_layer_grad_norm, xiong_ratio, xiong_sweep
 
 SMALL = dict(d_model=32, n_head=2, seq_len=16, batch=4)
 
@@ -65,7 +65,7 @@ def test_cli_writes_figure_caption_and_table(tmp_path):
     assert main(["--out", str(tmp_path), "--depths", "1,2", "--seeds", "0", "--d-model", "16",
                  "--n-head", "2", "--seq-len", "8", "--batch", "2"]) == 0
     caption = (tmp_path / "xiong_post_vs_pre_ln.txt").read_text()
-    for needed in ("command: python -m gradflow.models.transformer_xiong --out", "seeds [0]",
+    for needed in ("command: python -m gradflow xiong --out", "seeds [0]",
                    "git commit", "hardware:", "torch:"):
         assert needed in caption
     assert (tmp_path / "xiong_post_vs_pre_ln.png").stat().st_size > 1000

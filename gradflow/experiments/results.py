@@ -9,10 +9,10 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from ..io import atomic_write_text
-from ..runs import Run, read_run
-from .plan import Row, RunSpec, Scale
-from .runner import check_folder, run_state
+from gradflow.utils.io import atomic_write_text
+from gradflow.runs.read import Run, read_run
+from gradflow.experiments.planning import Row, RunSpec, Scale
+from gradflow.experiments.runner import check_folder, run_state
 
 COLUMNS = ("row", "model", "options", "dataset", "scale", "width", "iterations", "paper_error",
            "seeds_planned", "seeds_finished", "median_error", "min_error", "max_error", "spread",
@@ -136,8 +136,8 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
     """
     import matplotlib
     matplotlib.use("Agg")
-    from .. import plot
-    from ..figures import _save
+    from gradflow import plot
+    from gradflow.cli.figures import _save
     runs = curve_runs(rows, specs)
     written: list[Path] = []
     if not runs:

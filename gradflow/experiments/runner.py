@@ -1,6 +1,6 @@
 """Running an experiment's runs: skip finished ones, resume interrupted ones, one run per device slot.
 
-Each run is a ``python -m gradflow.train`` process (its own CUDA device through
+Each run is a ``python -m gradflow train`` process (its own CUDA device through
 ``CUDA_VISIBLE_DEVICES``, or its share of the CPU), so a crash or an out-of-memory
 in one run never takes the others down, and the same command can go to a
 cluster scheduler instead (``--print-commands``). A run's state is read from
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import GradflowError
-from .plan import RunSpec, Scale, resume_args, train_args, train_command
+from gradflow.errors import GradflowError
+from gradflow.experiments.planning import RunSpec, Scale, resume_args, train_args, train_command
 
 FINISHED = ("ok", "fail", "diverged")   # status.json states that end a run
 
@@ -64,7 +64,7 @@ def check_folder(spec: RunSpec, scale: Scale) -> None:
 
 def command_for(spec: RunSpec, scale: Scale, data: str, verify: bool,
                 device: Optional[str] = None) -> Optional[list[str]]:
-    """The gradflow.train command that brings ``spec`` to its end (None if it is finished)."""
+    """The gradflow train command that brings ``spec`` to its end (None if it is finished)."""
     check_folder(spec, scale)
     state = run_state(spec.folder)
     if state == "finished":

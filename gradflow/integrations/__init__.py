@@ -21,7 +21,7 @@ def innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
             continue
         break
     if not isinstance(opt, torch.optim.Optimizer):
-        from ..errors import GradflowError
+        from gradflow.errors import GradflowError
         raise GradflowError(f"cannot find the torch optimizer inside {type(opt).__name__}: "
                             "trace the model yourself with gradflow.trace(model, optimizer=...)")
     return opt

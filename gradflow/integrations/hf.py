@@ -27,8 +27,8 @@ try:
 except ImportError as e:
     raise ImportError("gradflow.integrations.hf needs transformers: pip install 'gradflow[hf]'") from e
 
-from ..tracing import CSVSink, Tracer
-from . import innermost_optimizer
+from gradflow.tracing import CSVSink, Tracer
+from gradflow.integrations import innermost_optimizer
 
 
 class GradflowTrainerCallback(TrainerCallback):

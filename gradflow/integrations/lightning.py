@@ -27,8 +27,8 @@ except ImportError:  # pragma: no cover - the older package name
         raise ImportError("gradflow.integrations.lightning needs PyTorch Lightning: "
                           "pip install 'gradflow[lightning]'") from e
 
-from ..tracing import CSVSink, TensorBoardSink, Tracer
-from . import innermost_optimizer
+from gradflow.tracing import CSVSink, TensorBoardSink, Tracer
+from gradflow.integrations import innermost_optimizer
 
 
 class GradflowCallback(pl.Callback):

@@ -2,7 +2,7 @@
 
 Every other list of the paper's variants derives from :data:`ROWS`: the
 trainer's presets (``table1-scale-0.5`` ...), the probe's ``--compare table1`` /
-``table2`` sets and the figures of ``python -m gradflow.figures``. A row is a
+``table2`` sets and the figures of ``python -m gradflow figures``. A row is a
 registered model, its ``create_model`` options and the test error the paper
 reports for it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import GradflowError, unknown
+from gradflow.errors import GradflowError, unknown
 
 
 @dataclass(frozen=True)

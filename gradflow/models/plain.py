@@ -4,7 +4,7 @@ He et al. 2015's plain nets: the same stem, stages, widths and head as the
 ``original``-unit ResNets, each two-conv block x -> ReLU(BN(conv(ReLU(BN(conv(x))))))
 without a shortcut. ``plain20`` ... ``plain110`` have 6n + 2 layers like
 ``resnet20`` ... ``resnet110``. Veit et al. 2016 delete a layer of VGG to show
-that a plain network does not survive a lesion; ``gradflow.lesion`` deletes a
+that a plain network does not survive a lesion; ``gradflow.experiments.lesion`` deletes a
 block (replaces it by the identity) where its input and output shapes agree.
 
 The blocks have no ``parts()``: tracing does not take them for residual units.
@@ -16,9 +16,9 @@ import math
 import torch.nn as nn
 from torch import Tensor
 
-from ..registry import register_model
-from .resnet import _units_for_depth, scaled_width
-from .units import conv3x3
+from gradflow.models.registry import register_model
+from gradflow.models.resnet import _units_for_depth, scaled_width
+from gradflow.models.units import conv3x3
 
 
 class PlainBlock(nn.Module):

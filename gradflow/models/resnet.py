@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import GradflowError
-from ..registry import register_model
-from .units import PREACT_TYPES, ResidualUnit, UnitSpec, conv3x3, unit_options, unit_spec
+from gradflow.errors import GradflowError
+from gradflow.models.registry import register_model
+from gradflow.models.units import PREACT_TYPES, ResidualUnit, UnitSpec, conv3x3, unit_options, unit_spec
 
 
 class CifarResNet(nn.Module):

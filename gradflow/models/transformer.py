@@ -27,7 +27,7 @@ Theorem 1 gradflow checks) or ``"gpt2"`` (N(0, 0.02), residual projections
 ``out_proj``/``fc2`` at 0.02/sqrt(2N), as nanoGPT).
 
 Units follow the zoo's protocol (``parts()``, ``stage``, ``spec``,
-``shortcut_scalar()``) and run through :func:`gradflow.parts.run_parts`, so the
+``shortcut_scalar()``) and run through :func:`gradflow.tracing.parts.run_parts`, so the
 tracer finds and splits them. The whole stack is one stage: x_l keeps its shape.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import GradflowError
-from ..parts import Parts, as_fn, run_parts
+from gradflow.errors import GradflowError
+from gradflow.tracing.parts import Parts, as_fn, run_parts
 
 TRANSFORMER_UNITS = ("pre_ln", "post_ln", "deepnorm", "rezero", "skipinit")
 TRANSFORMER_SHORTCUTS = ("identity", "scale")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import GradflowError, unknown
+from gradflow.errors import GradflowError, unknown
 
 # (heads field, width field) pairs across config classes
 _HEADS = (("n_head", "n_embd"), ("num_attention_heads", "hidden_size"))

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..registry import register_model
-from .transformer import GPT, ViT, TransformerSpec
+from gradflow.models.registry import register_model
+from gradflow.models.transformer import GPT, ViT, TransformerSpec
 
 # The unit options every transformer takes (TransformerSpec's fields).
 UNIT_OPTIONS = dict(unit="pre_ln", shortcut="identity", scale=0.5, scale_branch=False, skip_init=0.0,

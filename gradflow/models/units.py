@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import GradflowError
-from ..parts import Parts, as_fn, run_parts
+from gradflow.errors import GradflowError
+from gradflow.tracing.parts import Parts, as_fn, run_parts
 
 UNIT_TYPES = ("original", "bn_after_addition", "relu_before_addition",
               "relu_only_preact", "full_preact")

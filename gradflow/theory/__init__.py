@@ -6,9 +6,9 @@ by input shape every fit and figure uses; ``summary``: the network-level summary
 (``Tracer.summary()``); ``jacobian``: matrix-free Jacobian spectra (imported
 where used: it needs autograd, not tables).
 """
-from .fits import Fit, decay_rate, fit_slope, shape_groups, variance_growth
-from .predict import predict_direct, predicted_rate
-from .summary import per_unit, summarize
+from gradflow.theory.fits import Fit, decay_rate, fit_slope, shape_groups, variance_growth
+from gradflow.theory.predict import predict_direct, predicted_rate
+from gradflow.theory.summary import per_unit, summarize
 
 __all__ = ["summarize", "predict_direct", "predicted_rate", "decay_rate", "variance_growth",
            "fit_slope", "shape_groups", "per_unit", "Fit"]

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .fits import decay_rate, variance_growth
-from .predict import predict_direct, predicted_rate
+from gradflow.theory.fits import decay_rate, variance_growth
+from gradflow.theory.predict import predict_direct, predicted_rate
 
 
 def summarize(units: pd.DataFrame, tol: float = 0.05) -> dict:

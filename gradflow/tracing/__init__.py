@@ -1,14 +1,20 @@
-"""Hook-based instrumentation of residual networks: find units, record, split, stream."""
-from .discover import UnitInfo, find_units
-from .listing import UnitList, units
-from .quantities import (Backward, Forward, Quantity, Weights, Signal, Branches, Gradient, Split,
-                         WeightGradNorm, UpdateRatio, Spectra, PRESETS)
-from .recorder import Tracer, trace
-from .schedule import Schedule, at, every, log_spaced
-from .sinks import CSVSink, FunctionSink, JSONLSink, Sink, TensorBoardSink
-from .tables import QUANTITIES
+"""Hook-based instrumentation of residual networks: find units, record, split, stream.
 
-__all__ = ["trace", "Tracer", "find_units", "units", "UnitInfo", "UnitList", "Schedule", "every",
-           "log_spaced", "at", "QUANTITIES", "Quantity", "Forward", "Backward", "Weights", "Signal",
-           "Branches", "Gradient", "Split", "WeightGradNorm", "UpdateRatio", "Spectra", "PRESETS",
-           "Sink", "CSVSink", "FunctionSink", "JSONLSink", "TensorBoardSink"]
+The unit protocol (:mod:`gradflow.tracing.parts`), finding units (``discover``, ``fxgraph``,
+``adapters``), the recorder (``recorder``, ``records``, ``writer``, ``tables``, ``carry``), the
+quantities and schedules, sinks, Jacobian spectra, and the path-length split (``paths/``).
+Names are imported on first use, so that the model zoo can import the unit protocol cheaply.
+"""
+from gradflow.utils.lazy import lazy_exports
+
+_EXPORTS = {
+    "UnitInfo": "discover", "find_units": "discover", "UnitList": "listing", "units": "listing",
+    **{n: "quantities" for n in ("Backward", "Forward", "Quantity", "Weights", "Signal", "Branches", "Gradient",
+                                 "Split", "WeightGradNorm", "UpdateRatio", "Spectra", "PRESETS")},
+    "Tracer": "recorder", "trace": "recorder",
+    **{n: "schedule" for n in ("Schedule", "at", "every", "log_spaced")},
+    **{n: "sinks" for n in ("CSVSink", "FunctionSink", "JSONLSink", "Sink", "TensorBoardSink")},
+    "QUANTITIES": "tables",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

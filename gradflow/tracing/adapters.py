@@ -1,7 +1,7 @@
 """Adapters: the parts of third-party residual blocks, found by class.
 
-Each adapter re-expresses a block's ``forward`` as :class:`~gradflow.parts.Parts`
-(one residual unit) or a :class:`~gradflow.parts.Block` (several units run in
+Each adapter re-expresses a block's ``forward`` as :class:`~gradflow.tracing.parts.Parts`
+(one residual unit) or a :class:`~gradflow.tracing.parts.Block` (several units run in
 sequence, e.g. a transformer block's attention and MLP units), calling the
 block's own submodules in the block's own order, so the traced forward computes
 the same numbers (the tracer checks this on the first call of every unit) while
@@ -13,7 +13,7 @@ Writing an adapter
 ------------------
 An adapter is ``factory(module) -> Parts | Block``, registered for a class::
 
-    from gradflow.parts import Block, Parts
+    from gradflow.tracing.parts import Block, Parts
     from gradflow.tracing.adapters import register_adapter
 
     def gpt2_block(m):
@@ -59,7 +59,7 @@ from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
-from ..parts import Block, Parts, as_fn
+from gradflow.tracing.parts import Block, Parts, as_fn
 
 
 def out_of_place(act: Optional[nn.Module]) -> Optional[nn.Module]:

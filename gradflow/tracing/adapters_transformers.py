@@ -38,8 +38,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..parts import Block, Parts, as_fn
-from .adapters import register_adapter
+from gradflow.tracing.parts import Block, Parts, as_fn
+from gradflow.tracing.adapters import register_adapter
 
 # --- timm ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .steps import Call
+from gradflow.tracing.records import Call
 
 
 class DirectCarrier:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import GradflowError
+from gradflow.errors import GradflowError
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Finding the residual units of a network.
 
 Order of preference: modules that follow the unit protocol (a ``parts()``
-method and a ``stage``: gradflow's own units, see :mod:`gradflow.parts`) and
+method and a ``stage``: gradflow's own units, see :mod:`gradflow.tracing.parts`) and
 blocks with a registered adapter (torchvision, timm, ...), found by class;
 units the user declares (a name pattern or a list of modules, optionally with
 their parts); and, for any other network whose code torch.fx can trace, the
@@ -10,7 +10,7 @@ graph (:mod:`gradflow.tracing.fxgraph`).
 
 One module may hold several units (a transformer block: attention, then MLP);
 each is a :class:`UnitInfo` of its own, named ``<module>.<slot>``, sharing the
-module's :class:`~gradflow.parts.Block`.
+module's :class:`~gradflow.tracing.parts.Block`.
 
 Stages: a unit that knows its stage (the zoo's) keeps it. Otherwise stages are
 first guessed from names (``layer3.1`` -> 2, ``stages.1.blocks.0`` -> 1, else a
@@ -26,10 +26,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from ..errors import GradflowError
-from ..parts import Block, Parts, as_block, as_fn, is_residual_module
-from .adapters import adapter_for, out_of_place
-from .fxgraph import fx_block, residual_module_paths
+from gradflow.errors import GradflowError
+from gradflow.tracing.parts import Block, Parts, as_block, as_fn, is_residual_module
+from gradflow.tracing.adapters import adapter_for, out_of_place
+from gradflow.tracing.fxgraph import fx_block, residual_module_paths
 
 PartsSpec = Union[None, dict, Callable[[nn.Module], Union[Parts, Block]]]
 UnitsSpec = Union[None, str, Sequence[nn.Module]]
@@ -41,7 +41,7 @@ class UnitInfo:
 
     ``parts`` is None for units known only by their module's input and output
     (then the direct/residual split is not available for them, and ``note``
-    says why); else it returns the module's :class:`~gradflow.parts.Block`, of
+    says why); else it returns the module's :class:`~gradflow.tracing.parts.Block`, of
     which this unit is number ``slot``. ``scalar_coef`` is the closed-form
     coefficient of h (1 for a plain sum, lambda for constant scaling) or None
     where it depends on the data. ``found``: ``zoo`` (the unit protocol),

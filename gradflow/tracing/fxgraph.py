@@ -12,7 +12,7 @@ kept as a leaf, and each of its residual additions becomes one unit:
 * the shortcut side h is that operand (or, for ``a(x) + b(x)``, the operand
   with the shorter computation from x_l), the branch side r the other;
 * the addition is replaced by ``run.add(k, x_l, h, r)``, and ``run.enter(k, x_l)``
-  is called where x_l is made (see :mod:`gradflow.parts`), so a hand-written ``x + f(x)`` network, a pre-LN
+  is called where x_l is made (see :mod:`gradflow.tracing.parts`), so a hand-written ``x + f(x)`` network, a pre-LN
   block with two additions or a ResNet block written by hand gets the
   direct/residual split with no declaration. Whatever follows the last
   addition (a ReLU, a post-LN LayerNorm) sits between units, and the direct
@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..parts import Block, Runner
+from gradflow.tracing.parts import Block, Runner
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = ("add", "add_")

@@ -70,10 +70,10 @@ def units(model: nn.Module, example: Optional[Any] = None, units: Any = None, pa
     Returns:
         A :class:`UnitList` (``print`` it; ``.frame()`` for a DataFrame).
     """
-    from .recorder import Tracer
+    from gradflow.tracing.recorder import Tracer
     tr = Tracer(model, units=units, parts=parts, split=False, quantities=("cheap",), check=False)
     if example is not None:
-        from .check import untouched
+        from gradflow.tracing.check import untouched
         args = example if isinstance(example, tuple) else (example,)
         dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         with untouched(model, dev), torch.no_grad(), tr:

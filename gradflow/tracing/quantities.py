@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import stats
+from gradflow.tracing import stats
 
 
 @dataclass
@@ -292,7 +292,7 @@ class Spectra(Quantity):
     def before(self, t: Forward) -> dict:
         if t.parts is None or t.is_top or t.args:
             return {}
-        from .spectra import unit_spectra
+        from gradflow.tracing.spectra import unit_spectra
         vals = unit_spectra(t.module, t.parts, t.x, self.iters)
         return {k: torch.tensor(v) for k, v in vals.items()}
 
@@ -365,7 +365,7 @@ def resolve(quantities: Optional[Sequence], spectra: bool = False, spectra_iters
     Returns:
         The quantities, built-ins first, in column order.
     """
-    from ..errors import GradflowError
+    from gradflow.errors import GradflowError
     items = list(quantities or ())
     base = list(STANDARD)
     if items and isinstance(items[0], str):

@@ -24,7 +24,7 @@ How it works, and its sharp edges
   (a backward that never came, one that reached only some units, one that came
   after its rows were written) is said once, as a warning, and left NaN.
 * Each unit's module runs, for the duration of the ``with`` block, from its
-  parts (:mod:`gradflow.parts`: ``Block.forward(run, *args, **kwargs)``), with
+  parts (:mod:`gradflow.tracing.parts`: ``Block.forward(run, *args, **kwargs)``), with
   the call's extra arguments passed to the branches; on its first call the
   result is checked against the module's own forward (:mod:`.check`). Units
   known only by input and output run their own forward. Everything is
@@ -66,17 +66,17 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
-from ..errors import GradflowError
-from ..parts import PLAIN, forward_runs_parts, run_parts
-from . import stats
-from .check import Uncopyable, compare, describe, reference_output
-from .discover import PartsSpec, UnitInfo, UnitsSpec, find_units
-from .quantities import Backward, Forward, Quantity, Weights, resolve
-from .paths import PathTracker
-from .schedule import as_schedule
-from .carry import DirectCarrier, _exp
-from .steps import Call, Micro, _Entry
-from .writer import TableWriter
+from gradflow.errors import GradflowError
+from gradflow.tracing.parts import PLAIN, forward_runs_parts, run_parts
+from gradflow.tracing import stats
+from gradflow.tracing.check import Uncopyable, compare, describe, reference_output
+from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
+from gradflow.tracing.quantities import Backward, Forward, Quantity, Weights, resolve
+from gradflow.tracing.paths.carrier import PathTracker
+from gradflow.tracing.schedule import as_schedule
+from gradflow.tracing.carry import DirectCarrier, _exp
+from gradflow.tracing.records import Call, Micro, _Entry
+from gradflow.tracing.writer import TableWriter
 
 _ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
 _MAX_PENDING = 16       # micro-batches waiting for a backward before they are written as they are
@@ -144,7 +144,7 @@ class Tracer(TableWriter, DirectCarrier):
         paths: the exact split of dE/dx_l by path length (True: every length k;
             an int: lengths 0..paths apart, longer ones summed as k = -1), read
             as ``tr.paths``; ``keep=("paths",)`` keeps the components
-            [K+1, *x_l.shape] (see :mod:`gradflow.tracing.paths`).
+            [K+1, *x_l.shape] (see :mod:`gradflow.tracing.paths.carrier`).
     """
 
     def __init__(self, model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
@@ -689,7 +689,7 @@ class Tracer(TableWriter, DirectCarrier):
     def paths(self):
         """dE/dx_l by path length (``paths=``): one row per unit, backward pass and length k.
 
-        Columns as :func:`gradflow.paths.path_components`' table, plus ``micro``
+        Columns as :func:`gradflow.tracing.paths.components.path_components`' table, plus ``micro``
         and ``backward``; k = -1 is the remainder beyond max_len.
         """
         if self._paths is None:
@@ -722,11 +722,11 @@ class Tracer(TableWriter, DirectCarrier):
         This is the faces layer's call into theory: the import is late, so
         tracing never imports theory itself.
         """
-        from .summary import summarize_steps
+        from gradflow.tracing.step_summary import summarize_steps
         return summarize_steps(self.units, step, pool, **kwargs)
 
     def __repr__(self) -> str:
-        from .listing import unit_table
+        from gradflow.tracing.listing import unit_table
         return f"gradflow.Tracer of {type(self.model).__name__}: {len(self.infos)} units\n" + \
             unit_table(self.infos)
 
@@ -744,7 +744,7 @@ def _refuse_nested(model: nn.Module) -> None:
 
 
 class _Run:
-    """The runner a block's forward calls while traced (see :mod:`gradflow.parts`)."""
+    """The runner a block's forward calls while traced (see :mod:`gradflow.tracing.parts`)."""
 
     def __init__(self, tracer: Tracer, group: _Group):
         self.tracer, self.group = tracer, group

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Union
 
-from ..errors import GradflowError
+from gradflow.errors import GradflowError
 
 
 class Schedule:

@@ -30,8 +30,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import GradflowError
-from ..io import json_safe
+from gradflow.errors import GradflowError
+from gradflow.utils.io import json_safe
 
 
 class Sink:

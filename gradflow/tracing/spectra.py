@@ -9,7 +9,7 @@ every product. Running statistics and the global RNG are left as they were.
 
 Cost: ``iters`` x (one jvp + one vjp) per quantity. Opt-in: the tracer's
 ``spectra=True`` (the :class:`gradflow.tracing.quantities.Spectra` quantity).
-Tracing owns this code; :mod:`gradflow.theory.jacobian` re-exports it.
+Tracing owns this code; :mod:`gradflow.tracing.spectra` re-exports it.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..parts import Parts, run_parts
-from .check import untouched
+from gradflow.tracing.parts import Parts, run_parts
+from gradflow.tracing.check import untouched
 
 
 preserved_state = untouched   # buffers (BN running stats) and the RNG restored afterwards

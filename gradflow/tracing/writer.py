@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .discover import UnitInfo, renumber_stages
-from .quantities import Derive
-from .steps import Micro
-from .tables import SUMMARIES, Packed, pack, samples_table, units_table, unpack, unscale
+from gradflow.tracing.discover import UnitInfo, renumber_stages
+from gradflow.tracing.quantities import Derive
+from gradflow.tracing.records import Micro
+from gradflow.tracing.tables import SUMMARIES, Packed, pack, samples_table, units_table, unpack, unscale
 
 
 class TableWriter:

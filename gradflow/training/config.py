@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..cli import SEED_MAX, Number, check_numbers, flag
-from ..errors import GradflowError, unknown
+from gradflow.cli.args import SEED_MAX, Number, check_numbers, flag
+from gradflow.errors import GradflowError, unknown
 
 # Every numeric field's allowed range: checked in one place, with the flag's name in the message.
 NUMBERS: dict[str, Number] = {
@@ -119,7 +119,7 @@ class TrainConfig:
 
 def _takes_images(name: str) -> bool:
     """False for a registered model that takes token ids (gradflow.model_inputs); unknown names fail later."""
-    from ..registry import list_models, model_inputs
+    from gradflow.models.registry import list_models, model_inputs
     return name not in list_models() or model_inputs(name)["kind"] == "image"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..cli import resolve_device
+from gradflow.cli.args import resolve_device
 
 
 @dataclass(frozen=True)

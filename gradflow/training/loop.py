@@ -1,7 +1,7 @@
 """The trainer: ``train(config) -> run folder``. One process, or one of several under torchrun (DDP).
 
 Results do not depend on the number of processes beyond BN batch statistics:
-every process draws the same global batch (gradflow.data) and takes its equal
+every process draws the same global batch (gradflow.data.cifar) and takes its equal
 slice; DDP averages the gradients, which equals the single-process mean loss's
 gradient. Test error is summed over shards of the test set.
 
@@ -19,17 +19,17 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import read_checkpoint
-from ..cli import check_model_options
-from ..data import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
-from ..errors import GradflowError
-from ..registry import check_options, create_model
-from . import distributed
-from .config import TrainConfig, make_config
-from .folder import open_existing, open_fresh, read_status
-from .presets import lr_schedule
-from .runlog import RunLog, default_name, write_json
-from .steps import RunOutcome, Steps, TrainingDiverged, forward_backward, last_test_error, say  # noqa: F401
+from gradflow.runs.checkpoint import read_checkpoint
+from gradflow.cli.args import check_model_options
+from gradflow.data.cifar import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
+from gradflow.errors import GradflowError
+from gradflow.models.registry import check_options, create_model
+from gradflow.training import distributed
+from gradflow.training.config import TrainConfig, make_config
+from gradflow.runs.folder import open_existing, open_fresh, read_status
+from gradflow.training.presets import lr_schedule
+from gradflow.runs.log import RunLog, default_name, write_json
+from gradflow.training.steps import RunOutcome, Steps, TrainingDiverged, forward_backward, last_test_error, say  # noqa: F401
 
 # Fields a resumed run may change: where the data is and how it runs, not what it computes;
 # and ``stop``, to extend a finished run on purpose.
@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
         raise GradflowError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only): "
                             "drop --sync-bn on CPU")
     if cfg.probe_every:
-        from ..tracing import trace  # noqa: F401  (fail now, not at the first probe)
+        from gradflow.tracing import trace  # noqa: F401  (fail now, not at the first probe)
     _check_model(cfg)
     data = DeviceCifar(_load_data(cfg, d), dev, cfg.seed, cfg.train_subset, cfg.test_subset)
     ipe = data.iters_per_epoch(cfg.batch_size)

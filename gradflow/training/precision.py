@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .config import TrainConfig
+from gradflow.training.config import TrainConfig
 
 
 def native_bf16(dev: torch.device) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import GradflowError, unknown
-from .config import TrainConfig, make_config
+from gradflow.errors import GradflowError, unknown
+from gradflow.training.config import TrainConfig, make_config
 
 RECIPES: dict[str, dict[str, Any]] = {
     # He et al. 2016, section 4.1 / PAPER.md section 5: 64k iterations at batch 128.
@@ -49,7 +49,7 @@ def presets() -> dict[str, Preset]:
     The rows are the paper's, from :mod:`gradflow.models.paper`: the one table the
     probe's compare sets and the figures also read.
     """
-    from ..models.paper import paper_rows
+    from gradflow.models.paper import paper_rows
     return {r.name: Preset(r.name, r.table, r.model, dict(r.options), r.dataset, paper_error=r.paper_error,
                            missing=r.missing) for r in paper_rows()}
 

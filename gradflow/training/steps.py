@@ -22,15 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import cli
-from ..data import DeviceCifar
-from ..errors import GradflowError
-from . import distributed
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
-from .precision import BF16, FP32, choose_amp
-from .runlog import RunLog, code_version, read_log, write_json
-from .signals import Interrupted, StopFlag, stop_on_signals
+from gradflow.cli import args as cli
+from gradflow.data.cifar import DeviceCifar
+from gradflow.errors import GradflowError
+from gradflow.training import distributed
+from gradflow.runs.checkpoint import rng_state, save_checkpoint, set_rng_state
+from gradflow.training.config import TrainConfig
+from gradflow.training.precision import BF16, FP32, choose_amp
+from gradflow.runs.log import RunLog, code_version, read_log, write_json
+from gradflow.training.signals import Interrupted, StopFlag, stop_on_signals
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,7 +63,7 @@ class RunOutcome:
 def say(d: distributed.Dist, text: str) -> None:
     """One line to the user from rank 0 (stderr, so stdout stays for results)."""
     if d.main:
-        print(f"gradflow.train: {text}", file=sys.stderr, flush=True)
+        print(f"gradflow train: {text}", file=sys.stderr, flush=True)
 
 
 def describe_error(e: BaseException) -> str:
@@ -125,7 +125,7 @@ def evaluate(runner: nn.Module, data: DeviceCifar, d: distributed.Dist, amp, cha
 
 @contextmanager
 def _trace(model: nn.Module, write=None, paths: int = 0):
-    from ..tracing import FunctionSink, trace   # the probe's rows stream through the tracer's sink
+    from gradflow.tracing import FunctionSink, trace   # the probe's rows stream through the tracer's sink
     with trace(model, sinks=[FunctionSink(write)] if write else (), history=0, paths=paths or None) as tr:
         yield tr
 
@@ -301,7 +301,7 @@ class Steps:
                     self.checkpoint()
                     self.status("interrupted", reason=reason)
                 if d.main:
-                    print(f"gradflow.train: stopped by {reason} at iteration {self.step}; "
+                    print(f"gradflow train: stopped by {reason} at iteration {self.step}; "
                           f"resume with --resume {self.run_dir}", flush=True)
                 return RunOutcome(self.run_dir, "interrupted", reason)
             epoch, index = divmod(self.step, self.ipe)

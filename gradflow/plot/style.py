@@ -1,0 +1,142 @@
+"""The figures' shared style: sizes, colours, titles and legends that fit, panel helpers."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import textwrap
+from typing import Mapping, Optional, Union
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from gradflow.errors import GradflowError
+from gradflow.theory import shape_groups
+
+
+Records = Union[pd.DataFrame, Mapping[str, pd.DataFrame]]
+
+PANEL_W, PANEL_H = 3.4, 2.6   # inches per panel: two panels span a paper's text width
+MIN_W = 6.0                   # inches: a figure narrower than this cannot hold its title and legend
+COLOURS = {"total": "#0173b2", "direct": "#de8f05", "predicted": "#222222", "fit": "#cc3311"}
+
+
+@contextlib.contextmanager
+def style(font_scale: float = 1.0):
+    """The one style of gradflow's figures (seaborn 'ticks' + 'paper'), for this block only."""
+    import seaborn as sns  # here: seaborn imports scipy.stats (~1 s); the probe's figure needs neither
+    rc = {"axes.grid": True, "grid.linestyle": ":", "grid.alpha": 0.6, "legend.frameon": False,
+          "figure.dpi": 100, "savefig.dpi": 200}
+    with sns.axes_style("ticks", rc=rc), sns.plotting_context("paper", font_scale=font_scale, rc=rc):
+        with mpl.rc_context({k: v for k, v in rc.items() if k not in ("backend", "interactive")}):
+            yield
+
+
+def subplots(*args, **kwargs):
+    """``Figure.subplots`` on a Figure outside pyplot: no global figure list, nothing leaks.
+
+    Notebooks display the returned Figure as a cell's value (``fig``), scripts save it.
+    """
+    w, h = kwargs.pop("figsize")
+    fig = Figure(figsize=(max(w, MIN_W), h), layout="constrained")
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def fig_title(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to its width (constrained layout makes room for every line)."""
+    chars = max(30, int(fig.get_figwidth() * 13))   # ~13 characters per inch at the paper context's size
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)))
+
+
+def axes_title(ax, text: str, fig: Figure, share: float = 1.0, **kwargs) -> None:
+    """An axes title wrapped to the axes' share of the figure's width."""
+    chars = max(20, int(fig.get_figwidth() * share * 14))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), **kwargs)
+
+
+def styled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with style():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def split_records(records: Records, by: str) -> list[tuple[str, pd.DataFrame]]:
+    """[(label, table)] from a dict of tables or one table with a ``by`` column (order kept)."""
+    if isinstance(records, Mapping):
+        return [(str(k), v) for k, v in records.items()]
+    if not isinstance(records, pd.DataFrame):
+        raise GradflowError(f"expected a DataFrame or a dict of DataFrames, got {type(records).__name__}")
+    if by in records:
+        return [(str(k), records[records[by] == k]) for k in pd.unique(records[by])]
+    return [("", records)]
+
+
+def at_step(units: pd.DataFrame, step: Optional[int]) -> pd.DataFrame:
+    if "step" not in units:
+        return units
+    step = units["step"].max() if step is None else step
+    return units[units["step"] == step]
+
+
+def unit_rows(units: pd.DataFrame) -> pd.DataFrame:
+    body = units[~units["is_top"].astype(bool)] if "is_top" in units else units
+    return body.sort_values("unit")
+
+
+def panel_grid(n: int, ncols: Optional[int] = None, sharex: bool = False, sharey: bool = False,
+            w: float = PANEL_W, h: float = PANEL_H):
+    ncols = ncols or min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = subplots(nrows, ncols, figsize=(w * ncols, h * nrows + 0.9), squeeze=False,
+                             sharex=sharex, sharey=sharey)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def shape_changes(body: pd.DataFrame) -> np.ndarray:
+    """Positions between units where the input shape changes: (l + l') / 2 for consecutive units l, l'.
+
+    That is where a projection shortcut sits: unit l still reads the old shape,
+    unit l' the new one, and the norms of x_l and dE/dx_l change meaning there.
+    """
+    b = body.drop_duplicates("unit").sort_values("unit") if "unit" in body else body
+    if b.empty or ("x_shape" not in b and "stage" not in b):
+        return np.array([])
+    key = shape_groups(b.drop(columns=["step"], errors="ignore"))
+    u = b["unit"].to_numpy(float)
+    at = np.flatnonzero(key[1:] != key[:-1])
+    return (u[at] + u[at + 1]) / 2
+
+
+def stage_lines(ax, body: pd.DataFrame) -> None:
+    """Dotted verticals where the signal's shape changes (projection shortcuts: norms change meaning)."""
+    for i, x in enumerate(shape_changes(body)):
+        ax.axvline(x, color="0.5", lw=0.8, ls=":", zorder=0, label="shape change (projection)" if i == 0 else None)
+
+
+def legend_below(fig: Figure, axes, ncol: int = 4) -> None:
+    """One legend under the panels, with every label any panel uses (once)."""
+    seen: dict = {}
+    for ax in axes if isinstance(axes, (list, tuple)) else [axes]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(l, h)
+    handles, labels = list(seen.values()), list(seen)
+    if handles:
+        # as many columns as the figure's width holds (a legend wider than the figure is clipped)
+        col_w = 0.6 + 0.07 * max(len(l) for l in labels)   # inches: handle + text at the paper font size
+        fits = max(1, int(fig.get_figwidth() // col_w))
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles), fits))
+
+
+def positive_values(y: pd.Series) -> np.ndarray:
+    """Values for a log axis: non-positive ones become NaN (a gap, never a fake point)."""
+    y = pd.to_numeric(y, errors="coerce").to_numpy(float)
+    return np.where(y > 0, y, np.nan)

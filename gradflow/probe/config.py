@@ -1,0 +1,111 @@
+"""The probe's configuration: one dataclass, and the named ``--compare`` sets.
+
+A probe is one traced forward/backward (or ``batches`` of them) of a freshly
+built, He-initialised network at a fixed seed; :class:`ProbeConfig` says which
+network, which input and where the results go. ``compare`` runs the same probe
+once per variant (option overrides on the base model) and draws them together.
+"""
+from __future__ import annotations
+
+import ast
+import datetime as _dt
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
+
+from gradflow.errors import GradflowError, unknown
+from gradflow.models.paper import compare_set
+
+# The paper's variant sets, derived from the one table in gradflow.models.paper.
+TABLE1: dict[str, dict[str, Any]] = compare_set("table1")   # shortcut variants on original units
+TABLE2: dict[str, dict[str, Any]] = compare_set("table2")   # where the activation goes
+COMPARE_SETS = {"table1": TABLE1, "table2": TABLE2}
+
+
+@dataclass
+class ProbeConfig:
+    """What to probe and how. Fields left ``None`` are resolved from the model (see ``resolve``)."""
+
+    model: str = "resnet1001"           # registered name, "torchvision:NAME" or "timm:NAME"
+    options: dict = field(default_factory=dict)  # create_model keywords (unit, shortcut, scale, ...)
+    checkpoint: Optional[str] = None    # a gradflow checkpoint (or run folder): architecture and weights
+    data: Optional[str] = None          # CIFAR python folder; None: a synthetic N(0, 1) batch
+    batch_size: Optional[int] = None    # None: 16 at 32x32 (resnet1001 in < 20 s on 2 cores), 8 above
+    batches: int = 1                    # statistics over this many batches (one traced step each)
+    image_size: Optional[int] = None    # None: the model's own (32 zoo, 224 torchvision, timm's cfg)
+    seq_len: Optional[int] = None       # token models: tokens per sequence (None: min(128, the model's))
+    mode: str = "train"                 # BN on batch statistics, as in training and PAPER.md section 8
+    device: str = "auto"                # "auto": cuda when visible, else cpu
+    seed: int = 0                       # torch.manual_seed before building; the batch draws from it too
+    out: Optional[str] = None           # None: runs/probe/<model>-<time>
+    compare: Optional[dict] = None      # label -> option overrides; None: a single probe
+    progress: bool = True               # a progress bar over --compare variants (stderr)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("train", "eval"):
+            raise GradflowError(f"mode={self.mode!r} is not 'train' or 'eval'")
+        if self.batches < 1:
+            raise GradflowError(f"batches={self.batches!r} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise GradflowError(f"batch_size={self.batch_size!r} must be >= 1")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise GradflowError(f"seq_len={self.seq_len!r} must be >= 1 token")
+        if self.image_size is not None and self.image_size < 8:
+            raise GradflowError(f"image_size={self.image_size!r} must be >= 8 pixels")
+        if self.checkpoint is not None and self.options:
+            raise GradflowError(f"--checkpoint fixes the architecture; drop {sorted(self.options)} "
+                                "(the checkpoint's own options are used)")
+
+    def variants(self) -> dict[str, "ProbeConfig"]:
+        """label -> the config of one probe: just this one, or one per ``compare`` entry."""
+        if not self.compare:
+            return {self.label(): self}
+        if self.checkpoint is not None:
+            raise GradflowError("--compare builds fresh variants of --model; it cannot be "
+                                "combined with --checkpoint")
+        out = {}
+        for label, overrides in self.compare.items():
+            overrides = dict(overrides)
+            model = overrides.pop("model", self.model)
+            out[label] = replace(self, model=model, options={**self.options, **overrides}, compare=None)
+        return out
+
+    def label(self) -> str:
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.model}" + (f" ({opts})" if opts else "")
+
+    def default_out(self) -> str:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = "compare" if self.compare else (self.model if self.checkpoint is None else "checkpoint")
+        return f"runs/probe/{name.replace(':', '-').replace('/', '-')}-{stamp}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_compare(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["table1"]`` or ``["unit=original", "unit=full_preact,shortcut=scale,scale=0.5"]`` -> label -> overrides.
+
+    Named sets (``table1``, ``table2``) and KEY=VALUE[,KEY=VALUE...] items may be mixed.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        item = item.strip()
+        if "=" not in item:
+            if item.lower() not in COMPARE_SETS:
+                raise unknown("--compare set", item, COMPARE_SETS)
+            out.update({k: dict(v) for k, v in COMPARE_SETS[item.lower()].items()})
+            continue
+        overrides = dict(parse_option(part) for part in item.split(",") if part.strip())
+        out[item] = overrides
+    if not out:
+        raise GradflowError("--compare needs at least one variant: a set (table1, table2) "
+                            "or KEY=VALUE items such as unit=original unit=full_preact")
+    return out
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"scale=0.5"`` -> ("scale", 0.5): gradflow.cli.args's one KEY=VALUE parser (dashes, ``lambda``)."""
+    from gradflow.cli.args import parse_key_value
+    return parse_key_value(text, "--compare item")

@@ -1,0 +1,1 @@
+"""Foundations every layer uses: atomic file writes (``io``), provenance (``provenance``), lazy exports."""
