@@ -47,6 +47,19 @@ def test_duplicate_registration_is_refused():
         return nn.Linear(1, 1)
     with pytest.raises(gradflow.GradflowError, match="already registered"):
         gradflow.register_model(resnet20)
+    with pytest.raises(gradflow.GradflowError, match="'gpt-tiny' is already registered"):
+        gradflow.register_model(name="gpt-tiny")(resnet20)
+
+
+@pytest.mark.parametrize("name", gradflow.list_models())
+def test_every_entry_point_is_a_function_of_its_own_name(name):
+    # timm's habit: `grep "def resnet110("` finds the entry point; nothing is made in a loop
+    import inspect
+    from gradflow.models.registry import _lookup
+    fn = _lookup(name)
+    source = inspect.getsource(fn)
+    assert f"def {name.replace('-', '_')}(" in source, source[:200]
+    assert fn.__doc__ and fn.__name__ == name.replace("-", "_")
 
 
 def test_bad_depth_says_which_depths_fit():

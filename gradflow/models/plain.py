@@ -63,14 +63,35 @@ class CifarPlainNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def _entry(depth: int):
-    def fn(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
-        return CifarPlainNet(_units_for_depth(depth, "basic"), num_classes, width)
-    fn.__name__ = fn.__qualname__ = f"plain{depth}"
-    fn.__doc__ = f"Plain (no shortcut) CIFAR network with {depth} layers, the contrast to resnet{depth}."
-    fn.depth = depth
-    return register_model(fn)
+def _plain(depth: int, num_classes: int, width: float) -> CifarPlainNet:
+    return CifarPlainNet(_units_for_depth(depth, "basic"), num_classes, width)
 
 
-for _depth in (20, 32, 44, 56, 110):
-    _entry(_depth)
+@register_model
+def plain20(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
+    """Plain (no shortcut) CIFAR network with 20 layers, the contrast to resnet20."""
+    return _plain(20, num_classes, width)
+
+
+@register_model
+def plain32(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
+    """Plain (no shortcut) CIFAR network with 32 layers, the contrast to resnet32."""
+    return _plain(32, num_classes, width)
+
+
+@register_model
+def plain44(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
+    """Plain (no shortcut) CIFAR network with 44 layers, the contrast to resnet44."""
+    return _plain(44, num_classes, width)
+
+
+@register_model
+def plain56(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
+    """Plain (no shortcut) CIFAR network with 56 layers, the contrast to resnet56."""
+    return _plain(56, num_classes, width)
+
+
+@register_model
+def plain110(num_classes: int = 10, width: float = 1.0) -> CifarPlainNet:
+    """Plain (no shortcut) CIFAR network with 110 layers, the contrast to resnet110."""
+    return _plain(110, num_classes, width)

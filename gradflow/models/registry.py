@@ -18,9 +18,18 @@ from gradflow.errors import GradflowError, unknown
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register ``fn`` under its name. Duplicate names are refused."""
-    name = fn.__name__
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
+    """Decorator: register ``fn`` under its name (or ``name``: ``@register_model(name="gpt-tiny")``).
+
+    Args:
+        fn: the entry point, a function of keyword options returning an ``nn.Module``.
+        name: the registered name, where it cannot be a Python identifier; default ``fn.__name__``.
+    Returns:
+        ``fn`` itself (or, called with ``name`` only, the decorator). Duplicate names are refused.
+    """
+    if fn is None:
+        return lambda f: register_model(f, name=name)
+    name = name or fn.__name__
     if name in _MODELS:
         raise GradflowError(f"model {name!r} is already registered; pick another name")
     _MODELS[name] = fn

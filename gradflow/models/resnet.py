@@ -128,20 +128,58 @@ def cifar_resnet(depth: int, block: str = "basic", num_classes: int = 10, width:
                        num_classes=num_classes)
 
 
-def _entry(name: str, depth: int, block: str):
-    def fn(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
-        return cifar_resnet(depth, block, num_classes, width, **options)
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (PAPER.md section 4)."
-    fn.depth = depth
-    fn.options = unit_options()   # what **options takes (registry.model_options reads it)
+def _zoo_entry(fn):
+    """Register a CIFAR ResNet entry point; ``**options`` are the unit's (registry.model_options lists them)."""
+    fn.options = unit_options()
     return register_model(fn)
 
 
-for _depth in (20, 32, 44, 56, 110, 1202):
-    _entry(f"resnet{_depth}", _depth, "basic")
-for _depth in (164, 1001):
-    _entry(f"resnet{_depth}", _depth, "bottleneck")
+@_zoo_entry
+def resnet20(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-20: 3 units a stage (the paper's Table 3 and Fig. 6)."""
+    return cifar_resnet(20, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet32(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-32: 5 units a stage."""
+    return cifar_resnet(32, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet44(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-44: 7 units a stage."""
+    return cifar_resnet(44, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet56(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-56: 9 units a stage."""
+    return cifar_resnet(56, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet110(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-110: 18 units a stage (the paper's Tables 1 and 2)."""
+    return cifar_resnet(110, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet1202(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Basic-block CIFAR ResNet-1202: 200 units a stage."""
+    return cifar_resnet(1202, "basic", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet164(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Bottleneck CIFAR ResNet-164: 18 units a stage (the paper's Tables 2 and 3)."""
+    return cifar_resnet(164, "bottleneck", num_classes, width, **options)
+
+
+@_zoo_entry
+def resnet1001(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
+    """Bottleneck CIFAR ResNet-1001: 111 units a stage (the paper's Fig. 1 and Table 3)."""
+    return cifar_resnet(1001, "bottleneck", num_classes, width, **options)
 
 
 def preact_resnet18(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
@@ -151,5 +189,4 @@ def preact_resnet18(num_classes: int = 10, width: float = 1.0, **options) -> Cif
                        (1, 2, 2, 2), stem_width=scaled_width(64, width), num_classes=num_classes)
 
 
-preact_resnet18.options = unit_options()
-register_model(preact_resnet18)
+preact_resnet18 = _zoo_entry(preact_resnet18)

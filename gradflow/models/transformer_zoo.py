@@ -38,16 +38,18 @@ def _split(options: dict) -> tuple[TransformerSpec, dict]:
     return spec, {k: v for k, v in options.items() if k not in UNIT_OPTIONS}
 
 
-def _entry(name: str, build: Callable[..., nn.Module], defaults: dict, inputs: Callable[[dict], dict],
-           doc: str):
-    def fn(**options) -> nn.Module:
-        spec, arch = _split({**defaults, **options})
-        return build(spec, **arch)
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = doc
-    fn.options = defaults      # what registry.model_options lists for a **options entry point
-    fn.inputs = inputs         # options -> what the model takes (registry.model_inputs)
-    return register_model(fn)
+def _described(defaults: dict, inputs: Callable[[dict], dict]):
+    """Attach what registry.model_options and model_inputs read to a ``**options`` entry point."""
+    def mark(fn):
+        fn.options = defaults      # the options it takes, with their defaults
+        fn.inputs = inputs         # options -> what the model takes
+        return fn
+    return mark
+
+
+def _build(build: Callable[..., nn.Module], defaults: dict, options: dict) -> nn.Module:
+    spec, arch = _split({**defaults, **options})
+    return build(spec, **arch)
 
 
 def _gpt_inputs(o: dict) -> dict:
@@ -58,14 +60,53 @@ def _vit_inputs(o: dict) -> dict:
     return {"kind": "image", "channels": o["in_channels"], "image_size": o["image_size"]}
 
 
-for _name, (_L, _d, _h, _v, _t) in GPT_SIZES.items():
-    _entry(_name, GPT, dict(UNIT_OPTIONS, n_layer=_L, d_model=_d, n_head=_h, vocab_size=_v, seq_len=_t,
-                            mlp_ratio=4.0, dropout=0.0), _gpt_inputs,
-           f"Decoder-only GPT: {_L} blocks (2 units each), {_d} wide, {_h} heads, vocab {_v}, "
-           f"sequences up to {_t}; token ids [B, T] in, logits [B, T, vocab] out.")
+def _gpt_defaults(size: str) -> dict:
+    n_layer, d_model, n_head, vocab_size, seq_len = GPT_SIZES[size]
+    return dict(UNIT_OPTIONS, n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=vocab_size,
+                seq_len=seq_len, mlp_ratio=4.0, dropout=0.0)
 
-for _name, (_L, _d, _h, _p) in VIT_SIZES.items():
-    _entry(_name, ViT, dict(UNIT_OPTIONS, n_layer=_L, d_model=_d, n_head=_h, patch_size=_p, image_size=32,
-                            in_channels=3, num_classes=10, mlp_ratio=4.0, dropout=0.0), _vit_inputs,
-           f"ViT for 32x32 images: {_L} blocks (2 units each), {_d} wide, {_h} heads, {_p}x{_p} "
-           "patches, mean pooling; images [B, 3, 32, 32] in, logits [B, classes] out.")
+
+def _vit_defaults(size: str) -> dict:
+    n_layer, d_model, n_head, patch_size = VIT_SIZES[size]
+    return dict(UNIT_OPTIONS, n_layer=n_layer, d_model=d_model, n_head=n_head, patch_size=patch_size,
+                image_size=32, in_channels=3, num_classes=10, mlp_ratio=4.0, dropout=0.0)
+
+
+@register_model(name="gpt-tiny")
+@_described(_gpt_defaults("gpt-tiny"), _gpt_inputs)
+def gpt_tiny(**options) -> nn.Module:
+    """Decoder-only GPT: 4 blocks (2 units each), 64 wide, 2 heads, vocab 256, sequences up to 64;
+    token ids [B, T] in, logits [B, T, vocab] out."""
+    return _build(GPT, gpt_tiny.options, options)
+
+
+@register_model(name="gpt-small")
+@_described(_gpt_defaults("gpt-small"), _gpt_inputs)
+def gpt_small(**options) -> nn.Module:
+    """Decoder-only GPT: 12 blocks (2 units each), 256 wide, 4 heads, vocab 512, sequences up to 128;
+    token ids [B, T] in, logits [B, T, vocab] out."""
+    return _build(GPT, gpt_small.options, options)
+
+
+@register_model(name="gpt-medium")
+@_described(_gpt_defaults("gpt-medium"), _gpt_inputs)
+def gpt_medium(**options) -> nn.Module:
+    """Decoder-only GPT: 24 blocks (2 units each), 512 wide, 8 heads, vocab 1024, sequences up to 256;
+    token ids [B, T] in, logits [B, T, vocab] out."""
+    return _build(GPT, gpt_medium.options, options)
+
+
+@register_model(name="vit-cifar-tiny")
+@_described(_vit_defaults("vit-cifar-tiny"), _vit_inputs)
+def vit_cifar_tiny(**options) -> nn.Module:
+    """ViT for 32x32 images: 6 blocks (2 units each), 192 wide, 3 heads, 4x4 patches, mean pooling;
+    images [B, 3, 32, 32] in, logits [B, classes] out."""
+    return _build(ViT, vit_cifar_tiny.options, options)
+
+
+@register_model(name="vit-cifar-small")
+@_described(_vit_defaults("vit-cifar-small"), _vit_inputs)
+def vit_cifar_small(**options) -> nn.Module:
+    """ViT for 32x32 images: 12 blocks (2 units each), 384 wide, 6 heads, 4x4 patches, mean pooling;
+    images [B, 3, 32, 32] in, logits [B, classes] out."""
+    return _build(ViT, vit_cifar_small.options, options)

@@ -23,7 +23,7 @@ wrapped to the figure's width. Vertical lines mark where the signal changes
 shape (the projection shortcuts), between the last unit that reads the old
 shape and the first that reads the new one.
 """
-from gradflow.plot.style import COLOURS, MIN_W, PANEL_H, PANEL_W, Records, style
+from gradflow.plot.style import COLOURS, MIN_W, PANEL_H, PANEL_W, Records, shape_changes, style
 from gradflow.plot.depth import (activation_growth, cosine_distribution, decay_rate_table, decay_rates,
                                  gradient_depth, linear_growth_fit, probe_overview)
 from gradflow.plot.training import (decay_rate_over_training, decay_rate_over_training_table, gradient_flow_over_training,
