@@ -2,7 +2,7 @@
 
 Depths follow the paper: basic-block nets have 6n + 2 layers (resnet20 ...
 resnet1202), bottleneck nets 9n + 2 (resnet164, resnet1001). The default unit is
-full pre-activation built as the official code builds it (PAPER.md section 4):
+full pre-activation built as the official code builds it (docs/theory.md, section 7.2):
 a stem conv with no BN-ReLU after it, a shared pre-activation at projection
 units, a final BN-ReLU before pooling, He fan-out init, no conv biases.
 """
@@ -132,7 +132,7 @@ def _entry(name: str, depth: int, block: str):
     def fn(num_classes: int = 10, width: float = 1.0, **options) -> CifarResNet:
         return cifar_resnet(depth, block, num_classes, width, **options)
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (PAPER.md section 4)."
+    fn.__doc__ = f"{block.capitalize()}-block CIFAR ResNet with {depth} layers (docs/theory.md, section 7.2)."
     fn.depth = depth
     fn.options = unit_options()   # what **options takes (registry.model_options reads it)
     return register_model(fn)
