@@ -55,7 +55,8 @@ def test_gradient_depth_draws_total_direct_and_prediction(traced):
         # the total is the ratio of batch medians (the tracer's per-unit q50 over x_L's)
         top = table[table["is_top"]].iloc[0]
         np.testing.assert_allclose(_line(ax, TOTAL).get_ydata(), body["grad_norm_q50"] / top["grad_norm_q50"])
-        np.testing.assert_allclose(_line(ax, "direct term").get_ydata(), body["direct_ratio"])
+        np.testing.assert_allclose(_line(ax, "direct term").get_ydata(),
+                                   body["direct_norm_q50"] / top["grad_norm_q50"])
         # eq. (5)/(8) points only where they cover the unit: not at the two projection units
         line = _line(ax, "eq. (5)/(8), where they cover the unit (exact by construction)")
         covered = body["x_shape"].to_numpy() == np.append(body["x_shape"].to_numpy()[1:], top["x_shape"])

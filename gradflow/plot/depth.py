@@ -25,8 +25,8 @@ def gradient_depth(units: Records, by: str = "config", step: Optional[int] = Non
                    ncols: Optional[int] = None, band: bool = True, title: Optional[str] = None) -> Figure:
     """||dE/dx_l|| / ||dE/dx_L|| per unit (log axis): total, direct term, and the predictions.
 
-    One panel per configuration. Lines: ``total`` (the ratio of batch medians,
-    with its 5-95% per-sample band of per-sample ratios), ``direct``;
+    One panel per configuration. Lines: ``total`` and ``direct`` (ratios of
+    batch medians; the total with the 5-95% band of per-sample ratios);
     predictions of the total that can fail: ``isotropy`` (iso_ratio) and ``mean
     field`` (anchored at each covered run's top; docs/theory.md, section 3).
     Eq. (5)/(8) points are drawn only at the units they cover, from the closed
@@ -44,7 +44,8 @@ def gradient_depth(units: Records, by: str = "config", step: Optional[int] = Non
                             color=COLOURS["total"], alpha=0.2, lw=0, label="total, 5-95% of samples")
         ax.plot(x, positive_values(total), color=COLOURS["total"], lw=1.6, label="total (ratio of medians)")
         if "direct_ratio" in df:
-            ax.plot(x, positive_values(df["direct_ratio"]), color=COLOURS["direct"], lw=1.6, ls="--",
+            direct = df["direct_ratio_med"] if "direct_ratio_med" in df else df["direct_ratio"]
+            ax.plot(x, positive_values(direct), color=COLOURS["direct"], lw=1.6, ls="--",
                     label="direct term")
             if not (df["direct_ratio"] > 0).any():
                 ax.text(0.03, 0.05, "direct term = 0\n(off the log axis)", transform=ax.transAxes,
@@ -74,7 +75,13 @@ def _predictions(ax, df: pd.DataFrame, x: np.ndarray, colour=None, legend: bool 
         return
     covered = df["pred_basis"].isin(COVERED) if "pred_basis" in df else pd.Series(False, index=df.index)
     if covered.any():
-        ax.plot(x[covered.to_numpy()], positive_values(df.loc[covered, "pred_direct_ratio"]),
+        # the closed form times the anchor's drawn direct term (the ratio of medians, as the line)
+        direct = "direct_ratio_med" if "direct_ratio_med" in df else "direct_ratio"
+        at = dict(zip(df["unit"], df[direct]))
+        anchor = df.loc[covered, "pred_anchor"].to_numpy(float)
+        base = np.array([1.0 if a == -1 else at.get(int(a), np.nan) for a in anchor])
+        ax.plot(x[covered.to_numpy()], positive_values(pd.Series(df.loc[covered, "pred_direct_factor"].to_numpy()
+                                                                 * base)),
                 color=colour or COLOURS["predicted"], ls="none", marker=".", ms=3,
                 markevery=max(1, int(covered.sum()) // 60),
                 label="eq. (5)/(8), where they cover the unit (exact by construction)" if legend else None)
@@ -253,9 +260,10 @@ def _probe_overview(tables: Mapping[str, pd.DataFrame], title: Optional[str]) ->
         df = per_unit(with_predictions(units))
         u = df["unit"].to_numpy()
         total = "grad_ratio_med" if "grad_ratio_med" in df else "grad_ratio"
+        direct = "direct_ratio_med" if "direct_ratio_med" in df else "direct_ratio"
         one = len(tables) == 1
         for ax, column, ls, lab in ((ax_g, total, "-", "total (ratio of medians)" if one else label),
-                                    (ax_g, "direct_ratio", "--", "direct term" if one else None),
+                                    (ax_g, direct, "--", "direct term" if one else None),
                                     (ax_x, "x_norm", "-", "||x_l||" if one else label)):
             if column in df:
                 ax.plot(u, positive_values(df[column]), ls=ls, color=colour, label=lab, lw=1.4)

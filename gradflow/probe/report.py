@@ -183,7 +183,7 @@ def _fit_words(fit: dict, meanfield: bool = False) -> str:
     else:
         ci = f" (95% CI {f['ci_low']:+.3g}..{f['ci_high']:+.3g}, bootstrap over samples)" if ok else ""
     what = (f"x{math.exp(f['slope']):.4g} per unit toward the input{ci}" if best == "exponential" else
-            f"exponent {f['slope']:+.3g} of Var(x_l){ci}" + ("; mean field predicts -0.5" if meanfield else ""))
+            f"exponent {f['slope']:+.3g} of Var(x_l){ci}" + (", against mean field's -0.5" if meanfield else ""))
     return f"fits {'an' if best == 'exponential' else 'a'} {best} ({fit['why']}): {what}"
 
 
@@ -346,8 +346,13 @@ def verdicts(summary: dict, units: pd.DataFrame, analysis: Optional[dict] = None
     if v:
         r2 = f"R^2 linear {v['linear']['r2']:.3f}, exponential {v['log']['r2']:.3f}"
         best = max(v["linear"]["r2"], v["log"]["r2"])
-        out["variance"] = (f"Var(x_l) within stages: {v['better_fit']} fits better ({r2})" if best >= FIT_R2 else
-                           f"Var(x_l) within stages: neither a line nor an exponential fits ({r2})")
+        spread = (df.groupby("stage")["x_var"].agg(lambda s: s.max() / s.min() if s.min() > 0 else np.inf).max()
+                  if "x_var" in df else np.inf)
+        if spread < GROW:
+            out["variance"] = f"Var(x_l) stays level within every stage (within x{spread:.3g})"
+        else:
+            out["variance"] = (f"Var(x_l) within stages: {v['better_fit']} fits better ({r2})" if best >= FIT_R2
+                               else f"Var(x_l) within stages: neither a line nor an exponential fits ({r2})")
         out["variance"] += "; De & Smith 2020: linear in pre-activation BN nets"
     c = summary.get("cancel_frac_max") if summary else None
     if split and c is not None and math.isfinite(c):
@@ -388,7 +393,8 @@ def report_dict(result, files: dict | None = None) -> dict:
 def _shape_word(s: dict) -> str:
     fit = s.get("fit")
     if not fit or fit.get("better") is None:
-        return f"{s['stage']}: " + (fit["why"].split(":")[0].split(" (")[0] if fit else "-")
+        word = fit["why"].split(":")[0].split(" (")[0] if fit else "-"
+        return f"{s['stage']}: " + (word + ", too few" if word.endswith(" units") else word)
     f = fit[fit["better"]]
     return (f"{s['stage']}: exp x{math.exp(f['slope']):.3g}/unit" if fit["better"] == "exponential" else
             f"{s['stage']}: power {f['slope']:+.2f}")
