@@ -1,6 +1,8 @@
 """The network-level summary of a units table: fitted rates beside the paper's predictions."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -25,7 +27,9 @@ def summarize(units: pd.DataFrame, tol: float = 1e-4) -> dict:
     if units.empty:
         return {}
     pred = predicted_rate(units)
-    out: dict = {"predicted_direct_rate": pred, "n_units": int((~units["is_top"]).sum() / units["step"].nunique()),
+    # predicted_direct_rate is None where eq. (5)/(8) cover no unit
+    out: dict = {"predicted_direct_rate": pred if math.isfinite(pred) else None,
+                 "n_units": int((~units["is_top"]).sum() / units["step"].nunique()),
                  "steps": int(units["step"].nunique()),
                  "ci_kind": "least squares, residuals along depth taken as independent (too narrow or wide)"}
     total = decay_rate(units, "grad_ratio")
@@ -38,8 +42,8 @@ def summarize(units: pd.DataFrame, tol: float = 1e-4) -> dict:
         covered = body["pred_basis"].isin(COVERED)
         out["covered_units"] = int(covered.sum())
         ratio = body.loc[covered, "direct_vs_pred"].replace([np.inf, -np.inf], np.nan).dropna()
-        out["direct_vs_pred_max_error"] = float((ratio - 1).abs().max()) if len(ratio) else float("nan")
         if len(ratio):
+            out["direct_vs_pred_max_error"] = float((ratio - 1).abs().max())
             out["direct_obeys_closed_form"] = bool(out["direct_vs_pred_max_error"] <= tol)
     if "cancel_frac" in units:
         out["cancel_frac_max"] = float(units["cancel_frac"].max())
