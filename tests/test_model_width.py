@@ -11,7 +11,7 @@ def n_params(m):
 
 
 def preact_count(depth: int, block: str, widths, stem: int, classes: int = 10) -> int:
-    """Parameters of the official full pre-activation CIFAR net (PAPER.md section 4), by hand."""
+    """Parameters of the official full pre-activation CIFAR net (docs/theory.md, section 7.2), by hand."""
     n = (depth - 2) // (6 if block == "basic" else 9)
     total, ch = 3 * stem * 9, stem
     for s, w in enumerate(widths):

@@ -18,7 +18,10 @@ import gradflow  # noqa: E402
 from gradflow import plot  # noqa: E402
 from gradflow.cli.figures import Config, trace_at_init  # noqa: E402
 from gradflow.runs.read import read_run, read_runs, logs  # noqa: E402
-from gradflow.theory import predict_direct  # noqa: E402
+from gradflow.theory import predict_direct  # noqa: E402,F401
+from gradflow.theory.total import with_predictions  # noqa: E402
+
+TOTAL = "total (ratio of medians)"
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +49,22 @@ def test_gradient_depth_draws_total_direct_and_prediction(traced):
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == list(units)
     for ax, (label, table) in zip(axes, units.items()):
-        body = _body(predict_direct(table))
+        body = _body(with_predictions(table))
         assert ax.get_yscale() == "log"
-        np.testing.assert_array_equal(_line(ax, "total").get_xdata(), body["unit"])
-        np.testing.assert_allclose(_line(ax, "total").get_ydata(), body["grad_ratio"])
-        np.testing.assert_allclose(_line(ax, "direct term").get_ydata(), body["direct_ratio"])
-        np.testing.assert_allclose(_line(ax, "prediction, eq. (5)/(8)").get_ydata(), body["pred_direct_ratio"])
+        np.testing.assert_array_equal(_line(ax, TOTAL).get_xdata(), body["unit"])
+        # the total is the ratio of batch medians (the tracer's per-unit q50 over x_L's)
+        top = table[table["is_top"]].iloc[0]
+        np.testing.assert_allclose(_line(ax, TOTAL).get_ydata(), body["grad_norm_q50"] / top["grad_norm_q50"])
+        np.testing.assert_allclose(_line(ax, "direct term").get_ydata(),
+                                   body["direct_norm_q50"] / top["grad_norm_q50"])
+        # eq. (5)/(8) points only where they cover the unit: not at the two projection units
+        line = _line(ax, "eq. (5)/(8), where they cover the unit (exact by construction)")
+        covered = body["x_shape"].to_numpy() == np.append(body["x_shape"].to_numpy()[1:], top["x_shape"])
+        np.testing.assert_array_equal(line.get_xdata(), body["unit"].to_numpy()[covered])
+        assert covered.sum() == len(body) - 2
+        lam = 0.5 if label == "scale-0.5" else 1.0
+        # the closed form, anchored at x_L or at the projection unit above each stage
+        np.testing.assert_allclose(line.get_ydata()[-2:], lam ** (len(body) - body["unit"].to_numpy()[-2:]))
     plt.close(fig)
 
 
@@ -59,7 +72,7 @@ def test_one_table_with_a_config_column_equals_a_dict(traced):
     long = pd.concat([v[0].assign(config=k) for k, v in traced.items()])
     a, b = plot.gradient_depth(long), plot.gradient_depth({k: v[0] for k, v in traced.items()})
     for ax1, ax2 in zip(a.axes, b.axes):
-        np.testing.assert_array_equal(_line(ax1, "total").get_ydata(), _line(ax2, "total").get_ydata())
+        np.testing.assert_array_equal(_line(ax1, TOTAL).get_ydata(), _line(ax2, TOTAL).get_ydata())
     plt.close("all")
 
 

@@ -39,17 +39,23 @@ def test_decay_rate_of_a_geometric_sequence_is_its_log_ratio():
     assert fit.slope == pytest.approx(math.log(0.7))
 
 
-def test_predict_direct_is_the_product_of_lambdas_times_the_reference():
+def test_predict_direct_is_the_product_of_lambdas_where_covered():
     L = 6
     coef = [0.5] * L + [np.nan]
     df = _table(np.ones(L + 1), "ref_ratio", coef=coef)
+    df["ref_ratio"] = 123.0                      # a measured chain: the prediction must not read it
+    df["f_identity"], df["h_plain"] = 1.0, 1.0
     df["direct_ratio"] = 0.5 ** (L - df["unit"])
     out = predict_direct(df)
     np.testing.assert_allclose(out["pred_direct_ratio"], 0.5 ** (L - np.arange(L + 1)))
     np.testing.assert_allclose(out["direct_vs_pred"], 1.0)
-    assert set(out["pred_basis"]) == {"closed form"}
+    assert set(out["pred_basis"]) == {"eq. (8)", "x_L"}
     assert predicted_rate(df) == pytest.approx(math.log(0.5))
-    df.loc[2, "scalar_coef"] = np.nan
+    df.loc[2, "scalar_coef"] = np.nan            # a gate: not covered, the others still are
+    out = predict_direct(df)
+    assert out.loc[2, "pred_basis"].startswith("not covered") and np.isnan(out.loc[2, "pred_direct_ratio"])
+    assert predicted_rate(df) == pytest.approx(math.log(0.5))
+    df["scalar_coef"] = np.nan
     assert math.isnan(predicted_rate(df))
 
 
@@ -70,14 +76,15 @@ def test_rates_on_a_constructed_network(a):
     net = nn.Sequential(*[Scaled(a) for _ in range(10)])
     parts = {"branch": lambda x, a=a: a * x}
     x = torch.randn(8, 4, 5, 5)
-    with gradflow.trace(net, units="*", parts=parts) as tr:
+    from gradflow.probe.quantities import Structure
+    with gradflow.trace(net, units="*", parts=parts, quantities=[Structure()]) as tr:
         net(x).square().sum().backward()
     s = summarize(tr.units)
     # dE/dx_l = (1 + a)^(L - l) dE/dx_L: log-rate log(1 + a) toward the input
     assert s["total_rate"]["slope"] == pytest.approx(math.log(1 + a), rel=1e-5)
     # the direct term is dE/dx_L at every unit (eq. 5)
     assert s["direct_rate"]["slope"] == pytest.approx(0.0, abs=1e-6)
-    assert s["predicted_direct_rate"] == 0.0 and s["direct_matches_prediction"]
+    assert s["predicted_direct_rate"] == 0.0 and s["direct_obeys_closed_form"]   # a check of the split
     # Var(x_l) = (1 + a)^(2l) Var(x_0)
     v = variance_growth(tr.units)
     assert v["log"]["slope"] == pytest.approx(2 * math.log(1 + a), rel=1e-5)
@@ -86,7 +93,7 @@ def test_rates_on_a_constructed_network(a):
 
 
 def test_bn_preact_net_grows_linearly_at_init():
-    """PAPER.md section 6/8: Var(x_l) in a BN pre-activation net grows about linearly."""
+    """docs/theory.md, section 6: Var(x_l) in a BN pre-activation net grows about linearly."""
     torch.manual_seed(0)
     m = gradflow.create_model("resnet110")
     with gradflow.trace(m) as tr:

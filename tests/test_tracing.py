@@ -84,18 +84,21 @@ def test_constant_scaling_direct_term_is_prod_lambda(name, scale):
     # resnet110: 0.5^54 ~ 5.6e-17 of dE/dx_L, whose square is below float32's range
     m = gradflow.create_model(name, shortcut="scale", scale=scale)
     x, y = batch()
-    tr = traced(m, x, y)
+    from gradflow.probe.quantities import Structure
+    tr = traced(m, x, y, quantities=[Structure()])
     df = tr.units
     L = len(m.units())
     last_stage = [i for i, u in enumerate(m.units()) if u.stage == 2][1:]
     for i in last_stage:
         np.testing.assert_allclose(df.loc[i, "direct_ratio"], scale ** (L - i), rtol=1e-5)
-    # every unit, across projections too: direct = prod(lambda) * (identity-path reference)
+    # every covered unit: direct = prod(lambda) up to the next projection, times its direct term
     joined = gradflow.theory.predict_direct(df)
-    np.testing.assert_allclose(joined["direct_vs_pred"], 1.0, rtol=1e-5)
+    covered = joined["pred_basis"] == "eq. (8)"
+    assert covered.sum() == L - 2       # the two projection units are not covered
+    np.testing.assert_allclose(joined.loc[covered, "direct_vs_pred"], 1.0, rtol=1e-5)
     s = tr.summary()
     assert abs(s["direct_rate"]["slope"] - math.log(scale)) < 1e-5
-    assert s["direct_matches_prediction"]
+    assert s["direct_obeys_closed_form"]
 
 
 @pytest.mark.parametrize("shortcut", ["identity", "scale", "dropout", "conv"])

@@ -119,7 +119,7 @@ def _report(args, scale, rows, specs, exp_dir: Path, command: str, how: str = ""
              f"data: {args.data or 'as recorded in the run folders'}" + (f" ({args.data_note})" if args.data_note else ""),
              f"run folders: {exp_dir / 'runs'}" + (f"; {how}" if how else ""),
              "error: the last logged test error of each run, in %; spread = max - min over seeds; "
-             "paper error: He et al. 2016 (PAPER.md section 2), at the paper's scale"]
+             "paper error: He et al. 2016 (docs/theory.md, section 7.4), at the paper's scale"]
     common = _common(command)
     table = results_table(rows, specs, scale)
     about += ordering_lines(table, {r.name: r.group for r in rows})

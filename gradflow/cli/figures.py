@@ -88,7 +88,7 @@ def figure_specs(deep_batch: int = 8) -> list[FigureSpec]:
                    lambda tr: plot.gradient_depth(units(tr, t1), title="Table 1 shortcuts, ResNet-110 at "
                                                   "init: ||dE/dx_l||/||dE/dx_L||, total vs direct vs eq. (8)")),
         FigureSpec("table1_decay_rates", "Table 1: fitted decay rate of the total gradient, the direct "
-                   "term and the prediction (log lambda, or the measured gate product)", t1,
+                   "term and eq. (8)'s rate where it covers the units (log lambda; none for gates, dropout, 1x1 conv)", t1,
                    lambda tr: plot.decay_rates(units(tr, t1), title="Table 1 shortcuts, ResNet-110 at "
                                                "init: decay rates across depth (95% CI)")),
         FigureSpec("table1_cosine", "Table 1: per-sample cosine between the direct and residual terms",

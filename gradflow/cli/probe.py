@@ -131,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               write_outputs)
         from gradflow.probe.output import FILES
         config = config_from_args(args)
+        config.variants()                       # options checked against each other before any work
         if args.paths is not None and args.paths < -1:
             raise GradflowError(f"--paths {args.paths}: give a path length >= 0, or no number for all")
         resolve_device(config.device)           # fail before any work

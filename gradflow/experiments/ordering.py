@@ -13,7 +13,7 @@ from typing import Optional
 
 import pandas as pd
 
-FAIL = 20.0   # the paper's "fail": test error above 20% (PAPER.md, Table 1)
+FAIL = 20.0   # the paper's "fail": test error above 20% (docs/theory.md, section 7.4)
 
 
 def paper_rank(paper_error: str) -> Optional[float]:

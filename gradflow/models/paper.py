@@ -1,4 +1,4 @@
-"""The paper's variant sets, Tables 1-3, as one table (PAPER.md sections 2-5).
+"""The paper's variant sets, Tables 1-3, as one table (docs/theory.md, section 7).
 
 Every other list of the paper's variants derives from :data:`ROWS`: the
 trainer's presets (``table1-scale-0.5`` ...), the probe's ``--compare table1`` /

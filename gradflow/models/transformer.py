@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradflow.errors import GradflowError
+from gradflow.models.units import applies_with
 from gradflow.tracing.parts import Parts, as_fn, run_parts
 
 TRANSFORMER_UNITS = ("pre_ln", "post_ln", "deepnorm", "rezero", "skipinit")
@@ -55,9 +56,10 @@ class TransformerSpec:
 
     unit: str = "pre_ln"
     shortcut: str = "identity"
-    scale: float = 0.5              # lambda on h, for shortcut="scale"
-    scale_branch: bool = False      # also 1 - lambda on F (Table 1's 0.5/0.5 row)
-    skip_init: float = 0.0          # SkipInit's scalar at init (De & Smith: 0, or below 1/sqrt(depth))
+    scale: float = applies_with(0.5, shortcut=("scale",))           # lambda on h
+    scale_branch: bool = applies_with(False, shortcut=("scale",))   # also 1 - lambda on F (Table 1's 0.5/0.5)
+    skip_init: float = applies_with(0.0, unit=("skipinit",))        # SkipInit's scalar at init (De & Smith:
+                                                                    # 0, or below 1/sqrt(depth))
     init: str = "xavier"            # "xavier" (Xiong et al. 2020's setting) or "gpt2" (nanoGPT)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """The residual unit and its parts: every variant of Tables 1 and 2 of the paper.
 
-Unit types (Table 2, paper Fig. 4; PAPER.md section 3):
+Unit types (Table 2, paper Fig. 4; docs/theory.md, section 7.1):
 
 ==========================  ======================================  ==============
 ``unit``                    residual branch F                       after-addition f
@@ -14,7 +14,7 @@ Unit types (Table 2, paper Fig. 4; PAPER.md section 3):
 
 For the pre-activation types the leading activation is the unit's ``preact``
 part; at a projection unit it is shared by the branch and the shortcut, as the
-official code does (PAPER.md section 4).
+official code does (docs/theory.md, section 7.2).
 
 Shortcut types (Table 1): ``identity``; ``scale`` (lambda on h, and 1 - lambda
 on F with ``scale_branch=True``); ``exclusive_gate`` (1 - g(x) on h, g(x) on F);
@@ -26,7 +26,7 @@ with zero channels, option A).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -44,6 +44,38 @@ DOWNSAMPLE_TYPES = ("projection", "pad")
 PREACT_TYPES = ("relu_only_preact", "full_preact")
 
 
+def applies_with(default: Any, **needs: tuple) -> Any:
+    """A config field that only has an effect when other fields take one of the given values.
+
+    ``scale: float = applies_with(0.5, shortcut=("scale",))``: lambda is read by
+    constant-scaling shortcuts only. :func:`inapplicable` reads the rule, so
+    option checks derive from the config instead of a hand list.
+    """
+    return field(default=default, metadata={"needs": needs})
+
+
+def inapplicable(options: dict, defaults: dict, specs: tuple = ()) -> list[tuple[str, dict]]:
+    """The given options that have no effect: (name, {field: values it needs}) per such option.
+
+    Args:
+        options: the options given (create_model keywords).
+        defaults: the model's defaults for the options not given.
+        specs: the config dataclasses whose fields declare rules (default: :class:`UnitSpec`).
+    """
+    merged = {**defaults, **options}
+    out, seen = [], set()
+    for spec in specs or (UnitSpec,):
+        for f in fields(spec):
+            need = f.metadata.get("needs")
+            if not need or f.name not in options or f.name in seen:
+                continue
+            seen.add(f.name)
+            unmet = {k: v for k, v in need.items() if merged.get(k) not in v}
+            if unmet:
+                out.append((f.name, unmet))
+    return out
+
+
 @dataclass(frozen=True)
 class UnitSpec:
     """What a unit is, in the paper's terms. Theory reads this; nothing else does."""
@@ -51,10 +83,10 @@ class UnitSpec:
     unit: str = "full_preact"
     shortcut: str = "identity"
     block: str = "basic"            # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1)
-    scale: float = 0.5              # lambda, for shortcut="scale"
-    scale_branch: bool = False      # also scale F by 1 - lambda (Table 1 row 0.5/0.5)
-    gate_bias: float = -6.0         # b_g, for the gates (paper's best: -6)
-    dropout: float = 0.5            # p, for shortcut="dropout"
+    scale: float = applies_with(0.5, shortcut=("scale",))            # lambda
+    scale_branch: bool = applies_with(False, shortcut=("scale",))    # also F x (1 - lambda) (Table 1 0.5/0.5)
+    gate_bias: float = applies_with(-6.0, shortcut=("exclusive_gate", "shortcut_gate"))  # b_g (paper: -6)
+    dropout: float = applies_with(0.5, shortcut=("dropout",))        # the drop ratio p
     downsample: str = "projection"  # how h changes shape: "projection" or "pad"
 
     def __post_init__(self) -> None:

@@ -10,11 +10,13 @@ Several configurations are passed either as a dict ``{label: table}`` or as one
 table with a ``config`` column (``by=`` names another column); each gets its
 own panel, in the order given.
 
-Units on the figures: gradient "ratios" are the batch mean of the per-sample
-||dE/dx_l|| / ||dE/dx_L||, so x_L (the head's input) is 1 by definition; the
-direct term is dE/dx_L carried back through shortcuts and after-addition
-activations only (eq. 5 and 8), the prediction is
-:func:`gradflow.theory.predict_direct`. Decay rates are changes of log(ratio)
+Units on the figures: gradient "ratios" are ||dE/dx_l|| / ||dE/dx_L||, so x_L
+(the head's input) is 1 by definition; the total on the depth figures is the
+ratio of batch medians (docs/theory.md, section 5); the direct term is dE/dx_L
+carried back through shortcuts and after-addition activations only; eq. (5)/(8)
+points are drawn only at the units they cover
+(:func:`gradflow.theory.predict_direct`), beside the isotropy and mean-field
+predictions of the total (docs/theory.md, section 3). Decay rates are changes of log(ratio)
 per unit toward the input (positive: grows toward the input).
 
 Sizes: every figure is laid out with constrained layout and sized so that a

@@ -10,6 +10,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gradflow.theory import decay_rate, per_unit, predict_direct, shape_groups, variance_growth
+from gradflow.theory.predict import COVERED
+from gradflow.theory.total import meanfield_anchored, with_predictions
 
 from gradflow.plot.style import (COLOURS, PANEL_W, Records, at_step, axes_title, fig_title, legend_below,
                                  panel_grid, positive_values, split_records, stage_lines, styled, subplots,
@@ -21,41 +23,72 @@ from gradflow.plot.style import (COLOURS, PANEL_W, Records, at_step, axes_title,
 @styled
 def gradient_depth(units: Records, by: str = "config", step: Optional[int] = None,
                    ncols: Optional[int] = None, band: bool = True, title: Optional[str] = None) -> Figure:
-    """||dE/dx_l|| / ||dE/dx_L|| per unit (log axis): total, direct term, and eq. (5)/(8)'s prediction.
+    """||dE/dx_l|| / ||dE/dx_L|| per unit (log axis): total, direct term, and the predictions.
 
-    One panel per configuration. Lines: ``total`` (grad_ratio, with its 5-95%
-    per-sample band), ``direct`` (direct_ratio) and ``predicted``
-    (pred_direct_ratio from :func:`gradflow.theory.predict_direct`). The
-    prediction is about the direct term; the total need not follow it.
+    One panel per configuration. Lines: ``total`` and ``direct`` (ratios of
+    batch medians; the total with the 5-95% band of per-sample ratios);
+    predictions of the total that can fail: ``isotropy`` (iso_ratio) and ``mean
+    field`` (anchored at each covered run's top; docs/theory.md, section 3).
+    Eq. (5)/(8) points are drawn only at the units they cover, from the closed
+    form (:func:`gradflow.theory.predict_direct`), and labelled as exact by
+    construction; a panel where they cover no unit says why.
     """
     parts = split_records(units, by)
     fig, axes = panel_grid(len(parts), ncols)
     for ax, (label, table) in zip(axes, parts):
-        body = unit_rows(predict_direct(at_step(table, step)))
-        x = body["unit"].to_numpy()
-        if band and "grad_ratio_q05" in body:
-            ax.fill_between(x, positive_values(body["grad_ratio_q05"]), positive_values(body["grad_ratio_q95"]),
+        df = per_unit(with_predictions(at_step(table, step)))
+        x = df["unit"].to_numpy()
+        total = df["grad_ratio_med"] if "grad_ratio_med" in df else df["grad_ratio"]
+        if band and "grad_ratio_q05" in df:
+            ax.fill_between(x, positive_values(df["grad_ratio_q05"]), positive_values(df["grad_ratio_q95"]),
                             color=COLOURS["total"], alpha=0.2, lw=0, label="total, 5-95% of samples")
-        ax.plot(x, positive_values(body["grad_ratio"]), color=COLOURS["total"], lw=1.6, label="total")
-        if "direct_ratio" in body:
-            ax.plot(x, positive_values(body["direct_ratio"]), color=COLOURS["direct"], lw=1.6, ls="--",
+        ax.plot(x, positive_values(total), color=COLOURS["total"], lw=1.6, label="total (ratio of medians)")
+        if "direct_ratio" in df:
+            direct = df["direct_ratio_med"] if "direct_ratio_med" in df else df["direct_ratio"]
+            ax.plot(x, positive_values(direct), color=COLOURS["direct"], lw=1.6, ls="--",
                     label="direct term")
-            if not (body["direct_ratio"] > 0).any():
+            if not (df["direct_ratio"] > 0).any():
                 ax.text(0.03, 0.05, "direct term = 0\n(off the log axis)", transform=ax.transAxes,
                         fontsize="small", color=COLOURS["direct"])
-        if "pred_direct_ratio" in body:
-            ax.plot(x, positive_values(body["pred_direct_ratio"]), color=COLOURS["predicted"], lw=1.0,
-                    ls="none", marker=".", ms=3, markevery=max(1, len(x) // 60),
-                    label="prediction, eq. (5)/(8)")
-        stage_lines(ax, body)
+        _predictions(ax, df, x)
+        stage_lines(ax, df)
         ax.set_yscale("log")
         ax.set_title(label, fontsize="medium")
         ax.set_xlabel("unit l (input → output)")
         ax.set_ylabel("||dE/dx_l|| / ||dE/dx_L||")
     legend_below(fig, axes)
-    fig_title(fig, title or "Gradient norm per unit, relative to the top (x_L): total vs direct term "
-                 "vs prediction")
+    fig_title(fig, title or "Gradient norm per unit, relative to the top (x_L): total, direct term, "
+                 "and predictions of the total")
     return fig
+
+
+def _predictions(ax, df: pd.DataFrame, x: np.ndarray, colour=None, legend: bool = True) -> None:
+    """Isotropy and mean-field lines, and eq. (5)/(8) points where they cover a unit (else a note)."""
+    if "iso_ratio" in df and df["iso_ratio"].notna().any():
+        ax.plot(x, positive_values(df["iso_ratio"]), color=colour or COLOURS["fit"], lw=1.0, ls="-.",
+                label="isotropy prediction" if legend else None)
+    mf = meanfield_anchored(df)
+    if np.isfinite(mf).any():
+        ax.plot(x, positive_values(pd.Series(mf)), color=colour or COLOURS["predicted"], lw=1.0, ls=(0, (1, 1)),
+                label="mean field (anchored at each run's top)" if legend else None)
+    if "pred_direct_ratio" not in df:
+        return
+    covered = df["pred_basis"].isin(COVERED) if "pred_basis" in df else pd.Series(False, index=df.index)
+    if covered.any():
+        # the closed form times the anchor's drawn direct term (the ratio of medians, as the line)
+        direct = "direct_ratio_med" if "direct_ratio_med" in df else "direct_ratio"
+        at = dict(zip(df["unit"], df[direct]))
+        anchor = df.loc[covered, "pred_anchor"].to_numpy(float)
+        base = np.array([1.0 if a == -1 else at.get(int(a), np.nan) for a in anchor])
+        ax.plot(x[covered.to_numpy()], positive_values(pd.Series(df.loc[covered, "pred_direct_factor"].to_numpy()
+                                                                 * base)),
+                color=colour or COLOURS["predicted"], ls="none", marker=".", ms=3,
+                markevery=max(1, int(covered.sum()) // 60),
+                label="eq. (5)/(8), where they cover the unit (exact by construction)" if legend else None)
+    elif colour is None and "pred_basis" in df and len(df):
+        why = str(df["pred_basis"].iloc[0]).removeprefix("not covered: ")
+        ax.text(0.03, 0.95, "no eq. (5)/(8) points: " + why, transform=ax.transAxes, fontsize="x-small",
+                va="top", wrap=True, color=COLOURS["predicted"])
 
 
 def decay_rate_table(units: Records, by: str = "config") -> pd.DataFrame:
@@ -64,9 +97,11 @@ def decay_rate_table(units: Records, by: str = "config") -> pd.DataFrame:
     Columns: ``config``, ``quantity`` (total / direct term / prediction),
     ``slope``, ``ci_low``, ``ci_high``, ``r2``, ``n`` (see
     :func:`gradflow.theory.decay_rate`: one intercept per input shape). The
-    prediction's rate is the fitted rate of ``pred_direct_ratio``: log(lambda)
-    for constant scaling, the measured gate product for gates, NaN where eq. (8)
-    has no closed form (1x1-conv and dropout shortcuts). A quantity that is
+    prediction's rate is the fitted rate of ``pred_direct_ratio`` over the units
+    eq. (5)/(8) cover: log(lambda) for constant scaling, NaN where they cover
+    none (gates, dropout and 1x1-conv shortcuts, an activation after the
+    addition, a table without ``f_identity``). The intervals are least-squares
+    ones (see :func:`gradflow.theory.fit_slope`). A quantity that is
     exactly 0 at most units (lambda = 0, products of dropout masks) gets NaN:
     a log-rate fitted to the few non-zero units would mislead.
     """
@@ -131,7 +166,7 @@ def activation_growth(units: Records, by: str = "config", step: Optional[int] = 
                       ncols: Optional[int] = None, title: Optional[str] = None) -> Figure:
     """Var(x_l) per unit (points) against the linear-growth prediction (line, per-stage intercepts).
 
-    PAPER.md section 6: with BN, each pre-activation unit adds an O(1) variance,
+    docs/theory.md, section 6: with BN, each pre-activation unit adds an O(1) variance,
     so Var(x_l) grows linearly within a stage and resets at projections. The
     panel title gives the fitted slope per unit and which of the linear and
     log-linear fits describes the data better (R^2).
@@ -203,8 +238,10 @@ def cosine_distribution(samples: Records, by: str = "config", step: Optional[int
 def probe_overview(tables: Records, title: Optional[str] = None) -> Figure:
     """The probe's figure: gradient (left) and activation norms (right) per unit, every network on the same axes.
 
-    Left: ||dE/dx_l|| / ||dE/dx_L|| on a log axis, the total (solid), the direct
-    term (dashed) and its prediction from eq. (5)/(8) (dotted). Right: ||x_l||
+    Left: ||dE/dx_l|| / ||dE/dx_L|| on a log axis, the total (ratio of medians,
+    solid), the direct term (dashed), the isotropy (dash-dot) and mean-field
+    (dotted) predictions of the total, and eq. (5)/(8) points only where they
+    cover a unit (:func:`_predictions`). Right: ||x_l||
     (per sample, batch mean; log axis). One colour per network; ``tables`` is one
     units table or ``{label: table}``. Plain matplotlib (no seaborn style): the
     probe draws it on every run, and seaborn's import costs about a second.
@@ -220,14 +257,17 @@ def _probe_overview(tables: Mapping[str, pd.DataFrame], title: Optional[str]) ->
     cmap = mpl.colormaps["tab10" if len(tables) <= 10 else "tab20"]
     colours = [cmap(i % cmap.N) for i in range(len(tables))]
     for (label, units), colour in zip(tables.items(), colours):
-        df = per_unit(units)
+        df = per_unit(with_predictions(units))
         u = df["unit"].to_numpy()
-        for ax, column, ls, lab, kw in ((ax_g, "grad_ratio", "-", label or "total", {}),
-                                        (ax_g, "direct_ratio", "--", None, {}),
-                                        (ax_g, "pred_direct_ratio", ":", None, dict(lw=2.2, alpha=0.8)),
-                                        (ax_x, "x_norm", "-", label or "||x_l||", {})):
+        total = "grad_ratio_med" if "grad_ratio_med" in df else "grad_ratio"
+        direct = "direct_ratio_med" if "direct_ratio_med" in df else "direct_ratio"
+        one = len(tables) == 1
+        for ax, column, ls, lab in ((ax_g, total, "-", "total (ratio of medians)" if one else label),
+                                    (ax_g, direct, "--", "direct term" if one else None),
+                                    (ax_x, "x_norm", "-", "||x_l||" if one else label)):
             if column in df:
-                ax.plot(u, positive_values(df[column]), ls=ls, color=colour, label=lab, **{"lw": 1.4, **kw})
+                ax.plot(u, positive_values(df[column]), ls=ls, color=colour, label=lab, lw=1.4)
+        _predictions(ax_g, df, u, colour if len(tables) > 1 else None, legend=len(tables) == 1)
     if len(tables) == 1:
         body = per_unit(next(iter(tables.values())))
         stage_lines(ax_g, body)
@@ -236,9 +276,14 @@ def _probe_overview(tables: Mapping[str, pd.DataFrame], title: Optional[str]) ->
              title="gradient across depth")
     ax_x.set(yscale="log", xlabel="unit l (input → output)", ylabel="||x_l|| (per sample, batch mean)",
              title="activations across depth")
-    styles = [Line2D([], [], color="0.3", ls=ls, label=lab) for ls, lab in
-              (("-", "total"), ("--", "direct term"), (":", "prediction, eq. (5)/(8)"))]
-    ax_g.legend(handles=styles, fontsize="small", loc="best")
+    if len(tables) == 1:
+        ax_g.legend(fontsize="x-small", loc="best")
+    else:
+        styles = [Line2D([], [], color="0.3", ls=ls, marker=m, label=lab) for ls, m, lab in
+                  (("-", None, "total (ratio of medians)"), ("--", None, "direct term"),
+                   ("-.", None, "isotropy prediction"), ((0, (1, 1)), None, "mean field (anchored)"),
+                   ("none", ".", "eq. (5)/(8) where they cover (by construction)"))]
+        ax_g.legend(handles=styles, fontsize="x-small", loc="best")
     if len(tables) > 1:
         handles = [Line2D([], [], color=c, label=lab) for lab, c in zip(tables, colours)]
         fig.legend(handles=handles, loc="outside right center", fontsize="small")

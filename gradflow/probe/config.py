@@ -33,7 +33,7 @@ class ProbeConfig:
     batches: int = 1                    # statistics over this many batches (one traced step each)
     image_size: Optional[int] = None    # None: the model's own (32 zoo, 224 torchvision, timm's cfg)
     seq_len: Optional[int] = None       # token models: tokens per sequence (None: min(128, the model's))
-    mode: str = "train"                 # BN on batch statistics, as in training and PAPER.md section 8
+    mode: str = "train"                 # BN on batch statistics, as in training and docs/theory.md, section 6
     device: str = "auto"                # "auto": cuda when visible, else cpu
     seed: int = 0                       # torch.manual_seed before building; the batch draws from it too
     out: Optional[str] = None           # None: runs/probe/<model>-<time>
@@ -56,8 +56,13 @@ class ProbeConfig:
                                 "(the checkpoint's own options are used)")
 
     def variants(self) -> dict[str, "ProbeConfig"]:
-        """label -> the config of one probe: just this one, or one per ``compare`` entry."""
+        """label -> the config of one probe: just this one, or one per ``compare`` entry.
+
+        An option that has no effect on its variant (``scale`` without
+        ``shortcut="scale"``) is an error naming what it needs (:func:`check_options_apply`).
+        """
         if not self.compare:
+            check_options_apply(self.model, self.options)
             return {self.label(): self}
         if self.checkpoint is not None:
             raise GradflowError("--compare builds fresh variants of --model; it cannot be "
@@ -67,6 +72,18 @@ class ProbeConfig:
             overrides = dict(overrides)
             model = overrides.pop("model", self.model)
             out[label] = replace(self, model=model, options={**self.options, **overrides}, compare=None)
+            check_options_apply(model, out[label].options, only=set(overrides), where=f"--compare {label!r}: ")
+        for name in self.options:    # a base option must reach at least one variant
+            reads = [label for label, cfg in out.items() if name not in self.compare[label]
+                     and name not in {n for n, _ in _inapplicable(cfg.model, cfg.options)}]
+            if reads:
+                continue
+            if all(name in o for o in self.compare.values()):
+                raise GradflowError(f"--{name.replace('_', '-')} {self.options[name]!r} has no effect: every "
+                                    "--compare variant sets its own; drop it")
+            first = next(label for label in out if name not in self.compare[label])
+            check_options_apply(out[first].model, out[first].options, only={name},
+                                where=f"--compare {first!r} (and every variant that does not set it): ")
         return out
 
     def label(self) -> str:
@@ -82,6 +99,44 @@ class ProbeConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+FLAGS = {"scale": "--scale/--lambda"}   # the CLI's names where they are not --NAME
+
+
+def _inapplicable(model: str, options: dict) -> list[tuple[str, dict]]:
+    """The options that have no effect on the zoo model ``model`` (third-party models take none)."""
+    if ":" in model or not options:
+        return []
+    from gradflow.models.registry import model_options
+    from gradflow.models.transformer import TransformerSpec
+    from gradflow.models.units import UnitSpec, inapplicable
+    try:
+        defaults = model_options(model)
+    except GradflowError:    # an unknown model is reported where it is built, with close matches
+        return []
+    return inapplicable(options, defaults, (UnitSpec, TransformerSpec))
+
+
+def check_options_apply(model: str, options: dict, only: Optional[set] = None, where: str = "") -> None:
+    """Refuse an option that has no effect on ``model`` with ``options``: one line naming what it needs.
+
+    The rules come from the unit config dataclasses' fields (``applies_with``).
+    Args:
+        only: check just these option names (a --compare variant's own overrides).
+        where: a prefix naming the variant.
+    """
+    from gradflow.models.registry import model_options
+    for name, need in _inapplicable(model, options):
+        if only is not None and name not in only:
+            continue
+        merged = {**model_options(model), **options}
+        key, values = next(iter(need.items()))
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise GradflowError(
+            f"{where}{flag} {options[name]!r} has no effect on {model} with {key}={merged[key]!r}: it applies "
+            f"with {' or '.join(f'{key}={v!r}' for v in values)}; add --{key.replace('_', '-')} {values[0]} or "
+            f"drop {flag.split('/')[0]}")
 
 
 def parse_compare(items: list[str]) -> dict[str, dict[str, Any]]:

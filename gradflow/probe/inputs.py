@@ -1,6 +1,6 @@
 """The probe's input batches: a seeded synthetic batch, or CIFAR test images.
 
-Synthetic: N(0, 1) images and uniform labels, as in PAPER.md section 8, drawn
+Synthetic: N(0, 1) images and uniform labels, as in docs/theory.md, section 6, drawn
 from a generator seeded by the probe's seed (batch ``i`` is the same whatever
 the model). CIFAR: the test split of the python-pickle release (``test_batch``
 for CIFAR-10, ``test`` for CIFAR-100), read alone (the training files are not

@@ -11,9 +11,13 @@ import torch
 
 from gradflow.errors import GradflowError
 from gradflow.theory import predict_direct
+from gradflow.theory.profile import profile_fits
+from gradflow.theory.robust import batch_size, degenerate_samples, median_ratios
+from gradflow.theory.total import predict_total
 from gradflow.probe.config import ProbeConfig
 from gradflow.probe.inputs import Inputs, cifar_test, find_test_file, synthetic, synthetic_tokens
 from gradflow.probe.models import BuiltModel, build_model
+from gradflow.probe.quantities import probe_quantities
 from gradflow.probe.step import trace_once, traced_step  # noqa: F401  (traced_step: re-exported, benchmarks use it)
 
 DEFAULT_BATCH_32 = 16   # resnet1001 at batch 16: benchmarks/probe_bench.py (2 CPU cores)
@@ -33,6 +37,7 @@ class VariantResult:
     summary: dict             # Tracer.summary(): fitted rates against eq. (5)/(8)
     timings: dict             # seconds: build, steps (each traced batch), tables (tables + summary)
     checkpoint_info: Optional[dict] = None
+    analysis: dict = field(default_factory=dict)  # from the samples: degenerate samples, profile fits
 
 
 @dataclass
@@ -128,15 +133,17 @@ def probe_model(built: BuiltModel, inputs: Inputs, cfg: ProbeConfig, device: tor
     modes, ``requires_grad``, BN running statistics and the global RNG state.
     """
     traced = trace_once(built.module, inputs, cfg.seed, device, train=cfg.mode == "train",
-                        weight_grads=False)
+                        weight_grads=False, quantities=probe_quantities(cfg.seed))
     t0 = time.perf_counter()
-    units = traced.units
+    units, samples = traced.units, traced.samples
     summary = traced.tracer.summary(pool=True)   # every batch of the probe in one fit
-    units = predict_direct(units) if "direct_ratio" in units else units
-    units = _with_direct_share(units, traced.samples)
+    units = predict_total(median_ratios(predict_direct(units) if "direct_ratio" in units else units))
+    units = _with_direct_share(units, samples)
+    analysis = dict(batch=batch_size(samples), degenerate=degenerate_samples(samples, units),
+                    fits={"total": profile_fits(samples, units, "grad_norm", seed=cfg.seed)})
     timings = dict(build=build_s, steps=traced.step_s, tables=time.perf_counter() - t0)
     return VariantResult(label, built.name, built.options, built.source, units.reset_index(drop=True),
-                         summary, timings, built.info)
+                         summary, timings, built.info, analysis)
 
 
 def _with_direct_share(units: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

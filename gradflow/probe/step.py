@@ -165,10 +165,13 @@ def trace_at_init(model: str, options: Optional[dict] = None, seed: int = 0, bat
         batch_size, batches: the synthetic input (N(0, 1) images, uniform labels).
         image_size: None: the model's own (32 for the zoo).
         device: where to run (None: CPU).
-        **trace_kwargs: passed to :func:`gradflow.trace`.
+        **trace_kwargs: passed to :func:`gradflow.trace`; ``quantities`` defaults to
+            :class:`gradflow.probe.quantities.Structure` (what eq. (5)/(8) need to know they apply).
     Returns:
         :class:`Traced`.
     """
+    from gradflow.probe.quantities import Structure
+    trace_kwargs.setdefault("quantities", [Structure()])
     built = build_model(model, dict(options or {}), seed)
     inputs = synthetic(batch_size, batches, image_size or built.image_size, seed)
     return trace_once(built.module, inputs, seed, device, **trace_kwargs)

@@ -1,14 +1,23 @@
-"""Theory: the paper's predictions and fitted rates, as pure functions of recorded tables.
+"""Theory: predictions and fits, as pure functions of recorded tables (docs/theory.md).
 
-``predict``: eq. (5)/(8) beside the measured direct term; ``fits``: rates across
-depth with confidence intervals, variance growth, and the one grouping of units
-by input shape every fit and figure uses; ``summary``: the network-level summary
-(``Tracer.summary()``); ``jacobian``: matrix-free Jacobian spectra (imported
-where used: it needs autograd, not tables).
+``predict``: eq. (5)/(8) for the direct term where the paper's assumptions
+hold, from the closed form; ``total``: predictions of the total gradient that
+can fail (mean field, isotropy) and the gradient scale coefficient;
+``profile``: exponential vs power-law fits per stage with bootstrap intervals
+over samples, and "neither" where neither fits; ``robust``: ratios of batch
+medians and degenerate samples; ``fits``: least-squares rates, variance growth,
+and the one grouping of units by input shape every fit and figure uses;
+``summary``: the network-level summary (``Tracer.summary()``); ``paths``:
+path-length tables.
 """
 from gradflow.theory.fits import Fit, decay_rate, fit_slope, shape_groups, variance_growth
-from gradflow.theory.predict import predict_direct, predicted_rate
+from gradflow.theory.predict import coverage, predict_direct, predicted_rate
+from gradflow.theory.profile import fit_profile, profile_fits
+from gradflow.theory.robust import degenerate_samples, median_ratios
 from gradflow.theory.summary import per_unit, summarize
+from gradflow.theory.total import gradient_scale, isotropy_total, meanfield_total, predict_total, with_predictions
 
-__all__ = ["summarize", "predict_direct", "predicted_rate", "decay_rate", "variance_growth",
-           "fit_slope", "shape_groups", "per_unit", "Fit"]
+__all__ = ["summarize", "predict_direct", "predicted_rate", "coverage", "decay_rate", "variance_growth",
+           "fit_slope", "shape_groups", "per_unit", "Fit", "profile_fits", "fit_profile", "median_ratios",
+           "degenerate_samples", "meanfield_total", "isotropy_total", "gradient_scale", "predict_total",
+           "with_predictions"]

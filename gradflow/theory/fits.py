@@ -3,7 +3,7 @@
 Norms in different stages hold different element counts and pass projections,
 so every fit has one intercept per input shape (per stage, with a stage's
 downsampling unit counted with the stage it reads from) and one common slope
-(PAPER.md section 8): it compares units whose inputs hold the same elements.
+(docs/theory.md, section 6): it compares units whose inputs hold the same elements.
 """
 from __future__ import annotations
 
@@ -33,7 +33,13 @@ class Fit:
 
 def fit_slope(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
               level: float = 0.95) -> Fit:
-    """Least squares y ~ intercept per group + slope * x, with a t-based confidence interval."""
+    """Least squares y ~ intercept per group + slope * x, with a t-based confidence interval.
+
+    The interval assumes independent residuals. Along depth they are not (a
+    gradient profile's residuals are strongly autocorrelated), and there the
+    interval measures lack of fit, not uncertainty: for profiles across depth
+    :func:`gradflow.theory.profile.profile_fits` bootstraps over samples instead.
+    """
     x, y = np.asarray(x, float), np.asarray(y, float)
     groups = np.zeros(len(x)) if groups is None else np.asarray(groups)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -62,7 +68,9 @@ def decay_rate(units: pd.DataFrame, column: str = "grad_ratio") -> Fit:
 
     Positive: the quantity grows toward the input; for the direct term of a
     constant-scaling net the prediction is log(lambda) (negative for lambda < 1).
-    Uses the batch mean of the per-sample ratios, per step.
+    Uses the batch mean of the per-sample ratios, per step. The interval is
+    :func:`fit_slope`'s (independent residuals): quote
+    :func:`gradflow.theory.profile.profile_fits`' bootstrap interval instead.
     """
     body = units[~units["is_top"]] if "is_top" in units else units
     body = body[np.isfinite(body[column]) & (body[column] > 0)]
@@ -73,7 +81,7 @@ def decay_rate(units: pd.DataFrame, column: str = "grad_ratio") -> Fit:
 def variance_growth(units: pd.DataFrame) -> dict:
     """Var(x_l) against l: linear fit and log-linear fit (per-stage intercepts), and which fits better.
 
-    PAPER.md section 6: BN pre-activation nets grow roughly linearly in l,
+    docs/theory.md, section 6: BN pre-activation nets grow roughly linearly in l,
     unnormalised nets with He init roughly double per unit (log slope log 2);
     projection shortcuts reset the growth (hence per-stage intercepts).
     """

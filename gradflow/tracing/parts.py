@@ -1,6 +1,6 @@
 """The parts of a residual unit, and how a module runs one or more units from them.
 
-A residual unit (PAPER.md section 1) is one residual addition::
+A residual unit (docs/theory.md, section 1) is one residual addition::
 
     z     = preact(x)                    shared pre-activation (often absent)
     h     = shortcut(z or x)             the shortcut h; None means identity

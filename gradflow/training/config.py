@@ -35,7 +35,7 @@ NUMBERS: dict[str, Number] = {
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. Defaults are the paper's recipe (PAPER.md section 5)."""
+    """Everything a run depends on. Defaults are the paper's recipe (docs/theory.md, section 7.3)."""
 
     # what to train
     model: str = "resnet110"          # a registered name (gradflow.list_models())

@@ -13,7 +13,7 @@ from gradflow.errors import GradflowError, unknown
 from gradflow.training.config import TrainConfig, make_config
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # He et al. 2016, section 4.1 / PAPER.md section 5: 64k iterations at batch 128.
+    # He et al. 2016, section 4.1 / docs/theory.md, section 7.3: 64k iterations at batch 128.
     "paper": dict(recipe="paper", batch_size=128, lr=0.1, warmup_lr=0.01, warmup_iters=400,
                   milestones=(32000, 48000), gamma=0.1, stop=64000, schedule_unit="iter",
                   momentum=0.9, nesterov=False, weight_decay=1e-4),
