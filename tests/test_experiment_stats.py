@@ -129,3 +129,15 @@ def test_near_chance_rows_tie():
     a, b = RowRuns("a", 1.0, [88.0]), RowRuns("b", 2.0, [89.5])
     claim = ordering_claim([a, b], replicates=10)
     assert (claim.kept, claim.reversed, claim.tied) == (0, 0, 1)
+
+
+def test_claim_line_states_the_exact_p_and_what_was_resampled():
+    from gradflow.experiments.claims import claim_lines
+    here = [20.0, 30.0, 25.0, 40.0, 50.0]                    # one pair swapped: 9 of 10
+    rows = [RowRuns(f"r{i}", float(i), [h]) for i, h in enumerate(here)]
+    line = claim_lines({"p": ordering_claim(rows, replicates=50)})[0]
+    assert line.startswith("ordering test (p): 9 of 10 pairs") and "p = 0.0417 (exact)" in line
+    assert "unlikely by chance" in line and "no pair is established" in line
+    rows = [RowRuns(f"r{i}", float(i), [h]) for i, h in enumerate([20.0, 40.0, 25.0, 30.0, 50.0])]
+    line = claim_lines({"": ordering_claim(rows, replicates=50)})[0]     # 2 inversions: p = 14/120
+    assert "p = 0.117" in line and "NOT distinguishable from a random ordering" in line
