@@ -169,6 +169,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["table1", "--seeds", "0"]) == 2 and "--seeds 0" in capsys.readouterr().err
     assert main(["table1", "--runs", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    assert main(["table1", "--device", "gpu0"]) == 2 and "'gpu0'" in capsys.readouterr().err
 
 
 def test_cli_from_a_predictor_table_and_runs(tmp_path):

@@ -42,6 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "moved copy (default 8: 16 per step)")
     p.add_argument("--batches", type=int, default=2, help="traced steps per seed (default 2)")
     p.add_argument("--data", help="CIFAR folder: trace real test images (default N(0,1) images)")
+    p.add_argument("--device", default="cpu", help="where the traced steps run (default cpu; cuda for a GPU)")
     p.add_argument("--predictors", help="read the predictors from this CSV (a previous run's "
                    "trainability_predictors.csv) instead of measuring them")
     p.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates (default 2000)")
@@ -62,6 +63,13 @@ def _check_args(args) -> None:
         raise GradflowError(f"--width {args.width} must be positive (0.5: the laptop nets)")
     if args.runs and not Path(args.runs).is_dir():
         raise GradflowError(f"--runs {args.runs!r} is not a folder: pass the experiment runner's --out")
+    import torch
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise GradflowError(f"--device {args.device!r} is not a torch device: cpu, cuda or cuda:1") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GradflowError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     if args.predictors and not Path(args.predictors).is_file():
         raise GradflowError(f"--predictors {args.predictors!r} does not exist: pass a trainability_predictors.csv")
 
@@ -86,12 +94,13 @@ def run(args, command: str) -> list[Path]:
         how = f"predictors read from {args.predictors}" + (f" (not in these tables, left out: {', '.join(unknown)})"
                                                           if unknown else "")
     else:
+        import torch
         preds = measure_variants(vs, args.seeds, args.width, args.batch_size, args.batches, args.data,
-                                 log=lambda m: print(f"{PROG}: {m}", flush=True))
+                                 device=torch.device(args.device), log=lambda m: print(f"{PROG}: {m}", flush=True))
         how = (f"predictors measured now: {args.seeds} init seed(s), {args.batches} step(s) of {args.batch_size} "
                f"inputs + their moved copies, width x{args.width:g}, "
                + (f"CIFAR test images from {args.data}" if args.data else "N(0,1) images")
-               + f", {preds['seconds'].sum():.0f} s in all")
+               + f", on {args.device}, {preds['seconds'].sum():.0f} s in all")
         atomic_write_text(out / "trainability_predictors.csv", preds.to_csv(index=False))
     outcomes, runs = {}, None
     if args.runs:
