@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -135,21 +135,6 @@ def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[f
         return float("nan"), float("nan")
     lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
-
-
-def bootstrap(stat: Callable[[np.random.Generator], float], replicates: int = 2000,
-              seed: int = 0) -> np.ndarray:
-    """``replicates`` values of ``stat(rng)``: ``stat`` draws its own resample from ``rng``."""
-    rng = np.random.default_rng(seed)
-    return np.array([stat(rng) for _ in range(replicates)], float)
-
-
-def resampled_median(values: Sequence[float], rng: np.random.Generator) -> float:
-    """The median of a resample (with replacement, same size) of ``values``; NaN if empty."""
-    v = np.asarray(values, float)
-    if not len(v):
-        return float("nan")
-    return float(np.median(v[rng.integers(0, len(v), len(v))]))
 
 
 def one_sided_pvalue(observed: float, null: Optional[np.ndarray]) -> float:

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from gradflow.experiments.stats import kendall_tau_b, percentile_interval, spearman
+from gradflow.experiments.stats import kendall_tau_b, one_sided_pvalue, percentile_interval, spearman
 from gradflow.trainability.predictors import BY_NAME, PREDICTORS
 
 COLUMNS = ("outcome", "predictor", "variants", "spearman", "spearman_low", "spearman_high", "kendall",
@@ -102,7 +102,7 @@ def rank_check(predictors: pd.DataFrame, outcome: dict, name: str, replicates: i
         klo, khi = percentile_interval(boots[n][1])
         perm = np.array([spearman(s, rng.permutation(y)) for _ in range(min(replicates, 2000))]) \
             if len(s) >= 3 else np.array([])
-        p = float((1 + (perm >= rho - 1e-12).sum()) / (1 + len(perm))) if len(perm) and np.isfinite(rho) else float("nan")
+        p = one_sided_pvalue(rho, perm) if np.isfinite(rho) else float("nan")
         rows.append(dict(outcome=name, predictor=n, variants=len(keys[n]), spearman=rho, spearman_low=lo,
                          spearman_high=hi, kendall=tau, kendall_low=klo, kendall_high=khi, p_permutation=p,
                          p_best=best[n] / replicates if replicates else float("nan"), verdict=_verdict(lo, hi)))
