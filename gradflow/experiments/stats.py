@@ -54,8 +54,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b (ties on either side corrected for), as scipy.stats.kendalltau's default."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    sx = np.sign(x[:, None] - x[None, :])
-    sy = np.sign(y[:, None] - y[None, :])
+    with np.errstate(invalid="ignore"):       # inf - inf (two "fail" rows): NaN, a tie below
+        sx = np.sign(x[:, None] - x[None, :])
+        sy = np.sign(y[:, None] - y[None, :])
     sx[np.isnan(sx)] = 0                      # inf - inf: a tie
     sy[np.isnan(sy)] = 0
     iu = np.triu_indices(len(x), 1)
@@ -93,12 +94,14 @@ def ordering_pvalue(paper: Sequence[float], here: Sequence[float], samples: int 
     p, h = np.asarray(paper, float), np.asarray(here, float)
     n = len(p)
     iu = np.triu_indices(n, 1)
-    dp = np.sign(p[iu[1]] - p[iu[0]])
+    with np.errstate(invalid="ignore"):
+        dp = np.sign(p[iu[1]] - p[iu[0]])
     dp[np.isnan(dp)] = 0
     use = dp != 0
 
     def scores(hh: np.ndarray) -> np.ndarray:       # hh: [permutations, n]
-        dh = np.sign(hh[:, iu[1]] - hh[:, iu[0]])
+        with np.errstate(invalid="ignore"):
+            dh = np.sign(hh[:, iu[1]] - hh[:, iu[0]])
         agree = dp[use] * dh[:, use]
         return (agree > 0).sum(1) + 0.5 * (agree == 0).sum(1)
 
