@@ -32,14 +32,11 @@ def rankdata(a: Sequence[float]) -> np.ndarray:
         raise ValueError("rankdata: NaN in the data; drop the missing values first")
     order = np.argsort(a, kind="mergesort")
     s = a[order]
+    new = np.r_[True, s[1:] != s[:-1]] if len(s) else np.zeros(0, bool)   # first of each run of ties
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(s)]
     ranks = np.empty(len(a))
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks[order] = ((starts + ends - 1) / 2 + 1)[np.cumsum(new) - 1]
     return ranks
 
 
