@@ -205,3 +205,11 @@ def test_measure_runs_on_a_zoo_network():
     assert np.isfinite([got[p.name] for p in PREDICTORS]).all()
     assert got["growth_law"] in ("exponential", "power")
     assert all(p.requires_grad for p in net.parameters()) and net.training    # the model is as it was
+
+
+def test_two_variants_are_not_tested_and_say_so():
+    from gradflow.trainability.report import lines
+    preds = _predictors({"a": 0.0, "b": 1.0, "c": 2.0})
+    t, _ = rank_check(preds, {"a": [10.0], "b": [20.0]}, "laptop", replicates=20)
+    assert (t["verdict"] == "not tested (too few variants)").all()
+    assert lines(t, [], None)[0].startswith("laptop: not tested: 2 variant(s)")

@@ -38,6 +38,12 @@ def lines(table: pd.DataFrame, notes: list[str], runs: Optional[pd.DataFrame]) -
     out = []
     for outcome in dict.fromkeys(table["outcome"]):
         t = table[table["outcome"] == outcome]
+        untested = t["verdict"].str.startswith("not tested")
+        if untested.all():
+            out.append(f"{outcome}: not tested: {int(t['variants'].max())} variant(s) with an outcome, at least 3 "
+                       "needed for a rank correlation with an interval")
+            continue
+        t = t[~untested]
         best = best_predictor(table, outcome)
         ok = t[t["verdict"] == "predicts"]
         bad = t[t["verdict"] != "predicts"]
