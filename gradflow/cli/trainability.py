@@ -91,8 +91,13 @@ def run(args, command: str) -> list[Path]:
         preds = pd.read_csv(args.predictors)
         unknown = sorted(set(preds["variant"]) - {v.name for v in vs})
         preds = preds[preds["variant"].isin([v.name for v in vs])]
-        how = f"predictors read from {args.predictors}" + (f" (not in these tables, left out: {', '.join(unknown)})"
-                                                          if unknown else "")
+        widths = ", ".join(f"x{w:g}" for w in sorted(set(preds["width"]))) if "width" in preds else "?"
+        steps = (f", {int(preds['batches'].iloc[0])} step(s) of {int(preds['batch_size'].iloc[0])} inputs + their "
+                 f"moved copies, {preds['inputs'].iloc[0]}" if {"batches", "batch_size", "inputs"} <= set(preds)
+                 else ", steps and inputs not recorded in the file")
+        how = (f"predictors read from {args.predictors}: at least {preds.groupby('variant')['seed'].nunique().min()} "
+               f"init seed(s) per variant, width {widths}{steps}"
+               + (f" (not in these tables, left out: {', '.join(unknown)})" if unknown else ""))
     else:
         import torch
         preds = measure_variants(vs, args.seeds, args.width, args.batch_size, args.batches, args.data,

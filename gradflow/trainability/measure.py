@@ -35,8 +35,8 @@ def measure_variants(vs: list[Variant], seeds: int = 3, width: float = 0.5, batc
         device: where to run (None: CPU).
         log: progress lines.
     Returns:
-        One row per (variant, seed): ``variant``, ``model``, ``seed``, ``width``, every predictor,
-        ``growth_law``, ``seconds``.
+        One row per (variant, seed): ``variant``, ``model``, ``seed``, ``width``, ``batch_size``,
+        ``batches``, ``inputs``, every predictor, ``growth_law``, ``seconds``.
     """
     from gradflow.probe.models import build_model
     rows = []
@@ -48,7 +48,10 @@ def measure_variants(vs: list[Variant], seeds: int = 3, width: float = 0.5, batc
             if device is not None:
                 built.module.to(device)
             got = measure(built.module, inputs(s, batch_size, batches, data), s, eps, probes, device)
-            rows.append(dict(variant=v.name, model=v.model, seed=s, width=width, **got))
+            rows.append(dict(variant=v.name, model=v.model, seed=s, width=width, batch_size=batch_size,
+                             batches=batches, inputs=f"CIFAR test images from {data}" if data else "N(0,1) images",
+                             **got))
         log(f"{v.name}: {seeds} seed(s) in {time.perf_counter() - t0:.1f}s")
-    cols = ["variant", "model", "seed", "width"] + [p.name for p in PREDICTORS] + ["growth_law", "seconds"]
+    cols = (["variant", "model", "seed", "width", "batch_size", "batches", "inputs"] + [p.name for p in PREDICTORS]
+            + ["growth_law", "seconds"])
     return pd.DataFrame(rows, columns=cols)
