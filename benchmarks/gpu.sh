@@ -43,3 +43,7 @@ timeout 100 python -m gradflow experiment table2 --scale laptop --rows 'resnet11
 echo "== 6. exact path-length split (issue 12): full spectrum and max_len=20 against a plain step, with each unit's route"
 timeout 60 python benchmarks/paths_bench.py --models resnet110,resnet164 --repeats 2 --device cuda \
   || echo "paths_bench: did not finish within 60 s"
+
+echo "== 7. trainability predictors at the paper's widths (25 Table 1/2 networks x 3 seeds) against the paper's errors"
+timeout 150 python -m gradflow trainability table1 table2 --width 1 --device cuda --out "$tmp/trainability" \
+    | grep -E "predictors|paper:" || echo "trainability: did not finish within 150 s"

@@ -20,6 +20,7 @@ COMMANDS = {
     "experiment": ("gradflow.cli.experiment", "the paper's Table 1/2/3 experiments: rows x seeds of runs"),
     "lesion": ("gradflow.cli.lesion", "Veit et al.'s lesion study on a trained checkpoint"),
     "paths": ("gradflow.cli.paths", "Veit-style path-length figures of a network or a training run"),
+    "trainability": ("gradflow.cli.trainability", "predict trainability from one traced step at init, checked against training"),
     "xiong": ("gradflow.cli.xiong", "Xiong et al. 2020 Theorem 1 (post-LN vs pre-LN) measured"),
 }
 

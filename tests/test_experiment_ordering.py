@@ -52,3 +52,11 @@ def test_full_agreement_and_panels_are_compared_apart():
     assert "1 of 1 pairs" in p1 and "appears in full" in p1
     assert "0 of 1 pairs" in p2 and "does NOT appear" in p2
     assert any("up to 2.50 points" in x for x in lines)
+
+
+def test_rows_near_chance_are_not_in_the_papers_order():
+    # two rows that did not learn (87% and 89%, chance 90%) are not "ordered" by their noise
+    t = _table([("a", "6.0", 50.0), ("b", "7.0", 87.0), ("c", "8.0", 89.0)])
+    head = next(x for x in ordering_lines(t, {}) if x.startswith("ordering"))
+    assert "2 of 3 pairs" in head and "1 tied" in head and "near chance count as tied" in head
+    assert "appears in full" not in head and "only in part" in head

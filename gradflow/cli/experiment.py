@@ -54,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-out", help="where table and figures go (default OUT/<experiment>-<scale>)")
     p.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"])
     p.add_argument("--data-note", default="", help="a line about the data for the captions")
+    p.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates of the ordering "
+                   "test over seeds and test images (default 2000)")
     p.add_argument("--device", help="--device for gradflow.train (default: its auto)")
     p.add_argument("--gpus", default="auto", help="'auto' (one run per visible GPU at once), 'none', "
                    "or ids like 0,1,2")
@@ -123,12 +125,31 @@ def _report(args, scale, rows, specs, exp_dir: Path, command: str, how: str = ""
     common = _common(command)
     table = results_table(rows, specs, scale)
     about += ordering_lines(table, {r.name: r.group for r in rows})
+    about += _claims(args, rows, specs)
     stem = f"{args.experiment}_{scale.name}_results"
     written = write_table(table, out, stem, f"{args.experiment} at {scale.name} scale", about + common)
     written += draw_figures(args.experiment, rows, specs, scale, out,
                             lambda name, lines: "\n".join(lines + about + common) + "\n", args.format)
     print(f"{PROG}: results in {out / stem}.md")
     return written
+
+
+def _claims(args, rows, specs) -> list[str]:
+    """The ordering test per panel: p under a random ordering, bootstrap over seeds and test images."""
+    import math
+    from gradflow.experiments.claims import claim_lines, ordering_claim
+    from gradflow.experiments.results import row_runs
+    runs = row_runs(rows, specs, args.data, args.verify, log=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
+    panels: dict = {}
+    for r in rows:
+        rr = runs.get(r.name)
+        if rr is not None and rr.errors and not math.isnan(rr.paper):
+            panels.setdefault(r.group, []).append(rr)
+    lines = claim_lines({k: ordering_claim(v, args.replicates) for k, v in panels.items()})
+    if not args.data:
+        lines.append("per-image test results need --data (the test set): without it the bootstrap redraws "
+                     "the seeds only")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -134,16 +134,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         numbers = (f"exact: 90% of sum_k ||g^(k)|| on k = {r['lo']}-{r['hi']} (peak {r['peak']}, "
                    f"{100 * r['path_share']:.3g}% of all paths); Veit's estimate: k = {rv['lo']}-{rv['hi']} "
                    f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
+        from gradflow.experiments.veit import lesion_lines, path_lines
+        trained = f"{info.get('step')} training iterations" if args.checkpoint else None
+        findings = path_lines(exact, sampled, n, args.samples, trained)
         tag = f"paths_{name}"
         save(path_length_distribution({name: n}), f"{tag}_length_distribution",
              [f"share of the 2^{n} paths through k residual branches, C(n,k)/2^n (Veit Fig. 6a)."])
         save(gradient_per_length(exact, sampled, name), f"{tag}_gradient_per_path",
              ["gradient norm of one path by length k (Veit Fig. 6b): his sampling estimate "
               f"({args.samples} sampled paths per k: k random units pass the gradient through their branch "
-              "only, the others through their shortcut only) beside the exact ||g^(k)|| / C(n,k).", setup])
+              "only, the others through their shortcut only) beside the exact ||g^(k)|| / C(n,k).", setup,
+              *findings])
         save(contribution_by_length(exact, sampled, name), f"{tag}_contribution",
              ["gradient by path length (Veit Fig. 6c): sampled path norm x C(n,k) beside the exact ||g^(k)||, "
-              "which includes the cancellation between paths.", numbers, setup])
+              "which includes the cancellation between paths.", numbers, setup, *findings])
         save(spectrum_by_unit(exact, name), f"{tag}_spectrum",
              ["exact ||g_l^(k)|| / ||dE/dx_l|| for every unit l and path length k.", setup])
         atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
@@ -167,7 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  ["test error with one unit's branch removed, k random units removed "
                   f"({args.draws} draws per k) and same-stage units swapped (Veit Fig. 3, 5a, 5b).",
                   f"data: {described}", *runs,
-                  *[f"{r.network}: intact {r.baseline:.2f}%; " + "; ".join(r.notes) for r in results]])
+                  *[f"{r.network}: intact {r.baseline:.2f}%; " + "; ".join(r.notes) for r in results],
+                  *lesion_lines(results[0].single, results[0].baseline, results[0].network or "the residual net",
+                                f"trained {info.get('step')} iterations")])
             atomic_write(out / "lesion_curves.csv", lambda f: f.write(
                 pd.concat([r.table() for r in results]).to_csv(index=False).encode()))
     except GradflowError as e:

@@ -14,6 +14,7 @@ from typing import Optional
 import pandas as pd
 
 FAIL = 20.0   # the paper's "fail": test error above 20% (docs/theory.md, section 7.4)
+NEAR_CHANCE = 5.0   # points: a row this close to chance did not learn
 
 
 def paper_rank(paper_error: str) -> Optional[float]:
@@ -80,7 +81,10 @@ def ordering_lines(table: pd.DataFrame, groups: dict[str, str]) -> list[str]:
         if len(paper) < 2:
             out.append(f"ordering{where}: fewer than two finished rows with a paper error: nothing to compare")
             continue
-        kept, rev, tied = concordance(paper, here)
+        # a row near chance did not learn: set to chance, two such rows tie (never "in the paper's order")
+        sets = {r.row: _chance(r.dataset) for r in mine.itertuples()}
+        learned = {k: sets[k] if v >= sets[k] - NEAR_CHANCE else v for k, v in here.items()}
+        kept, rev, tied = concordance(paper, learned)
         n = len(kept) + len(rev) + len(tied)
         by_paper = sorted(paper, key=lambda k: (paper[k], here[k]))
         by_here = sorted(here, key=lambda k: here[k])
@@ -92,7 +96,9 @@ def ordering_lines(table: pd.DataFrame, groups: dict[str, str]) -> list[str]:
                    + "; here: " + " < ".join(f"{_label(k)} {here[k]:.2f}" for k in by_here)
                    + f". {len(kept)} of {n} pairs the paper tells apart keep its order, {len(rev)} "
                    + ("is" if len(rev) == 1 else "are") + " reversed"
-                   + (f", {len(tied)} tied" if tied else "") + f": {verdict} at this scale.")
+                   + (f", {len(tied)} tied" if tied else "")
+                   + (" (rows near chance count as tied with each other)" if learned != here else "")
+                   + f": {verdict} at this scale.")
         if rev:
             out.append(f"reversed{where}: " + "; ".join(
                 f"{_label(a)} ({_paper_text(paper[a])} in the paper) vs {_label(b)} ({_paper_text(paper[b])}): "

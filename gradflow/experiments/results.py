@@ -1,5 +1,11 @@
 """An experiment's results: the table (median and spread of the final test error beside the
-paper's number) as CSV and Markdown, and the paper-style figures, all from run folders alone."""
+paper's number, diverged runs flagged) as CSV and Markdown, the rows' runs for the ordering claims,
+and the paper-style figures, all from run folders alone.
+
+A run that diverged (a NaN/Inf loss, or a loss spike it never recovered from: see
+:mod:`gradflow.experiments.divergence`) counts at chance error, the error of a network whose
+outputs are NaN or constant, and is named in the ``diverged`` column and the figure's legend.
+"""
 from __future__ import annotations
 
 import math
@@ -13,10 +19,11 @@ from gradflow.utils.io import atomic_write_text
 from gradflow.runs.read import Run, read_run
 from gradflow.experiments.planning import Row, RunSpec, Scale
 from gradflow.experiments.runner import check_folder, run_state
+from gradflow.experiments.divergence import divergence
 
 COLUMNS = ("row", "model", "options", "dataset", "scale", "width", "iterations", "paper_error",
            "seeds_planned", "seeds_finished", "median_error", "min_error", "max_error", "spread",
-           "median_train_loss", "statuses", "note")
+           "median_train_loss", "statuses", "note", "diverged", "per_seed")
 
 
 def final_error(run: Run) -> Optional[float]:
@@ -37,13 +44,19 @@ def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None or not math.isfinite(v) else round(100 * v, 2)
 
 
+def _classes(row: Row) -> int:
+    return 100 if row.dataset == "cifar100" else 10
+
+
 def results_table(rows: list[Row], specs: list[RunSpec], scale: Scale) -> pd.DataFrame:
     """One line per row: median, min, max and spread (max - min) of the final test error in %,
-    over the row's finished runs (a diverged run has no final error: counted in ``statuses``)."""
+    over the row's finished runs, a diverged run counted at chance (named in ``diverged``);
+    ``per_seed`` lists each seed's error."""
     lines = []
     for row in rows:
         mine = [s for s in specs if s.row.name == row.name]
-        errors, losses, statuses = [], [], []
+        errors, losses, statuses, diverged, per_seed = [], [], [], [], []
+        chance = 1 - 1 / _classes(row)
         for s in mine:
             check_folder(s, scale)   # a folder from another scale is an error, not a result
             if run_state(s.folder) != "finished":
@@ -51,12 +64,15 @@ def results_table(rows: list[Row], specs: list[RunSpec], scale: Scale) -> pd.Dat
                 continue
             run = read_run(s.folder)
             statuses.append(run.status.get("status", "?"))
-            if run.status.get("status") == "diverged":
+            div = divergence(run.log, _classes(row), run.status)
+            err = chance if div.diverged else final_error(run)
+            if div.diverged:
+                diverged.append(f"seed {s.seed}: {div.text}")
+            if err is None:
                 continue
-            err = final_error(run)
-            if err is not None:
-                errors.append(err)
-            loss = _final_loss(run)
+            errors.append(err)
+            per_seed.append(f"{s.seed}: {100 * err:.2f}" + (" (diverged)" if div.diverged else ""))
+            loss = None if div.diverged else _final_loss(run)
             if loss is not None:
                 losses.append(loss)
         note = row.missing and f"not run: {row.missing}" or ""
@@ -71,8 +87,48 @@ def results_table(rows: list[Row], specs: list[RunSpec], scale: Scale) -> pd.Dat
             min_error=_pct(min(errors)) if errors else None, max_error=_pct(max(errors)) if errors else None,
             spread=_pct(max(errors) - min(errors)) if errors else None,
             median_train_loss=round(statistics.median(losses), 4) if losses else None,
-            statuses=", ".join(f"{k} x{v}" for k, v in counts.items()), note=note))
+            statuses=", ".join(f"{k} x{v}" for k, v in counts.items()), note=note,
+            diverged=(f"{len(diverged)} of {len(errors)}: " + "; ".join(diverged)) if diverged else "",
+            per_seed=", ".join(per_seed)))
     return pd.DataFrame(lines, columns=list(COLUMNS))
+
+
+def row_runs(rows: list[Row], specs: list[RunSpec], data: Optional[str] = None, verify: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+    """{row name: :class:`gradflow.experiments.claims.RowRuns`}: each row's finished runs for the
+    ordering claims (error % per run, a diverged run at chance), with per-image test results where
+    ``data`` lets them be recomputed from the final checkpoints (cached as ``test_correct.npy``)."""
+    from gradflow.errors import GradflowError
+    from gradflow.experiments.claims import RowRuns
+    from gradflow.experiments.ordering import paper_rank
+    from gradflow.experiments.test_images import per_image_correct, read_correct
+    out, problems = {}, []
+    for row in rows:
+        paper = paper_rank(row.paper_error)
+        rr = RowRuns(row.name, paper if paper is not None else float("nan"), chance=100 * (1 - 1 / _classes(row)))
+        for s in sorted((s for s in specs if s.row.name == row.name), key=lambda s: s.seed):
+            if run_state(s.folder) != "finished":
+                continue
+            run = read_run(s.folder)
+            div = divergence(run.log, _classes(row), run.status)
+            err = final_error(run)
+            if not div.diverged and err is None:
+                continue
+            rr.errors.append(rr.chance if div.diverged else 100 * err)
+            correct = read_correct(s.folder)
+            if correct is None and data and not div.diverged:
+                try:
+                    correct = per_image_correct(s.folder, data, verify)
+                except (GradflowError, OSError, RuntimeError) as e:
+                    problems.append(f"{s.key}: {e}")
+            if correct is not None and not div.diverged and abs(100 * (1 - correct.mean()) - 100 * err) > 1:
+                problems.append(f"{s.key}: the per-image results give {100 * (1 - correct.mean()):.2f}% against the "
+                                f"logged {100 * err:.2f}% (float32 here; the run's own precision in training)")
+            rr.correct.append(None if div.diverged else correct)   # a diverged run stays at chance
+        out[row.name] = rr
+    for p in problems:
+        log(f"per-image test results: {p}")
+    return out
 
 
 def _cell(v) -> str:
@@ -84,9 +140,10 @@ def _cell(v) -> str:
 def markdown(table: pd.DataFrame, title: str, about: list[str]) -> str:
     """The results table as Markdown, under a title and the lines that say what was run."""
     cols = ["row", "paper_error", "median_error", "min_error", "max_error", "spread",
-            "seeds_finished", "seeds_planned", "median_train_loss", "statuses", "note"]
+            "seeds_finished", "seeds_planned", "median_train_loss", "statuses", "diverged", "per_seed", "note"]
     heads = ["row", "paper error %", "median error %", "min %", "max %", "spread (max-min)",
-             "seeds done", "seeds planned", "median final train loss", "statuses", "note"]
+             "seeds done", "seeds planned", "median final train loss", "statuses", "diverged (counted at chance)",
+             "error per seed %", "note"]
     out = [f"# {title}", ""] + [f"- {a}" for a in about] + [""]
     out += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for _, r in table.iterrows():
@@ -111,6 +168,9 @@ def curve_runs(rows: list[Row], specs: list[RunSpec]) -> dict[str, Run]:
             if s.folder.exists() and (s.folder / "config.json").exists():
                 run = read_run(s.folder, row.short)
                 if not run.log.empty:
+                    div = divergence(run.log, _classes(row), run.status)
+                    if div.diverged:      # the legend says so (the label is the curve's name)
+                        run = read_run(s.folder, f"{row.short} (diverged)")
                     out[row.short] = run
                     break
     return out

@@ -1,0 +1,95 @@
+"""Whether Veit et al. 2016's findings appear, computed from the path and lesion tables (never
+written by hand), for the captions of ``python -m gradflow paths``.
+
+Veit's findings, on trained networks (PAPER.md section 9):
+
+- Fig. 6b: the gradient of one path falls exponentially with its length k;
+- Fig. 6c: per-path magnitude times the number of paths puts almost all of the gradient on paths far
+  shorter than the typical path (5-17 of ResNet-110's 54 branches, where 95% of the paths pass 19-35);
+- Fig. 3/5a: removing one unit barely changes the test error, except at downsampling units.
+
+Each line says "appears" or "does NOT appear", with the numbers it rests on, and where the network
+is at initialisation it says that Veit's findings are about trained networks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+VEIT_SAMPLES = 1000     # sampled paths per length in Veit et al.
+SMALL_CHANGE = 2.0      # points of test error: "barely changes"
+
+
+def path_bulk(n: int, mass: float = 0.95) -> tuple[int, int]:
+    """The shortest window of path lengths holding ``mass`` of the 2^n paths (Binomial(n, 1/2))."""
+    w = np.array([math.comb(n, k) for k in range(n + 1)], float) / 2.0 ** n
+    best, best_mass = (0, n), 1.0
+    for lo in range(n + 1):
+        acc = 0.0
+        for hi in range(lo, n + 1):
+            acc += w[hi]
+            if acc >= mass:     # the narrowest window; of equally narrow ones, the one holding most
+                if hi - lo < best[1] - best[0] or (hi - lo == best[1] - best[0] and acc > best_mass):
+                    best, best_mass = (lo, hi), acc
+                break
+    return best
+
+
+def path_lines(exact: pd.DataFrame, sampled: pd.DataFrame, n: int, samples: int,
+               trained: Optional[str] = None) -> list[str]:
+    """Lines on Fig. 6b and 6c for one network.
+
+    Args:
+        exact: :func:`gradflow.tracing.paths.path_components`'s table (``unit``, ``k``, ``norm``, ``proj``).
+        sampled: :func:`sample_paths`' table (``k``, ``path_norm``, ``total``).
+        n: the number of units.
+        samples: sampled paths per length.
+        trained: a description of the training (None: the network is at initialisation).
+    """
+    from gradflow.theory.fits import fit_slope
+    from gradflow.theory.paths import effective_range
+    where = (f"on the trained network ({trained})" if trained else
+             "at initialisation (Veit's findings are about trained networks: this is the network before training)")
+    out = []
+    s = sampled[(sampled["k"] >= 0) & (sampled["path_norm"] > 0)]
+    if len(s) >= 3:
+        fit = fit_slope(s["k"].to_numpy(float), np.log10(s["path_norm"].to_numpy(float)))
+        ok = fit.ci_high < 0
+        out.append(f"Veit Fig. 6b (one path's gradient falls exponentially with its length) "
+                   f"{'appears' if ok else 'does NOT appear'} {where}: log10 of the sampled per-path norm changes by "
+                   f"{fit.slope:.3g} per branch (95% CI [{fit.ci_low:.3g}, {fit.ci_high:.3g}], R^2 {fit.r2:.2f}, "
+                   f"{fit.n} lengths).")
+    lo, hi = path_bulk(n)
+    rv = effective_range(sampled.assign(unit=0, n_units=n), column="total")
+    ok = rv["hi"] < lo
+    out.append(f"Veit Fig. 6c (most of the gradient on paths far shorter than the typical path) "
+               f"{'appears' if ok else 'does NOT appear'} {where}: his estimate puts 90% of the gradient on "
+               f"k = {rv['lo']}-{rv['hi']}, while 95% of the 2^{n} paths have k = {lo}-{hi}.")
+    if "proj" in exact:
+        first = exact[exact["unit"] == exact["unit"].min()]
+        neg = bool((first.loc[first["k"] >= 0, "proj"] < 0).any())
+        rp = effective_range(exact.assign(proj=exact["proj"].clip(lower=0)), column="proj")
+        out.append(f"exact split: the projections <g^(k), dE/dx_0> / ||dE/dx_0||^2, which add up to 1, put 90% on "
+                   f"k = {rp['lo']}-{rp['hi']}" + (" (negative projections, paths that cancel, counted as 0 in "
+                                                  "the window)" if neg else "") + ".")
+    if samples < VEIT_SAMPLES:
+        out.append(f"{samples} sampled paths per length, fewer than Veit's {VEIT_SAMPLES:,}: pass --samples "
+                   f"{VEIT_SAMPLES} for his estimate.")
+    return out
+
+
+def lesion_lines(single: pd.DataFrame, baseline: float, network: str, trained: str) -> list[str]:
+    """Fig. 3/5a on one network: the test error with one unit's branch removed, downsampling apart."""
+    s = single[single["removable"] & single["error"].notna()]
+    if s.empty:
+        return [f"{network}: no unit could be removed: Veit's single-lesion finding is not tested."]
+    rest = s[~s["downsampling"]]
+    rise = rest["error"] - baseline
+    ok = len(rest) > 0 and float(rise.median()) <= SMALL_CHANGE
+    return [f"Veit Fig. 3 (removing one non-downsampling unit barely changes the error) "
+            f"{'appears' if ok else 'does NOT appear'} on {network} ({trained}): intact {baseline:.2f}%, one unit "
+            f"removed: median +{float(rise.median()):.2f} points (range {float(rise.min()):+.2f} to "
+            f"{float(rise.max()):+.2f}) over {len(rest)} units; 'barely' read as at most {SMALL_CHANGE:g} points."]

@@ -1,0 +1,53 @@
+"""The captions' verdicts on Veit et al.'s findings, on constructed path and lesion tables."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradflow.experiments.veit import lesion_lines, path_bulk, path_lines
+
+
+def test_path_bulk_of_resnet110():
+    lo, hi = path_bulk(54)
+    held = sum(math.comb(54, k) for k in range(lo, hi + 1)) / 2 ** 54
+    assert held >= 0.95 and (lo, hi) == (20, 34)       # symmetric about n/2; PAPER.md: over 95% on 19-35
+
+
+def _sampled(n, per_path):
+    ks = np.arange(n + 1)
+    norm = per_path(ks)
+    counts = np.array([math.comb(n, int(k)) for k in ks], float)
+    return pd.DataFrame({"k": ks, "path_norm": norm, "total": norm * counts})
+
+
+def test_veit_findings_appear_and_do_not_appear():
+    n = 54
+    exact = pd.DataFrame({"unit": 0, "k": np.arange(n + 1), "proj": np.r_[0.5, 0.3, 0.2, np.zeros(n - 2)]})
+    falls = path_lines(exact, _sampled(n, lambda k: 10.0 ** (-0.5 * k)), n, 1000, "400 training iterations")
+    assert falls[0].startswith("Veit Fig. 6b") and " appears on the trained network" in falls[0]
+    assert "changes by -0.5 per branch" in falls[0]
+    assert falls[1].startswith("Veit Fig. 6c") and " appears" in falls[1] and "k = 20-34" in falls[1]
+    assert "k = 0-2" in falls[2] and not any("fewer than Veit" in x for x in falls)
+    flat = path_lines(exact, _sampled(n, lambda k: np.ones(len(k))), n, 20)
+    assert "does NOT appear at initialisation" in flat[1]                      # the bulk carries it
+    assert any("fewer than Veit's 1,000" in x for x in flat)
+
+
+def test_lesion_verdict():
+    single = pd.DataFrame({"unit": range(6), "removable": True, "downsampling": [False, False, True] * 2,
+                           "error": [11.0, 10.5, 40.0, 10.8, 11.2, 45.0]})
+    line = lesion_lines(single, 10.0, "resnet110", "trained 400 iterations")[0]
+    assert " appears" in line and "median +0.90 points" in line and "over 4 units" in line
+    single["error"] = [20.0, 25.0, 40.0, 18.0, 30.0, 45.0]
+    assert "does NOT appear" in lesion_lines(single, 10.0, "resnet110", "trained")[0]
+
+
+@pytest.mark.slow
+def test_paths_command_captions_say_whether_veit_appears(tmp_path):
+    from gradflow.cli.paths import main
+    assert main(["--model", "resnet20", "--batch", "2", "--samples", "4", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "paths_resnet20_contribution.txt").read_text()
+    assert "Veit Fig. 6c" in text and "at initialisation (Veit's findings are about trained networks" in text
+    assert "4 sampled paths per length, fewer than Veit's 1,000" in text
+    assert "Veit Fig. 6b" in (tmp_path / "paths_resnet20_gradient_per_path.txt").read_text()
