@@ -11,7 +11,7 @@ from gradflow.experiments.veit import lesion_lines, path_bulk, path_lines
 def test_path_bulk_of_resnet110():
     lo, hi = path_bulk(54)
     held = sum(math.comb(54, k) for k in range(lo, hi + 1)) / 2 ** 54
-    assert held >= 0.95 and (lo, hi) == (20, 34)       # symmetric about n/2; PAPER.md: over 95% on 19-35
+    assert held >= 0.95 and (lo, hi) == (20, 34)       # symmetric about n/2; Veit et al. 2016: over 95% on 19-35
 
 
 def _sampled(n, per_path):

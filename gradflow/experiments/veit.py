@@ -1,7 +1,7 @@
 """Whether Veit et al. 2016's findings appear, computed from the path and lesion tables (never
 written by hand), for the captions of ``python -m gradflow paths``.
 
-Veit's findings, on trained networks (PAPER.md section 9):
+Veit's findings, on trained networks (docs/theory.md, section 8):
 
 - Fig. 6b: the gradient of one path falls exponentially with its length k;
 - Fig. 6c: per-path magnitude times the number of paths puts almost all of the gradient on paths far

@@ -2,7 +2,7 @@
 
 Depths follow the paper: basic-block nets have 6n + 2 layers (resnet20 ...
 resnet1202), bottleneck nets 9n + 2 (resnet164, resnet1001). The default unit is
-full pre-activation built as the official code builds it (PAPER.md section 4):
+full pre-activation built as the official code builds it (docs/theory.md, section 7.2):
 a stem conv with no BN-ReLU after it, a shared pre-activation at projection
 units, a final BN-ReLU before pooling, He fan-out init, no conv biases.
 """
