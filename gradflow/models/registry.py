@@ -19,7 +19,13 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register ``fn`` under its name. Duplicate names are refused."""
+    """Decorator: register ``fn`` under its name. Duplicate names are refused.
+
+    Args:
+        fn: an entry point: keyword options in, an ``nn.Module`` out.
+    Returns:
+        ``fn`` itself, now found by :func:`create_model` and :func:`list_models`.
+    """
     name = fn.__name__
     if name in _MODELS:
         raise GradflowError(f"model {name!r} is already registered; pick another name")
@@ -28,13 +34,25 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted by depth then name."""
+    """Registered model names matching a shell-style ``pattern``, sorted by depth then name.
+
+    Args:
+        pattern: a shell-style pattern (``"resnet*"``, ``"gpt-*"``); ``"*"`` lists every model.
+    Returns:
+        The matching names, e.g. ``["resnet20", "resnet32", ...]``.
+    """
     names = [n for n in _MODELS if fnmatch.fnmatch(n, pattern)]
     return sorted(names, key=_sort_key)
 
 
 def model_options(name: str) -> dict[str, object]:
-    """The keyword options a registered model takes, with their defaults."""
+    """The keyword options a registered model takes, with their defaults.
+
+    Args:
+        name: a registered model name.
+    Returns:
+        ``{option: default}``, e.g. ``{"unit": "full_preact", "shortcut": "identity", ...}``.
+    """
     fn = _lookup(name)
     opts = {}
     for p in inspect.signature(fn).parameters.values():
@@ -65,6 +83,15 @@ def create_model(name: str, **options) -> nn.Module:
 
     Unknown names raise an error listing close matches; unknown options raise an
     error listing the options the model takes.
+
+    Args:
+        name: a registered model name (:func:`list_models`).
+        **options: the entry point's keyword options (``unit=``, ``shortcut=``, ``width=``, ...;
+            :func:`model_options` lists them).
+    Returns:
+        The freshly initialised ``nn.Module``.
+    Raises:
+        GradflowError: an unknown name or option.
     """
     fn = _lookup(name)
     check_options(name, options)

@@ -21,7 +21,17 @@ import pandas as pd
 
 
 def predict_direct(units: pd.DataFrame) -> pd.DataFrame:
-    """Add ``pred_direct_ratio``, ``direct_vs_pred`` and ``pred_basis`` per unit and step."""
+    """Add ``pred_direct_ratio``, ``direct_vs_pred`` and ``pred_basis`` per unit and step.
+
+    Args:
+        units: a units table with the split (``tr.units``): ``ref_ratio``,
+            ``scalar_coef`` and, for gates, ``coef``.
+    Returns:
+        A copy with ``pred_direct_ratio`` = prod(lambda_i) x ``ref_ratio`` (eq. 8;
+        the measured mean gate values where the factor depends on the data),
+        ``direct_vs_pred`` (measured over predicted) and ``pred_basis``
+        (``closed form``, ``mean-field product`` or ``none``).
+    """
     out = []
     for _, df in units.groupby("step", sort=True):
         df = df.sort_values("unit").copy()
