@@ -40,7 +40,7 @@ timeout 100 python -m gradflow experiment table2 --scale laptop --rows 'resnet11
     --no-verify --out "$tmp/exp" --gpus 0 | grep -E "after [0-9]+s|sweep wall time|error" \
   || echo "laptop Table 2 sweep: did not finish within 100 s"
 
-echo "== 6. exact path-length split (issue 12): full spectrum and max_len=20 against a plain step, with each unit's route"
+echo "== 6. exact path-length split: full spectrum and max_len=20 against a plain step, with each unit's route"
 timeout 60 python benchmarks/paths_bench.py --models resnet110,resnet164 --repeats 2 --device cuda \
   || echo "paths_bench: did not finish within 60 s"
 

@@ -4,7 +4,7 @@ For each model: one training step (forward, cross-entropy, backward: the
 baseline), the full spectrum (every path length k, ``path_components``) and the
 spectrum cut at ``max_len`` (lengths 0..max_len apart, the rest summed), timed
 interleaved in one process and repeated (median). The ratios are what the
-issue's targets are about (issue 12: full <= 8x, max_len=20 <= 4x on resnet110
+targets are about (full <= 8x, max_len=20 <= 4x on resnet110
 at batch 16, CPU; resnet164 reported too). The route each unit took is printed
 (``fast``: all components through a unit in one product per node, from saved
 tensors; ``autograd``: one autograd call per component, with the reason).
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-GOALS = {"full": 8.0, "max_len": 4.0}     # issue 12, resnet110 at batch 16 on the CPU
+GOALS = {"full": 8.0, "max_len": 4.0}     # resnet110 at batch 16 on the CPU
 
 
 def conv_work_bound(model, x, max_len: int) -> dict:
@@ -145,7 +145,7 @@ def main() -> None:
         if not args.json:
             print(f"{name} batch {args.batch}: plain forward+backward {med['plain']:.3f} s; "
                   + "; ".join(f"{k} {med[k]:.3f} s = {med[k] / med['plain']:.2f}x" for k in modes if k != "plain"))
-            print(f"  goals (issue 12, resnet110): full <= {GOALS['full']:.0f}x, {cut} <= {GOALS['max_len']:.0f}x;"
+            print(f"  goals (resnet110): full <= {GOALS['full']:.0f}x, {cut} <= {GOALS['max_len']:.0f}x;"
                   f" routes: " + ", ".join(f"{n} units {r}" for r, n in routes.items()))
             print(f"  convolution work the exact split cannot avoid ({bound['units']} units, closed form): "
                   f"full >= {bound['full']:.2f}x, {cut} >= {bound['max_len']:.2f}x the plain step's")

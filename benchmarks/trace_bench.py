@@ -15,7 +15,7 @@ glibc's mmap threshold fixed so that it is the peak of the live tensors;
     python benchmarks/trace_bench.py                       # resnet164, resnet1001, torchvision resnet50
     python benchmarks/trace_bench.py --models resnet20 --batch 16 --repeats 3
 
-The issue's figures, on an idle machine (time ratios, peak-memory ratios from fresh
+Measured figures, on an idle machine (time ratios, peak-memory ratios from fresh
 processes, and ``tb/split``, the TensorBoard sink's cost on resnet164)::
 
     python benchmarks/trace_bench.py --batch 16 --repeats 5 --threads 2 --tensorboard resnet164
@@ -31,7 +31,7 @@ On a shared machine add ``--clock cpu --threads 1`` (this process's CPU time): t
 ratios then move by a few percent from run to run (caches and memory bandwidth are
 shared); ``--no-memory`` / ``--no-time`` run one half. The time columns are medians.
 
-Targets (issue 10, CPU, batch 16): statistics <= 1.05x time, split <= 1.15x,
+Targets (CPU, batch 16): statistics <= 1.05x time, split <= 1.15x,
 peak memory <= 1.05x; streaming to TensorBoard every step adds <= 5% on resnet164.
 """
 from __future__ import annotations

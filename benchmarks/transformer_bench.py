@@ -1,6 +1,6 @@
 """Cost of tracing a transformer, as ratios against the same model's plain step, in one run.
 
-The issue's case: a 12-layer, 256-wide GPT (gradflow's ``gpt-small``, 24 residual
+The benchmark case: a 12-layer, 256-wide GPT (gradflow's ``gpt-small``, 24 residual
 units) at sequence 128, batch 8, on the CPU; and, for comparison, a Hugging Face
 GPT-2 of the same size built from a config (no download) when transformers is
 installed. A step is forward, next-token cross-entropy, backward. Modes, timed

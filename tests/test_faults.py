@@ -1,4 +1,4 @@
-"""Fault injection (issue 15): crafted and corrupt files, signals, a second process, a full disk, bad flags.
+"""Fault injection: crafted and corrupt files, signals, a second process, a full disk, bad flags.
 
 Each test makes the fault happen and checks the run folder against what an
 uninterrupted run, the file's own bytes or the user's umask say it must hold.
@@ -430,7 +430,7 @@ def test_an_exception_mid_run_marks_the_status_crashed(data, tmp_path, monkeypat
     assert st["status"] == "crashed" and "injected fault" in st["error"]
 
 
-# --- 12 and issue 13.4: exit codes, wall time, file modes --------------------------------------------
+# --- exit codes, wall time, file modes --------------------------------------------
 
 def test_halt_at_exits_75_and_wall_time_continues_after_resume(data, tmp_path, capsys):
     from gradflow.cli.train import get_args_parser, main

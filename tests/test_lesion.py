@@ -14,8 +14,7 @@ import gradflow
 from gradflow.experiments.lesion import (error_rate, kendall_tau, lesion_study, plain_blocks, removed, reordered,
                              residual_blocks, swap_pairs)
 
-
-from tracing_helpers import one_thread  # noqa: E402,F401  (autouse: one torch thread per module)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def images(n=8, seed=1):

@@ -272,7 +272,7 @@ def test_preact_resnet18_layout():
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-# --- one source for the unit options and the paper's variants (issue 14) ------------------------
+# --- one source for the unit options and the paper's variants -------------------------------
 
 def test_entry_point_options_are_the_unit_specs_fields():
     import dataclasses

@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 NOTEBOOKS = sorted(ANALYSIS.glob("*.ipynb"))
-TIMEOUT_S = 180  # per cell; the issue asks each notebook to finish in under 3 minutes on 2 cores
+TIMEOUT_S = 180  # per cell; each notebook is meant to finish in under 3 minutes on 2 cores
 
 
 @pytest.fixture(scope="session")

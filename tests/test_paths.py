@@ -15,7 +15,9 @@ from gradflow.tracing.parts import Parts
 from gradflow.theory.paths import effective_range, path_counts
 from gradflow.tracing.paths import path_components, sample_paths
 from gradflow.tracing.paths.carrier import PathCarrier
-from tracing_helpers import unit_inputs_and_grads, zoo_direct, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
+from tracing_helpers import unit_inputs_and_grads, zoo_direct
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 
@@ -257,12 +259,6 @@ def test_transformer_units_split_and_close(name):
 
 # --- inside gradflow.trace -------------------------------------------------------------------
 
-def _traces_paths() -> bool:
-    import inspect
-    return "paths" in inspect.signature(gradflow.tracing.Tracer.__init__).parameters
-
-
-@pytest.mark.skipif(not _traces_paths(), reason="this tracer has no paths= option yet")
 @pytest.mark.parametrize("kw,max_len", [(dict(), None), (dict(unit="original", shortcut="exclusive_gate",
                                                                gate_bias=-1.0), 2),
                                         (dict(unit="bn_after_addition", shortcut="scale", scale=0.5), 3)])
@@ -329,7 +325,6 @@ class _Opaque(nn.Module):
         return x
 
 
-@pytest.mark.skipif(not _traces_paths(), reason="this tracer has no paths= option yet")
 def test_trace_paths_says_where_the_split_stops():
     """A unit without parts: the split stops there, with a warning naming it; the units above keep theirs."""
     torch.manual_seed(0)

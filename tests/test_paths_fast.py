@@ -10,7 +10,9 @@ from gradflow.models.resnet import cifar_resnet
 from gradflow.tracing.paths.components import path_components, record
 from gradflow.tracing.paths.carrier import PathCarrier
 from gradflow.tracing.paths.vjp import compile_vjp
-from tracing_helpers import unit_inputs_and_grads, one_thread  # noqa: F401  (one_thread: autouse, one torch thread)
+from tracing_helpers import unit_inputs_and_grads
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 

@@ -184,7 +184,7 @@ def test_gradient_flow_over_training_heatmap_and_rates(tmp_path):
     plt.close(fig)
 
 
-# --- issue 14: figures whole under a plain savefig, shape-change lines, the package's lazy faces -----
+# --- figures whole under a plain savefig, shape-change lines, the package's lazy faces -----
 
 def _outside(fig) -> list[str]:
     """What sticks out of the figure (what a plain savefig would clip): the drawn bounding box's overhangs."""

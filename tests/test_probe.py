@@ -159,7 +159,7 @@ def test_third_party_models_in_process():
         assert len(body) in (8, 16) and body["grad_ratio"].notna().all()
 
 
-# The issue's list, each in its own process.
+# Bad input, each in its own process: one line naming the problem, exit 2.
 BAD = {
     "unknown model": (["--model", "resnet1000"], "resnet1001"),
     "option the model does not take": (["--model", "torchvision:resnet18", "--unit", "original"], "--unit"),
@@ -226,7 +226,7 @@ def test_bad_input_in_process(case, bad_files, capsys):
     _check(case, want, code, cap.out, cap.err)
 
 
-# --- the report's words (issue 14): the finding first, no verdict that holds by construction -------
+# --- the report's words: the finding first, no verdict that holds by construction -------
 
 def _report(cfg: ProbeConfig):
     from gradflow.probe import format_report, report_dict

@@ -1,4 +1,4 @@
-"""Sinks stream each step's rows (CSV, JSONL, TensorBoard) and the trainer callbacks (issue 10.5).
+"""Sinks stream each step's rows (CSV, JSONL, TensorBoard) and the trainer callbacks.
 
 Each check reads back what was written and compares it with the tracer's own table,
 whose numbers the other tracing tests check against autograd; the callback tests

@@ -126,9 +126,8 @@ def test_cancel_flag_counts_samples_where_total_vanishes():
 
 # --- third-party networks ------------------------------------------------------------------
 
-tv = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
-
+# torchvision and timm are skipped where a test needs them, not at import: a module-level
+# importorskip would skip every test of this file.
 
 def _same_forward(model, x):
     model.eval()
@@ -138,13 +137,12 @@ def _same_forward(model, x):
     assert torch.equal(ref, out)
 
 
-@pytest.mark.parametrize("ctor,size", [(lambda: tv.models.resnet18(num_classes=10), 64),
-                                       (lambda: tv.models.resnet50(num_classes=10), 64),
-                                       (lambda: tv.models.resnext50_32x4d(num_classes=10), 32),
-                                       (lambda: tv.models.wide_resnet50_2(num_classes=10), 32)])
-def test_torchvision_units_found_and_exact(ctor, size):
+@pytest.mark.parametrize("name,size", [("resnet18", 64), ("resnet50", 64), ("resnext50_32x4d", 32),
+                                       ("wide_resnet50_2", 32)])
+def test_torchvision_units_found_and_exact(name, size):
+    tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    m = ctor()
+    m = getattr(tv.models, name)(num_classes=10)
     blocks = [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
     infos = gradflow.find_units(m)
     assert [i.module for i in infos] == blocks
@@ -161,6 +159,7 @@ def test_torchvision_units_found_and_exact(ctor, size):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet26d", "resnetv2_50", "resnetv2_50d_gn", "resnetv2_18"])
 def test_timm_units_found_and_exact(name):
+    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, num_classes=10)
     infos = gradflow.find_units(m)
@@ -212,7 +211,7 @@ def test_user_network_found_by_fx():
     x, y = batch(2, 8)
     tr = traced(m, x, y)
     _check_user(m, tr, x, y)
-    # issue 10: parts read from the graph's addition; identity shortcuts, so direct == dE/dx_L (eq. 5)
+    # parts read from the graph's addition; identity shortcuts, so direct == dE/dx_L (eq. 5)
     assert all(i.found == "fx" and i.split for i in infos)
     np.testing.assert_allclose(tr.samples["direct_ratio"], 1.0, rtol=1e-6)
 
@@ -292,7 +291,7 @@ def test_eval_mode_and_no_grad():
         m(x)
     df = tr.units
     assert df["x_norm"].notna().all()
-    # no backward: the gradient columns are there, NaN (issue 14), not silently absent
+    # no backward: the gradient columns are there, NaN, not silently absent
     for c in ("grad_norm", "grad_ratio", "direct_norm", "direct_ratio", "residual_norm", "cancel_frac"):
         assert c in df and df[c].isna().all(), c
 
@@ -349,6 +348,7 @@ def test_keep_full_tensors_on_request():
 
 # --- Jacobian spectra -------------------------------------------------------------------
 
+@pytest.mark.usefixtures("one_thread")   # 1,800 tiny jvp/vjp products: 2 threads spin 5x slower
 def test_spectra_match_dense_jacobians():
     m = gradflow.create_model("resnet20", unit="original", shortcut="scale", scale=0.5)
     net = m.stages[0][:2]

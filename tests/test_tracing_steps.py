@@ -1,4 +1,4 @@
-"""The tracer inside real training loops (issue 10.1): every pattern against plain autograd.
+"""The tracer inside real training loops: every pattern against plain autograd.
 
 A step is one optimizer update when the tracer has the optimizer; each forward inside
 it is a micro-batch. Each test runs the same computation untraced on a copy of the

@@ -1,4 +1,4 @@
-"""Every unit split however it is called, parts checked, measurements as plug-ins (issue 10.2-10.4, 10.6-10.7).
+"""Every unit split however it is called, parts checked, measurements as plug-ins.
 
 Oracles: plain autograd at each unit's input, and the same network with every
 residual branch detached, whose dE/dx_l is the direct term.

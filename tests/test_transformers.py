@@ -15,13 +15,7 @@ from tracing_helpers import per_sample_norm
 VOCAB, T = 32, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two spinning on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def tiny_gpt(unit="pre_ln", n_layer=3, **kw):

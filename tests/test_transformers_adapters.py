@@ -17,13 +17,7 @@ from timm.models.vision_transformer import (ParallelScalingBlock, ParallelThings
                                             ResPostBlock, VisionTransformer)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two spinning on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # --- the independent computation: hooks on the untraced model ------------------------------

@@ -15,12 +15,7 @@ from gradflow.probe import ProbeConfig, build_model, run_probe
 from gradflow.probe.inputs import synthetic_tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_token_probe_feeds_tokens_and_scores_every_position():

@@ -13,13 +13,7 @@ from gradflow.experiments.xiong import fit_exponent, last_layer_grad_norm, xiong
 SMALL = dict(d_model=32, n_head=2, seq_len=16, batch=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster than two spinning on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_last_layer_grad_norm_is_the_last_fc2_gradient():

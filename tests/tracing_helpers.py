@@ -1,5 +1,4 @@
 """Independent computations the tracer is checked against: plain autograd only."""
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -122,7 +121,7 @@ def timm_detached_forward(b, x):
     return torch.relu(s + r.detach())
 
 
-# --- hand-written networks for the tracer-in-training tests (issue 10) --------------------
+# --- hand-written networks for the tracer-in-training tests ---------------------------
 
 import torch.nn as nn  # noqa: E402
 
@@ -211,13 +210,3 @@ def detached_direct(model, x, g_top, modules, top=None):
         for m in model.modules():
             if hasattr(m, "detach_branch"):
                 m.detach_branch = False
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one thread is faster, and on a shared machine threads only contend.
-    Import it into a test module to use it there (it is autouse)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

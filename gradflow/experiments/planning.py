@@ -204,7 +204,3 @@ def resume_args(spec: RunSpec, data: str, verify: bool, device: Optional[str]) -
 
 def train_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "gradflow", "train", *args]
-
-
-def shell(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd)

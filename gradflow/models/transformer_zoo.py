@@ -23,7 +23,7 @@ UNIT_OPTIONS = dict(unit="pre_ln", shortcut="identity", scale=0.5, scale_branch=
 GPT_SIZES = {
     # name: (n_layer, d_model, n_head, vocab_size, seq_len); why
     "gpt-tiny": (4, 64, 2, 256, 64),         # tests and notebooks: a step in milliseconds
-    "gpt-small": (12, 256, 4, 512, 128),     # the 12-layer, 256-wide GPT (benchmark, probe)
+    "gpt-small": (12, 256, 4, 512, 128),     # a 12-layer, 256-wide GPT (benchmark, probe)
     "gpt-medium": (24, 512, 8, 1024, 256),   # a deeper, wider stack for depth studies
 }
 VIT_SIZES = {

@@ -32,6 +32,17 @@ def gradient_depth(units: Records, by: str = "config", step: Optional[int] = Non
     Eq. (5)/(8) points are drawn only at the units they cover, from the closed
     form (:func:`gradflow.theory.predict_direct`), and labelled as exact by
     construction; a panel where they cover no unit says why.
+
+    Args:
+        units: a units table (``tr.units``, a probe's ``units.csv``), ``{label: table}``,
+            or one table with a ``by`` column; one panel per configuration.
+        by: the column that names the configurations.
+        step: the recorded step to draw; None: the last.
+        ncols: panels per row; None chooses.
+        band: draw the 5-95% per-sample band of the total.
+        title: the figure's title.
+    Returns:
+        A matplotlib Figure (nothing is written).
     """
     parts = split_records(units, by)
     fig, axes = panel_grid(len(parts), ncols)
@@ -123,7 +134,15 @@ def decay_rate_table(units: Records, by: str = "config") -> pd.DataFrame:
 
 @styled
 def decay_rates(units: Records, by: str = "config", title: Optional[str] = None) -> Figure:
-    """Fitted decay rates with 95% intervals, one row per configuration: total, direct, predicted."""
+    """Fitted decay rates with 95% intervals, one row per configuration: total, direct, predicted.
+
+    Args:
+        units: units tables as for :func:`gradient_depth`.
+        by: the column that names the configurations.
+        title: the figure's title.
+    Returns:
+        A matplotlib Figure; :func:`decay_rate_table` gives its numbers.
+    """
     table = decay_rate_table(units, by)
     labels = list(pd.unique(table[by]))
     fig, ax = subplots(figsize=(PANEL_W * 1.8, 0.9 + 0.32 * len(labels)))
@@ -245,6 +264,12 @@ def probe_overview(tables: Records, title: Optional[str] = None) -> Figure:
     (per sample, batch mean; log axis). One colour per network; ``tables`` is one
     units table or ``{label: table}``. Plain matplotlib (no seaborn style): the
     probe draws it on every run, and seaborn's import costs about a second.
+
+    Args:
+        tables: one units table, or ``{label: table}``.
+        title: the figure's title.
+    Returns:
+        A matplotlib Figure.
     """
     if isinstance(tables, pd.DataFrame):
         tables = {"": tables}

@@ -48,6 +48,13 @@ def gradient_per_length(exact: pd.DataFrame, sampled: Optional[pd.DataFrame] = N
 
     The exact ||g^(k)|| / C(n, k) (the norm of the mean path) beside Veit's estimate, the norm of
     one sampled path per k (``sample_paths``).
+
+    Args:
+        exact: :func:`gradflow.tracing.paths.path_components`' table (``res.table``).
+        sampled: :func:`gradflow.tracing.paths.sample_paths`' table, if any.
+        label: the network's name in the legend.
+    Returns:
+        A matplotlib Figure.
     """
     t = _first_unit(exact)
     fig, ax = subplots(figsize=(5, 3.2))

@@ -70,6 +70,13 @@ def training_curves(log, title: Optional[str] = None, percent: bool = True) -> F
     ``log``: a long table with ``run``, ``iteration``, ``train_loss``,
     ``test_error`` (a fraction; plotted in % unless ``percent=False``), a dict
     ``{label: log}``, or :class:`gradflow.runs.read.Run` objects. One colour per run.
+
+    Args:
+        log: the runs' logs, in one of the forms above.
+        title: the figure's title.
+        percent: test error in % (else as a fraction).
+    Returns:
+        A matplotlib Figure.
     """
     log = _as_log(log)
     runs = list(pd.unique(log["run"]))

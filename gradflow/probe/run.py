@@ -70,6 +70,17 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     Variants are built and probed one at a time: each network (and its traced
     graph) is released before the next is built, so ``--compare`` needs the
     memory of one variant, not of all.
+
+    Args:
+        config: what to probe: the model and its options (or a checkpoint), the
+            input (synthetic or CIFAR test images), batch size, mode, device, seed,
+            and the ``compare`` variants.
+    Returns:
+        A :class:`ProbeResult`: the resolved config, the input used, and per
+        variant its units table (predictions joined), summary and timings. Turn
+        it into words with :func:`gradflow.probe.report_dict` /
+        :func:`gradflow.probe.format_report`, into files with
+        :func:`gradflow.probe.write_outputs`.
     """
     from gradflow import __version__
     device = resolve_device(config.device)

@@ -123,6 +123,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[nn.Mod
     ``gradflow.create_model(info["model"], **info["options"])``, gets the saved
     weights and is returned in eval mode on ``map_location``. ``info`` holds the
     rest (step, epoch, config, ...), without the weights and optimiser state.
+
+    Args:
+        path: a ``checkpoint.pt`` or the run folder holding one.
+        map_location: the device to load onto.
+    Returns:
+        ``(model, info)``.
+    Raises:
+        GradflowError: no checkpoint there, or one that is damaged (its SHA-256 digest
+            does not match) or not a gradflow checkpoint. The file is read with
+            ``torch.load(weights_only=True)``: it never runs code.
     """
     ckpt = read_checkpoint(path, map_location)
     model = create_model(ckpt["model"], **ckpt["options"])

@@ -94,7 +94,14 @@ def read_paths(run_dir: str | Path) -> pd.DataFrame:
 
 
 def read_run(run_dir: str | Path, label: Optional[str] = None) -> Run:
-    """Read one run folder; ``label`` defaults to the folder's name."""
+    """Read one run folder into tables.
+
+    Args:
+        run_dir: a folder ``python -m gradflow train`` wrote.
+        label: the run's name in tables and figures; defaults to the folder's name.
+    Returns:
+        A :class:`Run`: ``config``, ``log``, ``probe``, ``paths`` (tables) and ``status``.
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise GradflowError(f"run folder {str(path)!r} does not exist: pass a folder that "

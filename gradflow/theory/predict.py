@@ -50,6 +50,12 @@ def predict_direct(units: pd.DataFrame) -> pd.DataFrame:
     where not covered); ``pred_anchor`` the unit whose direct term anchors it
     (-1: x_L); ``pred_direct_ratio`` = factor x the anchor's direct ratio (1
     at x_L), i.e. eq. (5)/(8) relative to ||dE/dx_L||.
+
+    Args:
+        units: a units table with the split (``tr.units``): ``direct_ratio``, ``scalar_coef`` and,
+            where recorded, ``h_plain`` and ``f_identity``.
+    Returns:
+        A copy with the columns above, per unit and step.
     """
     out = []
     for _, df in units.groupby("step", sort=True):

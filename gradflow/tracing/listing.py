@@ -66,7 +66,8 @@ def units(model: nn.Module, example: Optional[Any] = None, units: Any = None, pa
         example: an input (a tensor, or a tuple of positional arguments) to run
             once under ``no_grad`` so the input shapes and shape-based stages are
             known; the model's buffers and the RNG are left as they were.
-        units, parts: as for :func:`gradflow.trace`.
+        units: as for :func:`gradflow.trace`.
+        parts: as for :func:`gradflow.trace`.
     Returns:
         A :class:`UnitList` (``print`` it; ``.frame()`` for a DataFrame).
     """

@@ -197,8 +197,6 @@ class Split(Quantity):
     columns = ("direct_norm", "direct_ratio", "ref_ratio", "residual_norm", "cos_direct_residual",
                "cancel")
     needs = "split"
-    RAW = ("direct_norm", "direct_log_scale", "residual_norm", "dot_direct_residual", "ref_norm",
-           "ref_log_scale")
 
     def backward(self, t: Backward) -> dict:
         if t.direct is None:

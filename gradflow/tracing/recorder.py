@@ -121,8 +121,10 @@ class Tracer(TableWriter, DirectCarrier):
 
     Args:
         model: the network.
-        units, parts: which modules are residual units and what their parts
-            are; see :func:`gradflow.tracing.find_units`. By default they are found.
+        units: which modules are residual units (a name pattern, a list of modules);
+            see :func:`gradflow.tracing.find_units`. By default they are found.
+        parts: what the declared units' parts are (submodule names, callables, or a
+            function of the module); by default they are found.
         split: compute the direct/residual split of dE/dx_l (eq. 5 and 8).
         schedule: which steps to record: None (every step), an int n (every
             n-th), or a schedule such as ``gradflow.tracing.log_spaced()``.
@@ -132,7 +134,9 @@ class Tracer(TableWriter, DirectCarrier):
             for the others. Off by default: they cost memory.
         cancel_tol: a sample counts as "residual cancels direct" when
             ||dE/dx_l|| < cancel_tol * ||direct_l||.
-        spectra, spectra_iters: add the Jacobian-spectra quantity (dear).
+        spectra: add the Jacobian-spectra quantity (dear); the same as
+            ``quantities=("full",)``.
+        spectra_iters: power iterations per spectrum.
         optimizer: a step is then one ``optimizer.step()``; adds the update size.
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
         quantities: extra :class:`~gradflow.tracing.Quantity` objects, or a
@@ -221,7 +225,11 @@ class Tracer(TableWriter, DirectCarrier):
         return self._attached
 
     def attach(self) -> "Tracer":
-        """Attach the hooks and patch the units' modules (``with`` does this)."""
+        """Attach the hooks and patch the units' modules (``with`` does this).
+
+        Returns:
+            The tracer itself, so ``tr = Tracer(model).attach()`` works outside ``with``.
+        """
         if self._attached:
             return self
         _refuse_nested(self.model)
@@ -829,5 +837,15 @@ def trace(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None, **
     """Trace ``model``'s residual units; use as ``with trace(model) as tr:``.
 
     See :class:`Tracer` for the options and the sharp edges.
+
+    Args:
+        model: the network: gradflow's zoo, torchvision, timm, Hugging Face, or your own.
+        units: which modules are residual units; None finds them (see :class:`Tracer`).
+        parts: the declared units' parts; None finds them.
+        **kwargs: the other options of :class:`Tracer` (``split``, ``schedule``,
+            ``optimizer``, ``quantities``, ``sinks``, ``paths``, ...).
+    Returns:
+        A :class:`Tracer`, attached when its ``with`` block is entered and
+        detached when it is left (exceptions included); read ``tr.units``.
     """
     return Tracer(model, units=units, parts=parts, **kwargs)

@@ -110,11 +110,6 @@ def unpack(p: Packed) -> tuple[dict, dict, int]:
     return raw, sc, B
 
 
-def to_host(rows: list[dict], scalars: list[dict]) -> tuple[dict, dict, int]:
-    """Per-sample reductions ([rows, B] arrays by name) and one-number ones ([rows]), one transfer."""
-    return unpack(pack(rows, scalars))
-
-
 def unscale(raw: dict, rows: slice, scale: float) -> None:
     """Undo a GradScaler's loss scale on the gradient reductions of ``rows``."""
     for k in GRAD_SCALED:
@@ -123,12 +118,6 @@ def unscale(raw: dict, rows: slice, scale: float) -> None:
     for k in GRAD_SCALED_SQ:
         if k in raw:
             raw[k][rows] /= scale * scale
-
-
-def step_tables(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES,
-                B: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(units table, samples table) of one set of rows: ``meta`` gives one dict per row."""
-    return units_table(meta, q, columns, B), samples_table(meta, q, columns, B)
 
 
 def units_table(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES, B: int = 0) -> pd.DataFrame:

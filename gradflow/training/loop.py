@@ -89,9 +89,17 @@ def _backends(cfg: TrainConfig, dev: torch.device):
 def train(config: TrainConfig, resume: Optional[str | Path] = None) -> Path:
     """Train ``config`` (or continue the run at ``resume``) and return its run folder.
 
-    Under torchrun each process calls this; only rank 0 writes files. Raises
-    GradflowError on bad input and TrainingDiverged when the loss is NaN/Inf.
+    Under torchrun each process calls this; only rank 0 writes files.
     :func:`run_training` also says how the run ended.
+
+    Args:
+        config: the run's :class:`~gradflow.training.TrainConfig` (``resolve(preset, ...)`` builds one).
+        resume: a run folder to continue from its checkpoint (its config is the run's own).
+    Returns:
+        The run folder.
+    Raises:
+        GradflowError: bad input; nothing trained.
+        TrainingDiverged: NaN/Inf in the loss, a parameter or a buffer.
     """
     return run_training(config, resume).run_dir
 
@@ -99,11 +107,17 @@ def train(config: TrainConfig, resume: Optional[str | Path] = None) -> Path:
 def run_training(config: TrainConfig, resume: Optional[str | Path] = None) -> RunOutcome:
     """:func:`train`, returning how the run ended (status, reason, exit code) with its folder.
 
+    Args:
+        config: the run's :class:`~gradflow.training.TrainConfig`.
+        resume: a run folder to continue from its checkpoint.
+    Returns:
+        A :class:`~gradflow.training.RunOutcome`: ``run_dir``, ``status``, ``reason``, ``exit_code``.
     Raises:
         GradflowError: bad input (flags, data, a run folder in use or damaged); nothing trained.
         TrainingDiverged: NaN/Inf in the loss, a parameter or a buffer; status ``diverged``.
         signals.Interrupted: a second SIGINT/SIGTERM stopped the run at once; status ``interrupted``.
-        Anything else after the run started (OSError on a full disk, ...) leaves status ``crashed``.
+        Exception: anything else after the run started (OSError on a full disk, ...) leaves
+            status ``crashed``.
     """
     d = distributed.setup(config.device)
     try:

@@ -222,7 +222,8 @@ def path_components(model: nn.Module, x: Tensor, loss_fn: Optional[LossFn] = Non
         x: input batch; ``loss_fn`` (output -> scalar) or labels ``y`` (cross-entropy).
         max_len: keep lengths 0..max_len apart and sum the longer ones (k = -1); None: all.
         keep: also return the component tensors (float64, on the CPU).
-        units, parts: as for :func:`gradflow.trace`.
+        units: as for :func:`gradflow.trace`.
+        parts: as for :func:`gradflow.trace`.
         batched: where autograd takes the products (units without ``fast`` rules): all
             components in one vmap'ed call (True) or one call each (False); None: batched
             on CUDA, one by one on the CPU (faster there).

@@ -18,7 +18,7 @@ so (``vjp`` column of :func:`gradflow.tracing.paths.components.path_components`'
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -339,9 +339,3 @@ _RULES: dict[str, Callable[[Any, list], Rule]] = {
 _LAYOUT_AWARE = {_relu_rule, _threshold_rule, _bn_rule, _conv_rule}
 _SAME_SHAPE = {"AddBackward0", "SubBackward0", "MulBackward0", "AliasBackward0", "CloneBackward0", "ReluBackward0",
                "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "NativeBatchNormBackward0"}
-
-
-def batched_vjp(outputs: list, inputs: list, grads: list) -> Optional[list]:
-    """Compile and run in one go; None where the graph needs autograd (see :func:`compile_vjp`)."""
-    p = compile_vjp(outputs, inputs)
-    return None if isinstance(p, str) else p.run(grads)
