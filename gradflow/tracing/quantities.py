@@ -23,7 +23,11 @@ A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
 
 ``forward``/``backward`` return per-sample reductions, tensors of shape [B]
 kept on the device until the step's single host transfer; ``weights`` returns
-0-d tensors (one number per unit). Per-sample columns are listed in
+0-d tensors (one number per unit). Under a process group (:mod:`.distributed`)
+the names a quantity lists in ``summed`` are partial norms over the parameters
+this rank holds, joined across ranks as the root of their sum of squares;
+``finish(sc)`` then makes the columns from them on the host (the update ratio
+from its two norms). Per-sample columns are listed in
 ``columns`` and get ``_std``, ``_q05``, ``_q50``, ``_q95`` beside their batch
 mean in ``tr.units``; one-number columns are listed in ``scalars``.
 
@@ -119,6 +123,8 @@ class Quantity:
     top: bool = False         # also computed on x_L, the head's input
     early: bool = False       # forward reads only t.x and t.step: computed as the unit is
                               # entered, while x_l is still in cache (not after its branch ran)
+    summed: tuple = ()        # one-number reductions that are partial norms over parameter shards:
+                              # joined across ranks as sqrt(sum of squares); the others are rank 0's
 
     def should_compute(self, step: int) -> bool:
         return True
@@ -141,6 +147,9 @@ class Quantity:
 
     def derive(self, q: dict, t: Derive) -> None:
         pass
+
+    def finish(self, sc: dict) -> None:
+        """On the host, the ranks' values joined: one-number columns from raw ones (name -> [rows])."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -242,6 +251,7 @@ class WeightGradNorm(Quantity):
     """``weight_grad_norm``: ||dE/dW|| over the unit's parameters, as the optimizer sees it."""
 
     scalars = ("weight_grad_norm",)
+    summed = ("weight_grad_norm",)
     needs = "weights"
 
     def weights(self, t: Weights) -> dict:
@@ -249,7 +259,7 @@ class WeightGradNorm(Quantity):
 
     def weights_all(self, ts: list) -> list:
         grads = [[p.grad for p in t.params if p.grad is not None] for t in ts]
-        norms = _group_norms(grads).unbind(0)
+        norms = _group_norms(grads).unbind(0)      # a sharded gradient is a DTensor as its parameter
         return [{"weight_grad_norm": n} if g else {} for n, g in zip(norms, grads)]
 
 
@@ -260,6 +270,7 @@ class UpdateRatio(Quantity):
     """
 
     scalars = ("update_ratio",)
+    summed = ("update_ratio", "update_ratio_base")   # ||W_after - W_before|| and ||W_before||, joined
     needs = "update"
 
     def weights(self, t: Weights) -> dict:
@@ -269,12 +280,21 @@ class UpdateRatio(Quantity):
         use = [t for t in ts if t.before is not None and t.params]
         if not use:
             return [{} for _ in ts]
-        with torch.no_grad():
-            diffs = iter(torch._foreach_sub([p for t in use for p in t.params], [b for t in use for b in t.before]))
-        d = _group_norms([[next(diffs) for _ in t.params] for t in use])
-        w = _group_norms([list(t.before) for t in use])
-        ratio = iter((d / w.clamp_min(1e-30)).unbind(0))
-        return [{"update_ratio": next(ratio)} if t.before is not None and t.params else {} for t in ts]
+        with torch.no_grad():   # on each rank's own part of a sharded (DTensor) parameter
+            diffs = iter(torch._foreach_sub([_local(p) for t in use for p in t.params],
+                                            [_local(b) for t in use for b in t.before]))
+        d = _group_norms([[next(diffs) for _ in t.params] for t in use],
+                         [[p for p in t.params] for t in use]).unbind(0)
+        w = _group_norms([list(t.before) for t in use]).unbind(0)
+        it = iter(zip(d, w))
+        return [dict(zip(self.summed, next(it))) if t.before is not None and t.params else {} for t in ts]
+
+    def finish(self, sc: dict) -> None:
+        if "update_ratio" in sc:
+            base = sc.pop("update_ratio_base", None)
+            if base is not None:
+                with np.errstate(invalid="ignore"):
+                    sc["update_ratio"] = sc["update_ratio"] / np.maximum(base, 1e-30)
 
 
 class Spectra(Quantity):
@@ -300,8 +320,17 @@ class Spectra(Quantity):
         return f"Spectra(iters={self.iters})"
 
 
-def _group_norms(groups: list) -> Tensor:
-    """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction."""
+def _group_norms(groups: list, owners: Optional[list] = None) -> Tensor:
+    """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction.
+
+    Under a process group, over this rank's share (:func:`_share`) of each tensor: the rank's
+    part of a sharded ``DTensor``, a replicated tensor on rank 0 only; the ranks' partial
+    norms are then joined as sqrt(sum of squares). ``owners``: the tensors whose placement
+    decides the share, where ``groups`` holds plain tensors computed from them (local already).
+    """
+    if _distributed():
+        groups = [[s for t, o in zip(g, og) for s in _share(t, o)]
+                  for g, og in zip(groups, owners if owners is not None else groups)]
     flat = [t for g in groups for t in g]
     if not flat:
         return torch.zeros(len(groups))
@@ -315,6 +344,47 @@ def _group_norms(groups: list) -> Tensor:
         acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
         sq = stacked.to(acc).square()
         return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _local(t: Tensor) -> Tensor:
+    """A ``DTensor``'s part on this rank; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+_PARTIAL_WARNED: list = []
+
+
+def _share(t: Tensor, owner: Tensor) -> list:
+    """What this rank adds to a norm over ``t`` ([] or [tensor]), placed as ``owner`` is.
+
+    A plain tensor under a process group is a replica (DDP keeps every parameter and its
+    averaged gradient identical on every rank): counted on rank 0 only. A ``DTensor``
+    counts its local part on the ranks at coordinate 0 of each mesh dimension it is
+    replicated over; one holding partial sums cannot be normed by parts (NaN, said once).
+    """
+    placements = getattr(owner, "placements", None)
+    if placements is None:
+        return [t] if torch.distributed.get_rank() == 0 else []
+    coord = owner.device_mesh.get_coordinate()
+    if coord is None:
+        return []
+    for i, pl in enumerate(placements):
+        if pl.is_partial():
+            if not _PARTIAL_WARNED:
+                _PARTIAL_WARNED.append(True)
+                import warnings
+                warnings.warn("gradflow.trace: a DTensor holds partial sums (Partial placement): its norm "
+                              "cannot be joined from its parts, so its unit's weight columns are NaN",
+                              RuntimeWarning, stacklevel=3)
+            return [torch.full((), float("nan"), device=_local(t).device)]
+        if pl.is_replicate() and coord[i] != 0:
+            return []
+    return [_local(t)]
 
 
 _OWNERS: dict = {}
