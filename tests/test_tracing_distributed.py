@@ -271,3 +271,65 @@ def _reference_no_opt():
     with gradflow.trace(m, units="blocks.*") as tr:
         F.cross_entropy(m(x), y).backward()
     return tr.units, tr.samples
+
+
+# -- the Lightning callback under its DDP strategy ------------------------------------------------
+
+def _lightning_entry(rank, port, out):
+    """A rank as torchrun starts it: Lightning reads the environment and joins the group itself."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), GROUP_RANK="0",
+                      TORCHELASTIC_RUN_ID="gradflow-test", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import contextlib
+    import io
+    import lightning.pytorch as pl
+    from gradflow.integrations.lightning import GradflowCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make(3)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = batch(8)   # each rank its own half, two samples a step
+    half = slice(4 * rank, 4 * rank + 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[half], y[half]), batch_size=2)
+    cb = GradflowCallback(units="net.blocks.*")
+    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                         accelerator="cpu", devices=WORLD, strategy="ddp", use_distributed_sampler=False)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        trainer.fit(Module(), loader)
+    if rank == 0:
+        pd.to_pickle(dict(samples=cb.tracer.samples, said=said.getvalue()), os.path.join(out, "lightning.pkl"))
+
+
+@pytest.mark.slow
+def test_the_lightning_callback_under_ddp_records_the_global_batch_and_says_so(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_lightning_entry, args=(port, str(tmp_path)), nprocs=WORLD)
+    got = pd.read_pickle(tmp_path / "lightning.pkl")
+    assert got["said"].count("the tables hold the global batch") == 1
+    s = got["samples"]
+    s0 = s[s["step"] == 0]
+    assert sorted(set(s0["sample"])) == [0, 1, 2, 3] and list(s0[s0["unit"] == 0]["rank"]) == [0, 0, 1, 1]
+    x, y = batch(8)
+    order = [0, 1, 4, 5]     # step 0: rank 0's first two samples, then rank 1's
+    ref = make(3)
+    with gradflow.trace(ref, units="blocks.*") as tr:
+        F.cross_entropy(ref(x[order]), y[order]).backward()
+    want = tr.samples
+    for c in ("x_norm", "grad_ratio", "direct_ratio"):
+        np.testing.assert_allclose(s0[c], want[c], rtol=1e-5, err_msg=c)
+    assert len(pd.read_csv(tmp_path / "gradflow.csv")) == 2 * 4    # rank 0's file: 2 steps x 4 rows

@@ -70,6 +70,12 @@ def ranks_for(tracer) -> Optional["Ranks"]:
     if tracer._ranks is not None:
         return tracer._ranks            # re-attached: the same collaborator
     sharded = next((n for n, p in tracer.model.named_parameters() if is_sharded(p)), None)
+    flat = next((n for n, p in tracer.model.named_parameters() if type(p).__name__ == "FlatParameter"), None)
+    if flat is not None:
+        raise GradflowError(f"parameter {flat!r} is an FSDP1 FlatParameter (FullyShardedDataParallel): its "
+                            "units' parameters are flattened into it, so their weight norms cannot be read. "
+                            "Shard with FSDP2 instead (torch.distributed.fsdp.fully_shard on each unit, then "
+                            "the model), or with FullyShardedDataParallel(..., use_orig_params=True)")
     if tracer._paths is not None:
         raise GradflowError(
             f"trace(..., paths=...) under a process group of {world()} ranks: the path-length split is "
@@ -102,10 +108,11 @@ class Ranks:
                 f"are gathered (one collective per step), so the tables hold the global batch, with a "
                 f"`rank` column; sinks write on rank 0 (per_rank=True: one file per rank)")
 
-    def say(self) -> None:
+    def say(self, who: str = "gradflow") -> None:
         """One line on rank 0 (stderr): what a distributed trace records."""
         if self.rank == 0:
-            print(self.describe(), file=sys.stderr, flush=True)
+            print(self.describe().replace("gradflow", who, 1), file=sys.stderr, flush=True)
+
 
     # -- the step's collective ------------------------------------------------------------------
 
@@ -216,3 +223,9 @@ class Joined:
             a = sc[k] = np.full(n, np.nan)
             a[idx] = np.sqrt(np.sum(vals * vals, axis=0)) if k in self.summed else vals[0]
         return raw, sc, total
+
+
+def say(tracer, who: str) -> None:
+    """The one line an integration prints on rank 0 when its trace joins a process group's ranks."""
+    if getattr(tracer, "_ranks", None) is not None:
+        tracer._ranks.say(who)
