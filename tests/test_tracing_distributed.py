@@ -141,6 +141,10 @@ def _traced(rank, out, wrap, depth=3, bn=False, steps=2):
     xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
     with gradflow.trace(m, units="blocks.*", parts=parts(bn), optimizer=opt) as tr:
         run_steps(runner, xs, ys, opt, steps)
+    if wrap == "fsdp":      # Spectra runs units outside FSDP's all-gathers: refused at attach, by name
+        from gradflow.errors import GradflowError
+        with pytest.raises(GradflowError, match="Spectra quantity .* under FSDP"):
+            gradflow.trace(m, units="blocks.*", spectra=True).attach()
     if rank == 0:
         tr.units.to_pickle(os.path.join(out, "units.pkl"))
         tr.samples.to_pickle(os.path.join(out, "samples.pkl"))
@@ -333,3 +337,39 @@ def test_the_lightning_callback_under_ddp_records_the_global_batch_and_says_so(t
     for c in ("x_norm", "grad_ratio", "direct_ratio"):
         np.testing.assert_allclose(s0[c], want[c], rtol=1e-5, err_msg=c)
     assert len(pd.read_csv(tmp_path / "gradflow.csv")) == 2 * 4    # rank 0's file: 2 steps x 4 rows
+
+
+HF_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import pandas as pd, torch, torch.distributed as dist, transformers
+from test_sinks import HFModel, DictDataset, hf_args, data
+from gradflow.integrations.hf import GradflowTrainerCallback
+x, y = data(n=16)
+cb = GradflowTrainerCallback(units="net.blocks.*")
+trainer = transformers.Trainer(model=HFModel(), args=hf_args(transformers, {out!r}),
+                               train_dataset=DictDataset(x, y), callbacks=[cb])
+trainer.train()
+cb.tracer.samples.to_pickle({out!r} + f"/samples{{dist.get_rank()}}.pkl")
+"""
+
+
+@pytest.mark.slow
+def test_the_hugging_face_callback_under_torchrun_records_the_global_batch_and_says_so(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import subprocess
+    import sys
+    script = tmp_path / "hf_ddp.py"
+    script.write_text(HF_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(gradflow.__file__))}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                          "--standalone", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("the tables hold the global batch") == 1     # rank 0 says it, once
+    for r in range(WORLD):      # every rank holds the joined table: 2 samples from each rank per micro-batch
+        s = pd.read_pickle(tmp_path / f"samples{r}.pkl")
+        ranks = s.groupby(["step", "micro", "unit"])["rank"].apply(lambda r: tuple(sorted(r)))
+        assert len(ranks) == 2 * 2 * 4 and all(v == (0, 0, 1, 1) for v in ranks)
+    written = pd.read_csv(tmp_path / "gradflow.csv")                    # by rank 0 alone
+    assert len(written) == 2 * 2 * 4 and (written["batch"] == 4).all()
