@@ -229,6 +229,14 @@ def _mechanics(rank, out):
         F.cross_entropy(runner(xs), ys).backward()
     if rank == 1:
         tr.units.to_pickle(os.path.join(out, "units_rank1.pkl"))
+    # uneven slices (7 and 5 samples): the buffers are padded to a length the ranks agree on
+    m = make(3)
+    runner = nn.parallel.DistributedDataParallel(m)
+    mine = slice(0, 7) if rank == 0 else slice(7, 12)
+    with gradflow.trace(m, units="blocks.*") as tr:
+        F.cross_entropy(runner(x[mine]), y[mine]).backward()
+    if rank == 0:
+        tr.samples.to_pickle(os.path.join(out, "uneven.pkl"))
     refused = None
     try:
         gradflow.trace(make(2), units="blocks.*", paths=True).attach()
@@ -264,6 +272,10 @@ def test_one_collective_per_recorded_step_whatever_the_depth_and_sinks_write_onc
         s = pd.read_csv(tmp_path / f"samples.rank{r}.csv")
         assert (s["rank"] == r).all() and len(s) == 4 * 6
     # every rank holds the joined tables (history=None)
+    uneven, (_, ref_s) = pd.read_pickle(tmp_path / "uneven.pkl"), _reference_no_opt()
+    assert uneven[uneven["unit"] == 0]["rank"].tolist() == [0] * 7 + [1] * 5
+    for c in ("x_norm", "grad_ratio", "direct_ratio"):
+        np.testing.assert_allclose(uneven[c], ref_s[c], rtol=1e-5, err_msg=c)
     held = pd.read_pickle(tmp_path / "units_rank1.pkl")
     for c in ("x_norm", "grad_norm_q95", "weight_grad_norm"):
         np.testing.assert_allclose(held[c], units[c], rtol=1e-5, err_msg=c)

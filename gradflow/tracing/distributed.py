@@ -37,8 +37,9 @@ import torch.distributed as dist
 
 from gradflow.errors import GradflowError
 
-HEADER = 5          # step, blocks, cells per sample, one-number cells, length needed
+HEADER = 6          # step, blocks, cells per sample, one-number cells, length needed (two digits)
 _STEP_MOD = 2 ** 24  # float32 holds integers exactly up to here
+_DIGIT = 2 ** 16     # the length in base 2**16: exact in float32 up to 2**40 floats
 # Floats per rank the ranks agreed on: raised only from gathered headers, so the same on every
 # rank; kept across tracers (the trainer makes one per probe), so only a larger need costs a round.
 _CAPACITY = HEADER
@@ -133,11 +134,11 @@ class Ranks:
             scells += sum(len(idx) for _, idx in p.scols)
         need = HEADER + sum(b.numel() for b in blocks)
         head = torch.tensor([float(step % _STEP_MOD), float(len(packs)), float(cells), float(scells),
-                             float(need)], dtype=torch.float32, device=dev)
+                             float(need // _DIGIT), float(need % _DIGIT)], dtype=torch.float32, device=dev)
         mine = torch.cat([head] + blocks)
         global _CAPACITY
         got = self._all_gather(mine, _CAPACITY)
-        needs = got[:, 4]
+        needs = got[:, 4].double() * _DIGIT + got[:, 5].double()
         if (needs > got.shape[1]).any():   # someone's buffer did not fit: agree on a larger capacity
             _CAPACITY = int(needs.max())
             got = self._all_gather(mine, _CAPACITY)
