@@ -56,6 +56,48 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def active() -> bool:
+    """Whether a process group of 2+ ranks is initialised."""
+    return dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size() > 1
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor``'s part on this rank; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+_PARTIAL_WARNED: list = []
+
+
+def share(t: torch.Tensor, owner: torch.Tensor) -> list:
+    """What this rank adds to a norm over ``t`` ([] or [tensor]), placed as ``owner`` is.
+
+    A plain tensor under a process group is a replica (DDP keeps every parameter and its
+    averaged gradient identical on every rank): counted on rank 0 only. A ``DTensor``
+    counts its local part on the ranks at coordinate 0 of each mesh dimension it is
+    replicated over; one holding partial sums cannot be normed by parts (NaN, said once).
+    """
+    placements = getattr(owner, "placements", None)
+    if placements is None:
+        return [t] if dist.get_rank() == 0 else []
+    coord = owner.device_mesh.get_coordinate()
+    if coord is None:
+        return []
+    for i, pl in enumerate(placements):
+        if pl.is_partial():
+            if not _PARTIAL_WARNED:
+                _PARTIAL_WARNED.append(True)
+                import warnings
+                warnings.warn("gradflow.trace: a DTensor holds partial sums (Partial placement): its norm "
+                              "cannot be joined from its parts, so its unit's weight columns are NaN",
+                              RuntimeWarning, stacklevel=3)
+            return [torch.full((), float("nan"), device=local(t).device)]
+        if pl.is_replicate() and coord[i] != 0:
+            return []
+    return [local(t)]
+
+
 def is_sharded(t) -> bool:
     """Whether ``t`` is a ``DTensor`` split over ranks (FSDP2's ``fully_shard`` parameters)."""
     return any(pl.is_shard() for pl in getattr(t, "placements", ()))

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from gradflow.tracing import stats
+from gradflow.tracing.distributed import active, local, share
 
 
 @dataclass
@@ -281,8 +282,8 @@ class UpdateRatio(Quantity):
         if not use:
             return [{} for _ in ts]
         with torch.no_grad():   # on each rank's own part of a sharded (DTensor) parameter
-            diffs = iter(torch._foreach_sub([_local(p) for t in use for p in t.params],
-                                            [_local(b) for t in use for b in t.before]))
+            diffs = iter(torch._foreach_sub([local(p) for t in use for p in t.params],
+                                            [local(b) for t in use for b in t.before]))
         d = _group_norms([[next(diffs) for _ in t.params] for t in use],
                          [[p for p in t.params] for t in use]).unbind(0)
         w = _group_norms([list(t.before) for t in use]).unbind(0)
@@ -323,13 +324,13 @@ class Spectra(Quantity):
 def _group_norms(groups: list, owners: Optional[list] = None) -> Tensor:
     """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction.
 
-    Under a process group, over this rank's share (:func:`_share`) of each tensor: the rank's
+    Under a process group, over this rank's share (:func:`.distributed.share`) of each tensor: the rank's
     part of a sharded ``DTensor``, a replicated tensor on rank 0 only; the ranks' partial
     norms are then joined as sqrt(sum of squares). ``owners``: the tensors whose placement
     decides the share, where ``groups`` holds plain tensors computed from them (local already).
     """
-    if _distributed():
-        groups = [[s for t, o in zip(g, og) for s in _share(t, o)]
+    if active():
+        groups = [[s for t, o in zip(g, og) for s in share(t, o)]
                   for g, og in zip(groups, owners if owners is not None else groups)]
     flat = [t for g in groups for t in g]
     if not flat:
@@ -344,47 +345,6 @@ def _group_norms(groups: list, owners: Optional[list] = None) -> Tensor:
         acc = torch.float32 if dev.type == "mps" else torch.float64   # sums of squares of large norms
         sq = stacked.to(acc).square()
         return torch.zeros(len(groups), device=dev, dtype=acc).index_add_(0, _owner(groups, dev), sq).sqrt().float()
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def _local(t: Tensor) -> Tensor:
-    """A ``DTensor``'s part on this rank; any other tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
-
-
-_PARTIAL_WARNED: list = []
-
-
-def _share(t: Tensor, owner: Tensor) -> list:
-    """What this rank adds to a norm over ``t`` ([] or [tensor]), placed as ``owner`` is.
-
-    A plain tensor under a process group is a replica (DDP keeps every parameter and its
-    averaged gradient identical on every rank): counted on rank 0 only. A ``DTensor``
-    counts its local part on the ranks at coordinate 0 of each mesh dimension it is
-    replicated over; one holding partial sums cannot be normed by parts (NaN, said once).
-    """
-    placements = getattr(owner, "placements", None)
-    if placements is None:
-        return [t] if torch.distributed.get_rank() == 0 else []
-    coord = owner.device_mesh.get_coordinate()
-    if coord is None:
-        return []
-    for i, pl in enumerate(placements):
-        if pl.is_partial():
-            if not _PARTIAL_WARNED:
-                _PARTIAL_WARNED.append(True)
-                import warnings
-                warnings.warn("gradflow.trace: a DTensor holds partial sums (Partial placement): its norm "
-                              "cannot be joined from its parts, so its unit's weight columns are NaN",
-                              RuntimeWarning, stacklevel=3)
-            return [torch.full((), float("nan"), device=_local(t).device)]
-        if pl.is_replicate() and coord[i] != 0:
-            return []
-    return [_local(t)]
 
 
 _OWNERS: dict = {}
