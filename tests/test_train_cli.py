@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from gradflow.data.cifar import synthetic_cifar
@@ -29,7 +30,7 @@ def _flags(data, out, *extra):
 def test_torchrun_two_processes_train_and_write_one_set_of_logs(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradflow", "train",
            *_flags(data, tmp_path, "--stop", "20", "--lr", "0.05", "--warmup-iters", "0",
-                   "--milestones", "", "--eval-every", "20")]
+                   "--milestones", "", "--eval-every", "20", "--probe-every", "10")]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("run folder") == 1  # rank 0 speaks
@@ -37,7 +38,11 @@ def test_torchrun_two_processes_train_and_write_one_set_of_logs(data, tmp_path):
     assert [p.name for p in runs] == ["run"]
     run = runs[0]
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint.pt", "config.json", "log.csv",
-                                                     "log.jsonl", "status.json"]
+                                                     "log.jsonl", "probe.csv", "status.json"]
+    # the probes record the global batch (32 samples, 16 from each process), said once
+    probe = pd.read_csv(run / "probe.csv")
+    assert sorted(set(probe["iteration"])) == [0, 10] and (probe["batch"] == 32).all()
+    assert out.stderr.count("each probe records the global batch") == 1
     rows = read_log(run)
     assert [r["iteration"] for r in rows] == [5, 10, 15, 20]  # one row each, not one per process
     assert json.loads((run / "config.json").read_text())["world_size"] == 2

@@ -13,7 +13,9 @@ a trace left over from one that raised, with a warning.
 
 A step is one optimizer step (``gradient_accumulation_steps`` forwards are its
 micro-batches); evaluation runs under ``no_grad`` and gives ``phase="eval"``
-rows. By default rows stream to ``<output_dir>/gradflow.csv``. Needs
+rows. By default rows stream to ``<output_dir>/gradflow.csv``. Launched by ``torchrun``
+(DDP) every rank traces its slice and the rows are joined into the global batch's
+(one line on rank 0 says so; :mod:`gradflow.tracing.distributed`), written by rank 0. Needs
 ``transformers`` and ``accelerate`` (``pip install 'gradflow[hf]'``).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ except ImportError as e:
 
 from gradflow.tracing import CSVSink, Tracer
 from gradflow.integrations import innermost_optimizer
+from gradflow.tracing.distributed import say
 
 
 class GradflowTrainerCallback(TrainerCallback):
@@ -68,6 +71,7 @@ class GradflowTrainerCallback(TrainerCallback):
         self.tracer = Tracer(model, optimizer=innermost_optimizer(optimizer), sinks=sinks,
                              history=self.history, **self.kwargs)
         self.tracer.attach()
+        say(self.tracer, "gradflow GradflowTrainerCallback")   # under DDP/FSDP: the global batch, gathered
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()

@@ -10,7 +10,9 @@ A step is one optimizer step (``accumulate_grad_batches`` batches are its
 micro-batches, each opened at ``on_train_batch_start``); validation runs under
 ``no_grad`` and gives ``phase="eval"`` rows. By default the rows stream to the
 trainer's TensorBoard logger when it has one (``TensorBoardSink``), else to
-``<log_dir>/gradflow.csv``; pass ``sinks=`` to choose. Needs ``lightning``
+``<log_dir>/gradflow.csv``; pass ``sinks=`` to choose. Under the DDP strategy every
+rank traces its slice and the rows are joined into the global batch's (one line on
+rank 0 says so; :mod:`gradflow.tracing.distributed`); sinks write on rank 0. Needs ``lightning``
 (``pip install 'gradflow[lightning]'``).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ except ImportError:  # pragma: no cover - the older package name
 
 from gradflow.tracing import CSVSink, TensorBoardSink, Tracer
 from gradflow.integrations import innermost_optimizer
+from gradflow.tracing.distributed import say
 
 
 class GradflowCallback(pl.Callback):
@@ -62,6 +65,7 @@ class GradflowCallback(pl.Callback):
         sinks = list(self.sinks) if self.sinks is not None else self._default_sinks(trainer)
         self.tracer = Tracer(pl_module, optimizer=opt, sinks=sinks, history=self.history, **self.kwargs)
         self.tracer.attach()
+        say(self.tracer, "gradflow GradflowCallback")   # under DDP/FSDP: the global batch, gathered
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.tracer is not None:

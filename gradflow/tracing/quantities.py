@@ -23,7 +23,11 @@ A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
 
 ``forward``/``backward`` return per-sample reductions, tensors of shape [B]
 kept on the device until the step's single host transfer; ``weights`` returns
-0-d tensors (one number per unit). Per-sample columns are listed in
+0-d tensors (one number per unit). Under a process group (:mod:`.distributed`)
+the names a quantity lists in ``summed`` are partial norms over the parameters
+this rank holds, joined across ranks as the root of their sum of squares;
+``finish(sc)`` then makes the columns from them on the host (the update ratio
+from its two norms). Per-sample columns are listed in
 ``columns`` and get ``_std``, ``_q05``, ``_q50``, ``_q95`` beside their batch
 mean in ``tr.units``; one-number columns are listed in ``scalars``.
 
@@ -53,6 +57,7 @@ import torch
 from torch import Tensor
 
 from gradflow.tracing import stats
+from gradflow.tracing.distributed import active, local, share
 
 
 @dataclass
@@ -119,6 +124,8 @@ class Quantity:
     top: bool = False         # also computed on x_L, the head's input
     early: bool = False       # forward reads only t.x and t.step: computed as the unit is
                               # entered, while x_l is still in cache (not after its branch ran)
+    summed: tuple = ()        # one-number reductions that are partial norms over parameter shards:
+                              # joined across ranks as sqrt(sum of squares); the others are rank 0's
 
     def should_compute(self, step: int) -> bool:
         return True
@@ -141,6 +148,9 @@ class Quantity:
 
     def derive(self, q: dict, t: Derive) -> None:
         pass
+
+    def finish(self, sc: dict) -> None:
+        """On the host, the ranks' values joined: one-number columns from raw ones (name -> [rows])."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -240,6 +250,7 @@ class WeightGradNorm(Quantity):
     """``weight_grad_norm``: ||dE/dW|| over the unit's parameters, as the optimizer sees it."""
 
     scalars = ("weight_grad_norm",)
+    summed = ("weight_grad_norm",)
     needs = "weights"
 
     def weights(self, t: Weights) -> dict:
@@ -247,7 +258,7 @@ class WeightGradNorm(Quantity):
 
     def weights_all(self, ts: list) -> list:
         grads = [[p.grad for p in t.params if p.grad is not None] for t in ts]
-        norms = _group_norms(grads).unbind(0)
+        norms = _group_norms(grads).unbind(0)      # a sharded gradient is a DTensor as its parameter
         return [{"weight_grad_norm": n} if g else {} for n, g in zip(norms, grads)]
 
 
@@ -258,6 +269,7 @@ class UpdateRatio(Quantity):
     """
 
     scalars = ("update_ratio",)
+    summed = ("update_ratio", "update_ratio_base")   # ||W_after - W_before|| and ||W_before||, joined
     needs = "update"
 
     def weights(self, t: Weights) -> dict:
@@ -267,12 +279,21 @@ class UpdateRatio(Quantity):
         use = [t for t in ts if t.before is not None and t.params]
         if not use:
             return [{} for _ in ts]
-        with torch.no_grad():
-            diffs = iter(torch._foreach_sub([p for t in use for p in t.params], [b for t in use for b in t.before]))
-        d = _group_norms([[next(diffs) for _ in t.params] for t in use])
-        w = _group_norms([list(t.before) for t in use])
-        ratio = iter((d / w.clamp_min(1e-30)).unbind(0))
-        return [{"update_ratio": next(ratio)} if t.before is not None and t.params else {} for t in ts]
+        with torch.no_grad():   # on each rank's own part of a sharded (DTensor) parameter
+            diffs = iter(torch._foreach_sub([local(p) for t in use for p in t.params],
+                                            [local(b) for t in use for b in t.before]))
+        d = _group_norms([[next(diffs) for _ in t.params] for t in use],
+                         [[p for p in t.params] for t in use]).unbind(0)
+        w = _group_norms([list(t.before) for t in use]).unbind(0)
+        it = iter(zip(d, w))
+        return [dict(zip(self.summed, next(it))) if t.before is not None and t.params else {} for t in ts]
+
+    def finish(self, sc: dict) -> None:
+        if "update_ratio" in sc:
+            base = sc.pop("update_ratio_base", None)
+            if base is not None:
+                with np.errstate(invalid="ignore"):
+                    sc["update_ratio"] = sc["update_ratio"] / np.maximum(base, 1e-30)
 
 
 class Spectra(Quantity):
@@ -298,8 +319,17 @@ class Spectra(Quantity):
         return f"Spectra(iters={self.iters})"
 
 
-def _group_norms(groups: list) -> Tensor:
-    """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction."""
+def _group_norms(groups: list, owners: Optional[list] = None) -> Tensor:
+    """The L2 norm over each group of tensors ([groups], 0 for an empty one), in one batched reduction.
+
+    Under a process group, over this rank's share (:func:`.distributed.share`) of each tensor: the rank's
+    part of a sharded ``DTensor``, a replicated tensor on rank 0 only; the ranks' partial
+    norms are then joined as sqrt(sum of squares). ``owners``: the tensors whose placement
+    decides the share, where ``groups`` holds plain tensors computed from them (local already).
+    """
+    if active():
+        groups = [[s for t, o in zip(g, og) for s in share(t, o)]
+                  for g, og in zip(groups, owners if owners is not None else groups)]
     flat = [t for g in groups for t in g]
     if not flat:
         return torch.zeros(len(groups))

@@ -77,6 +77,7 @@ from gradflow.tracing.schedule import as_schedule
 from gradflow.tracing.carry import DirectCarrier, _exp
 from gradflow.tracing.records import Call, Micro, _Entry
 from gradflow.tracing.writer import TableWriter
+from gradflow.tracing.distributed import ranks_for
 
 _ACTIVE: dict = {}      # id(module) -> the tracer that patched it (nested traces are refused)
 _MAX_PENDING = 16       # micro-batches waiting for a backward before they are written as they are
@@ -156,7 +157,8 @@ class Tracer(TableWriter, DirectCarrier):
                  cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
                  quantities: Optional[Sequence] = None, sinks: Sequence = (),
-                 history: Optional[int] = None, check: bool = True, paths: Union[bool, int, None] = None):
+                 history: Optional[int] = None, check: bool = True, paths: Union[bool, int, None] = None,
+                 gather: bool = True):
         bad = set(keep) - {"x", "grad", "direct", "paths"}
         if bad:
             raise GradflowError(f"keep={sorted(bad)!r}: choose from 'x', 'grad', 'direct', 'paths'")
@@ -188,6 +190,8 @@ class Tracer(TableWriter, DirectCarrier):
         self.sinks = list(sinks)
         self.history = history
         self.check = check
+        self.gather = gather
+        self._ranks = None          # under a process group: joins the ranks' rows (set at attach)
         self.step = -1              # index of the current step
         self.tensors: dict = {}     # keep= tensors
         self._frames: deque = deque()   # (step, units, samples) of written steps
@@ -233,6 +237,7 @@ class Tracer(TableWriter, DirectCarrier):
         if self._attached:
             return self
         _refuse_nested(self.model)
+        self._ranks = ranks_for(self)   # under a process group; refuses what cannot run there
         mods = [self.model] + [i.module for i in self.infos]
         for m in mods:
             _ACTIVE[id(m)] = self
@@ -615,7 +620,11 @@ class Tracer(TableWriter, DirectCarrier):
             p = m.passes[self._bw_id]
             m.done.append(p)
             if self.optimizer is None and self._q_w:
-                m.weights[p] = self._weight_stats(self._q_w, None)
+                if self._ranks is None:
+                    m.weights[p] = self._weight_stats(self._q_w, None)
+                else:   # after DDP's (or FSDP's) own end-of-backward callback has reduced the gradients
+                    torch.autograd.Variable._execution_engine.queue_callback(
+                        lambda m=m, p=p: m.weights.__setitem__(p, self._weight_stats(self._q_w, None)))
         self._bw_id += 1
         self._buffers.clear()
 

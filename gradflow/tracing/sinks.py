@@ -6,6 +6,9 @@ step's rows of ``tr.units`` and ``tr.samples``), and optionally ``open(tracer)``
 as ``trace(model, sinks=[...])``; with ``history=0`` nothing stays in memory.
 A sink with ``uses_samples = False`` is given an empty ``samples`` frame, and
 the per-sample table is then not built for it (it costs as much as the rest).
+Under a process group (:mod:`.distributed`) sinks write on rank 0 only, the
+global batch's rows; one with ``per_rank = True`` writes on every rank, that
+rank's own samples (a file sink then puts ``.rank<r>`` before its suffix).
 
 * :class:`CSVSink` / :class:`JSONLSink`: one line per unit row, appended and
   flushed once per step, so memory stays bounded however long the run is.
@@ -38,6 +41,7 @@ class Sink:
     """Base class: receives each written step's rows."""
 
     uses_samples: bool = True   # False: write() gets an empty samples frame (not built)
+    per_rank: bool = False      # under a process group: write on every rank, its own samples
 
     def open(self, tracer: Any) -> None:
         pass
@@ -52,8 +56,8 @@ class Sink:
 class FunctionSink(Sink):
     """A sink that calls ``write(units, samples)`` (gradflow's trainer appends to probe.csv so)."""
 
-    def __init__(self, write):
-        self._write = write
+    def __init__(self, write, per_rank: bool = False):
+        self._write, self.per_rank = write, per_rank
 
     def write(self, units: pd.DataFrame, samples: pd.DataFrame) -> None:
         self._write(units, samples)
@@ -63,9 +67,9 @@ class _LineSink(Sink):
     """Shared by CSV and JSONL: a path, extra constant columns, samples or units."""
 
     def __init__(self, path, samples: bool = False, append: bool = False,
-                 extra: Optional[dict] = None):
-        self.path = Path(path)
-        self.samples, self.append = samples, append
+                 extra: Optional[dict] = None, per_rank: bool = False):
+        self._path = Path(path)
+        self.samples, self.append, self.per_rank = samples, append, per_rank
         self.extra = dict(extra or {})
         self._f = None
         self.rows = 0
@@ -73,6 +77,11 @@ class _LineSink(Sink):
     @property
     def uses_samples(self) -> bool:
         return self.samples
+
+    @property
+    def path(self) -> Path:
+        """The file: with ``per_rank``, this rank's (``<stem>.rank<r><suffix>``, read when written)."""
+        return rank_path(self._path) if self.per_rank else self._path
 
     def _file(self):
         if self._f is None:
@@ -105,11 +114,14 @@ class CSVSink(_LineSink):
         append: add to an existing file; its header is kept, and columns the
             file has no place for are named once in a warning.
         extra: constant columns put first (``{"iteration": 1200}``).
+        per_rank: under a process group, every rank writes its own samples'
+            rows to its own file, ``<stem>.rank<r><suffix>`` (default: rank 0
+            writes the global batch's rows to ``path``).
     """
 
     def __init__(self, path, samples: bool = False, append: bool = False,
-                 extra: Optional[dict] = None):
-        super().__init__(path, samples, append, extra)
+                 extra: Optional[dict] = None, per_rank: bool = False):
+        super().__init__(path, samples, append, extra, per_rank)
         self.header: Optional[list] = None
         self._dropped: set = set()
         self._new = True          # the header line is still to be written
@@ -164,6 +176,14 @@ class JSONLSink(_LineSink):
         f.write("\n".join(lines) + "\n")
         f.flush()
         self.rows += len(df)
+
+
+def rank_path(path: Path) -> Path:
+    """``path`` with ``.rank<r>`` before its suffix under a process group (as it is without one)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return path
+    return path.with_name(f"{path.stem}.rank{dist.get_rank()}{path.suffix}")
 
 
 DEFAULT_TB = ("grad_ratio", "direct_ratio", "x_rms", "r_norm", "weight_grad_norm", "update_ratio")

@@ -59,9 +59,10 @@ def _stack(ts: list, dev) -> torch.Tensor:
                             for t in ts])
 
 
-def pack(rows: list, scalars: list) -> Packed:
+def pack(rows: list, scalars: list, host: bool = True) -> Packed:
     """Per-sample reductions (``rows``: name -> [B] per row) and one-number ones (``scalars``: 0-d)
-    as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`).
+    as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`);
+    ``host=False`` leaves it on the device (a process group gathers it there first).
 
     A few stacks and one copy per micro-batch, whatever the number of units: the hooks'
     small tensors are let go here, and a CUDA step is not synchronised by recording.
@@ -78,13 +79,15 @@ def pack(rows: list, scalars: list) -> Packed:
         parts = [p if p.device == dev else p.to(dev) for p in parts]
         flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
         event = None
-        if flat.device.type == "cuda":
-            host = flat.to("cpu", non_blocking=True)   # into pinned memory; ready at the event
+        if not host:
+            out = flat
+        elif flat.device.type == "cuda":
+            out = flat.to("cpu", non_blocking=True)   # into pinned memory; ready at the event
             event = torch.cuda.Event()
             event.record()
         else:
-            host = flat.to("cpu")
-    return Packed(host, event, n, B, [(k, e[0]) for k, e in cols.items()],
+            out = flat.to("cpu")
+    return Packed(out, event, n, B, [(k, e[0]) for k, e in cols.items()],
                   [(k, e[0]) for k, e in scols.items()])
 
 

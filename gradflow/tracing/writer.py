@@ -40,14 +40,26 @@ class TableWriter:
                 _release(m)
         if not (final and frames):
             return frames
+        ranks = self._ranks
+        if ranks is not None:   # every rank's rows of this step, in one collective
+            for f, joined in zip(frames, ranks.join(frames[0].step, [f.packed for f in frames])):
+                f.packed = joined
         step = _Frames(frames)
         if self.history is None or self.history > 0:
             self._frames.append(step)
             if self.history is not None:
                 while len(self._frames) > self.history:
                     self._frames.popleft()
+        local = _Frames([f.local(ranks.rank) for f in frames]) if ranks is not None and \
+            any(getattr(s, "per_rank", False) for s in self.sinks) else None
         for s in self.sinks:
-            s.write(step.units, step.samples if getattr(s, "uses_samples", True) else _NO_SAMPLES)
+            if local is not None and getattr(s, "per_rank", False):   # this rank's own samples
+                out = local
+            elif ranks is not None and ranks.rank != 0:
+                continue
+            else:
+                out = step
+            s.write(out.units, out.samples if getattr(s, "uses_samples", True) else _NO_SAMPLES)
         return frames
 
     def _tables(self, m: Micro, final: bool) -> "_Frame":
@@ -85,9 +97,9 @@ class TableWriter:
             metas.append(self._meta(m, p, len(calls), last.info, last.out_shape, np.nan, top=True))
             if p is not None and p in m.scale:
                 scales.append((slice(start, len(rows)), m.scale[p]))
-        return _Frame(metas, pack(rows, scalars), scales,
+        return _Frame(metas, pack(rows, scalars, host=not (final and self._ranks is not None)), scales,
                       (self.quantities, self.cancel_tol, self._scalar_cols, self._columns,
-                       self.optimizer is None))
+                       self.optimizer is None), m.step)
 
     def _meta(self, m: Micro, p, index: int, info: UnitInfo, shape: str, coef, top: bool = False) -> dict:
         d = dict(step=m.step, micro=m.micro, phase=m.phase, backward=p if p is not None else 0,
@@ -114,6 +126,11 @@ class TableWriter:
         frames = [f[which] for f in self._frames]
         if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
             ready = [m for m in self._open if m.complete and m.calls]
+            if ready and self._ranks is not None:   # joining them is a collective every rank must call
+                self._warn("unjoined", "under a process group a step's rows are shown once written (at the "
+                           "next forward of the model, or when the trace detaches): joining the ranks' rows "
+                           "is a collective every rank takes part in, so reading the tables cannot do it")
+                ready = []
             frames += [f[which] for f in self._write(ready, final=False)]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if len(df):  # forwards without a backward (no_grad, eval): gradient columns NaN, not absent
@@ -132,7 +149,8 @@ class TableWriter:
         """Every column ``tr.units`` (or ``tr.samples``) can hold with these quantities, in order."""
         per = list(self._columns)
         if samples:
-            return ["step", "micro", "phase", "backward", "unit", "sample"] + per
+            return ["step", "micro", "phase", "backward", "unit", "sample"] + \
+                (["rank"] if self._ranks is not None else []) + per
         cols = ["step", "micro", "phase", "backward", "unit", "name", "stage", "kind", "is_top",
                 "scalar_coef", "x_shape"] + (["skipped"] if self.optimizer is not None else [])
         cols += [c for q in self.quantities if q.needs != "update" or self.optimizer is not None
@@ -163,29 +181,42 @@ class TableWriter:
 
 
 class _Frame:
-    """One micro-batch's rows: its reductions on their way to the host (one packed tensor),
-    turned into numbers and (units, samples) DataFrames when first read."""
+    """One micro-batch's rows: its reductions on their way to the host (one packed tensor, or
+    every rank's joined), turned into numbers and (units, samples) DataFrames when first read."""
 
-    __slots__ = ("_pending", "_rows", "_tables")
+    __slots__ = ("_pending", "_rows", "_tables", "packed", "step")
 
-    def __init__(self, metas: list, packed: Packed, scales: list, how: tuple):
-        self._pending, self._rows, self._tables = (metas, packed, scales, how), None, [None, None]
+    def __init__(self, metas: list, packed, scales: list, how: tuple, step: int = 0):
+        self._pending, self._rows, self._tables = (metas, scales, how), None, [None, None]
+        self.packed, self.step = packed, step
+
+    def local(self, rank: int) -> "_Frame":
+        """The same rows over ``rank``'s own samples (a per-rank sink's)."""
+        metas, scales, how = self._pending    # before either table is read
+        return _Frame([dict(m) for m in metas], self.packed.local(rank), scales, how, self.step)
 
     def __getitem__(self, which: int) -> pd.DataFrame:
         t = self._tables
         if t[which] is None:
             if self._rows is None:
-                self._rows, self._pending = _host_rows(*self._pending), None
+                metas, scales, how = self._pending
+                self._rows, self._pending = _host_rows(metas, self.packed, scales, how), None
             t[which] = (units_table if which == 0 else samples_table)(*self._rows)
+            if which == 1 and hasattr(self.packed, "sample_ranks"):   # whose sample each row is
+                df = t[1]
+                df.insert(df.columns.get_loc("sample") + 1, "rank",
+                          np.tile(self.packed.sample_ranks(), len(self._rows[0])))
             if t[1 - which] is not None:
-                self._rows = None
+                self._rows = self.packed = None
         return t[which]
 
 
-def _host_rows(metas: list, packed: Packed, scales: list, how: tuple) -> tuple:
+def _host_rows(metas: list, packed, scales: list, how: tuple) -> tuple:
     """(metas, per-sample arrays, columns, B): unscaled, derived, one-number columns in the metas."""
     quantities, cancel_tol, scalar_cols, columns, per_pass_weights = how
-    raw, sc, B = unpack(packed)
+    raw, sc, B = unpack(packed) if isinstance(packed, Packed) else packed.unpack()
+    for q in quantities:
+        q.finish(sc)
     for sl, s in scales:
         unscale(raw, sl, float(s))
         if per_pass_weights and "weight_grad_norm" in sc:

@@ -145,6 +145,10 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     if cfg.sync_bn and d.world > 1 and dev.type != "cuda":
         raise GradflowError("--sync-bn needs CUDA devices (torch's SyncBatchNorm is GPU-only): "
                             "drop --sync-bn on CPU")
+    if cfg.probe_paths and d.world > 1:
+        raise GradflowError(f"--probe-paths under torchrun ({d.world} processes): the path-length split is "
+                            "not joined across processes; drop --probe-paths, or probe paths in a "
+                            "single-process run")
     if cfg.probe_every:
         from gradflow.tracing import trace  # noqa: F401  (fail now, not at the first probe)
     _check_model(cfg)

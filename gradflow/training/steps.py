@@ -165,6 +165,9 @@ class Steps:
             write_json(run_dir / "config.json", {"config": cfg.as_dict(), "code": self.code,
                                                  "world_size": d.world, "device": str(dev),
                                                  "precision": self.precision()})
+        if cfg.probe_every and d.world > 1:
+            say(d, f"--probe-every {cfg.probe_every}: each probe records the global batch ({cfg.batch_size} "
+                   f"samples from {d.world} processes, gathered to rank 0, one collective per probe)")
         if cfg.amp == "auto":   # the one default that depends on the hardware: said, not silent
             say(d, f"precision: {self.precision()} (--amp auto: {why})")
         self.t_start = time.perf_counter() - wall0
@@ -315,8 +318,8 @@ class Steps:
             def probe_rows(units, samples, step=self.step):
                 with flag.writing():
                     self.log.append_probe(units, step)
-            with (_trace(self.eager, probe_rows, cfg.probe_paths) if probing and d.main
-                  else nullcontext()) as tr:
+            # every rank traces its slice; the rows are joined into the global batch's (rank 0 writes)
+            with (_trace(self.eager, probe_rows, cfg.probe_paths) if probing else nullcontext()) as tr:
                 loss, logits = forward_backward(self.wrapped if probing else self.runner, self.opt, x, y,
                                                 self.amp)
             if tr is not None and cfg.probe_paths:
