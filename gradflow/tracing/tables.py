@@ -61,7 +61,7 @@ def _stack(ts: list, dev) -> torch.Tensor:
 
 def pack(rows: list, scalars: list) -> Packed:
     """Per-sample reductions (``rows``: name -> [B] per row) and one-number ones (``scalars``: 0-d)
-    as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`).
+    as one float32 tensor (float64 when any is), copied to the host without waiting (read it with :func:`unpack`).
 
     A few stacks and one copy per micro-batch, whatever the number of units: the hooks'
     small tensors are let go here, and a CUDA step is not synchronised by recording.
@@ -76,7 +76,9 @@ def pack(rows: list, scalars: list) -> Packed:
         dev = parts[0].device if parts else next(iter(scols.values()))[1][0].device
         parts = [p.flatten() for p in parts] + [_stack(ts, dev).reshape(-1) for _, ts in scols.values()]
         parts = [p if p.device == dev else p.to(dev) for p in parts]
-        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]   # cat promotes: float64 stays
+        if flat.dtype != torch.float64:
+            flat = flat.float()
         event = None
         if flat.device.type == "cuda":
             host = flat.to("cpu", non_blocking=True)   # into pinned memory; ready at the event
