@@ -780,6 +780,10 @@ class _Run(Runner):
         tr = self.tracer
         if k >= len(self.group.infos):
             return h + r
+        if not all(isinstance(t, Tensor) for t in (x, h, r)):
+            raise GradflowError(f"unit {self.unit_name(k)!r}: its input, shortcut and branch must be tensors, "
+                                f"got {type(x).__name__}, {type(h).__name__}, {type(r).__name__}; declare its "
+                                "parts (units=[...], parts=...) so gradflow knows which tensor is x_l")
         call = tr._new_call(self.group.infos[k], self.group, None, ())
         tr._claim(call, x)
         identity = h is x
