@@ -97,3 +97,35 @@ def test_every_runner_derives_from_the_base():
         assert issubclass(cls, Runner)
         for hook in ("unit", "add", "enter"):
             assert getattr(cls, hook) is getattr(Runner, hook), (cls, hook)
+
+
+class _SideBlock(torch.nn.Module):
+    """A unit whose output the network computes and throws away."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+def test_a_nan_gradient_row_appears_only_where_no_backward_reached_and_is_named():
+    m = mlp(n=3)
+    m.side = _SideBlock(6).double()
+    inner = m.forward
+
+    def forward(x):
+        m.side(m.inp(x))            # a unit whose output the loss does not use
+        return inner(x)
+    m.forward = forward
+    x, y = data()
+    units = list(m.blocks) + [m.side]
+    _, grads = grads_at_inputs(list(m.blocks), lambda: F.cross_entropy(m(x), y))
+    with pytest.warns(RuntimeWarning, match=r"did not reach unit\(s\) 0 \(side\): the loss does not depend"):
+        with gradflow.trace(m, units=units) as tr:
+            F.cross_entropy(m(x), y).backward()
+    df = tr.units.set_index("name")
+    assert np.isnan(df.loc["side", "grad_norm"])
+    got = df.loc[[f"blocks.{i}" for i in range(3)], "grad_norm"].to_numpy()
+    np.testing.assert_allclose(got, [g.norm(dim=1).mean().item() for g in grads[:-1]], rtol=1e-10)
