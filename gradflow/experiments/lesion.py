@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradflow.errors import GradflowError
-from gradflow.tracing.parts import Parts, patched_forwards
+from gradflow.tracing.parts import Parts, Runner, patched_forwards
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 
@@ -91,17 +91,23 @@ def _shapes(model: nn.Module, blocks: list[Lesionable], x: Tensor) -> None:
             h.remove()
 
 
-class _ShortcutOnly:
+class _ShortcutOnly(Runner):
     """The runner for a lesioned block: every unit passes only its shortcut path."""
 
-    def unit(self, k: int, parts: Parts, x: Tensor, *args, **kwargs) -> Tensor:
+    def __init__(self, name: str = ""):
+        self.name = name
+
+    def unit_name(self, k: int) -> str:
+        return f"{self.name}#{k}" if k else self.name
+
+    def run_unit(self, k: int, parts: Parts, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         z = parts.preact(x) if parts.preact is not None else x
         s_in = z if parts.shortcut_preact else x
         h = parts.shortcut(s_in) if parts.shortcut is not None else s_in
         y, _ = parts.combine(h, torch.zeros_like(h), x)
         return parts.post(y) if parts.post is not None else y
 
-    def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
+    def run_add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
         return h
 
 
@@ -113,8 +119,8 @@ def _lesioned_forward(block: Lesionable):
         return lambda self_module, x, *a, **kw: x
     p = block.parts
     if isinstance(p, Parts):
-        return lambda self_module, x, *a, **kw: _ShortcutOnly().unit(0, p, x)
-    return lambda self_module, *a, **kw: p.forward(_ShortcutOnly(), *a, **kw)
+        return lambda self_module, x, *a, **kw: _ShortcutOnly(block.name).unit(0, p, x)
+    return lambda self_module, *a, **kw: p.forward(_ShortcutOnly(block.name), *a, **kw)
 
 
 _patched = patched_forwards

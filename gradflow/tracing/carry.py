@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from gradflow.tracing import stats
 from gradflow.tracing.records import Call
 
 
@@ -84,7 +85,7 @@ _RESCALE_EVERY = 4
 
 def _rescale(v: Tensor, ls):
     """v / max|v| and the log scale that undoes it, without a host synchronisation."""
-    m = v.detach().abs().amax().float().clamp_min(1e-30)
+    m = v.detach().abs().amax().to(stats.acc(v)).clamp_min(1e-30)   # float64 keeps its precision
     return v / m.to(v.dtype), ls + torch.log(m)
 
 

@@ -25,6 +25,7 @@ is kept and shown in the error that asks for a declaration.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -45,14 +46,32 @@ def is_add(node) -> bool:
 
 
 def _ancestors(graph) -> dict:
+    """Each node's data ancestors. A tensor's shape, dtype or device is no data: what is computed
+    from ``x.shape`` alone (a positional encoding of x's size) is not computed from x."""
     anc: dict = {}
+    meta: set = set()       # nodes computed from tensors' metadata alone (sizes, and what is made of them)
     for node in graph.nodes:
+        ins = node.all_input_nodes
         s: set = set()
-        for a in node.all_input_nodes:
-            s |= anc[a]
-            s.add(a)
+        if _metadata(node) or (ins and all(a in meta for a in ins)):
+            meta.add(node)
+        else:
+            for a in ins:
+                if a not in meta:
+                    s |= anc[a]
+                    s.add(a)
         anc[node] = s
     return anc
+
+
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+_META_METHODS = {"size", "dim", "numel", "get_device", "element_size"}
+
+
+def _metadata(node) -> bool:
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _META_ATTRS
+    return node.op == "call_method" and node.target in _META_METHODS
 
 
 def _operands(node):
@@ -68,6 +87,7 @@ def residual_module_paths(model: nn.Module) -> tuple[list[str], str]:
     except Exception as e:  # the reason goes into the "declare your units" error
         return [], f"{type(e).__name__}: {e}".strip()
     anc = _ancestors(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     placeholders = {n for n in graph.nodes if n.op == "placeholder"}
     params = {n for n in graph.nodes if n.op == "get_attr"}
     names: list[str] = []
@@ -77,7 +97,7 @@ def residual_module_paths(model: nn.Module) -> tuple[list[str], str]:
             continue
         a, b = ops
         common = (anc[a] & anc[b]) - placeholders - params
-        if a in anc[b] or b in anc[a] or common:
+        if a in anc[b] or b in anc[a] or common and _not_unit(model, anc, order, a, b, common) is None:
             stack = node.meta.get("nn_module_stack") or {}
             path = ""
             if stack:
@@ -119,6 +139,7 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
     names: list[str] = []
     owned: list[tuple] = []
     found = []
+    skipped: dict = {}          # why -> additions of two tensors from a common input that are not units
     for node in list(graph.nodes):
         ops = _operands(node) if is_add(node) else None
         if ops is None or (node.meta.get("nn_module_stack") or {}):
@@ -131,6 +152,10 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
         else:
             common = (anc[a] & anc[b]) - params
             if not common:
+                continue
+            why = _not_unit(gm, anc, order, a, b, common)
+            if why is not None:
+                skipped.setdefault(why, []).append(node.name)
                 continue
             if stream is not None and stream in common:
                 x = stream
@@ -155,6 +180,13 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
         xk = new_of.get(x, x)           # run.enter(k, x_l) right where x_l is made, before any use
         with graph.inserting_after(last_input[0] if xk.op == "placeholder" and last_input else xk):
             graph.call_function(_enterer(holder, k), (xk,))
+    key = (type(module).__qualname__, tuple((w, tuple(n)) for w, n in skipped.items()))
+    if skipped and key not in _SAID:
+        _SAID.add(key)
+        said = "; ".join(f"{n} {w}" for w, n in skipped.items())
+        warnings.warn(f"gradflow: in {type(module).__name__}'s code, additions of two tensors computed from "
+                      f"a common input are not residual units and are not traced as units: {said}",
+                      RuntimeWarning, stacklevel=2)
     if not names:
         return None, f"no residual addition in {type(module).__name__}'s own code"
     gm.recompile()
@@ -166,6 +198,49 @@ def fx_block(module: nn.Module, leaves: set) -> tuple[Optional[Block], str]:
         finally:
             holder["run"] = prev
     return Block(tuple(_unique(names)), forward, tuple(owned)), ""
+
+
+_SAID: set = set()      # (class, additions) already said: once per process, not per instance
+
+_SPLITS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind, torch.Tensor.split,
+           torch.Tensor.chunk, torch.Tensor.tensor_split, torch.Tensor.unbind}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
+
+
+def _not_unit(root, anc: dict, order: dict, a, b, common: set) -> "Optional[str]":
+    """Why the addition a + b, neither computed from the other, is not a residual unit (None: it is one).
+
+    Its input x_l would be the operands' latest common ancestor. That must be a tensor: when it is
+    the tuple of a chunk()/split(), the operands are two pieces of one tensor (Res2Net's hierarchical
+    sums). And some operand must be computed from x_l through a learned operation (a module with
+    parameters, or a parameter): a sum of two parameter-free functions of x_l (a rotary embedding's
+    x cos + rot(x) sin) is no residual branch.
+    """
+    x = max(common, key=order.__getitem__)
+    if _is_tuple(x):
+        return "add two pieces of one tensor split by chunk()/split()/unbind()"
+    region = (anc[a] | anc[b] | {a, b}) - anc[x] - {x}
+    if not any(_learned(root, n) for n in region):
+        return "add two parameter-free functions of one tensor (no learned branch)"
+    return None
+
+
+def _learned(root, node) -> bool:
+    if node.op == "get_attr":
+        return isinstance(_getattr(root, str(node.target)), nn.Parameter)
+    if node.op == "call_module":
+        return any(True for _ in root.get_submodule(str(node.target)).parameters())
+    return False
+
+
+def _is_tuple(node) -> bool:
+    """Whether a graph node makes a tuple of tensors (a split), not a tensor: no unit's input."""
+    if node.op == "call_function" and node.target in _SPLITS:
+        return True
+    if node.op == "call_method" and node.target in _SPLIT_METHODS:
+        return True
+    users = list(node.users)
+    return bool(users) and all(u.op == "call_function" and u.target is operator.getitem for u in users)
 
 
 def _adder(holder: dict, k: int):

@@ -56,7 +56,9 @@ method (returning :class:`Parts` or :class:`Block`) and a ``stage`` attribute
 """
 from __future__ import annotations
 
+import inspect
 import types
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
@@ -144,30 +146,100 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
     return out
 
 
-class Runner(Protocol):
-    """What a :class:`Block`'s forward calls for each of its units (see the module docstring)."""
+class Runner:
+    """The base of every runner: what a :class:`Block`'s forward calls for each of its units.
 
-    def unit(self, k: int, parts: Parts, x: Tensor, *args: Any, **kwargs: Any) -> Tensor: ...
+    A block's forward calls three hooks (see the module docstring): ``unit(k, parts,
+    x, *args, **kwargs)``, ``add(k, x, h, r)`` and ``enter(k, x)``. They are defined
+    here, once, for every runner (the tracer's, the path split's, the lesion's, and
+    any later one), so a block written for one runner runs with all of them: a hook
+    added here exists in each. A runner changes what happens by overriding the
+    ``run_unit`` / ``run_add`` / ``on_enter`` methods, which by default compute
+    exactly the module's function, and names its units with ``unit_name(k)``.
 
-    def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor: ...
-
-    def enter(self, k: int, x: Tensor) -> None: ...
-
-
-class _Plain:
-    """The runner without a tracer: the module's own function, nothing recorded."""
+    ``unit`` first checks that the unit's declared branch takes the extra call
+    arguments it was called with (a clear :class:`~gradflow.errors.GradflowError`
+    naming the unit, the argument and what to declare instead, never a raw
+    ``TypeError`` from inside the branch).
+    """
 
     def unit(self, k: int, parts: Parts, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return run_parts(parts, x, None, args, kwargs)
+        if args or kwargs:
+            check_extras(self.unit_name(k), parts, args, kwargs)
+        return self.run_unit(k, parts, x, args, kwargs)
 
     def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
-        return h + r
+        return self.run_add(k, x, h, r)
 
     def enter(self, k: int, x: Tensor) -> None:
-        pass
+        self.on_enter(k, x)
+
+    # -- what a runner overrides -------------------------------------------------------
+
+    def run_unit(self, k: int, parts: Parts, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """Unit k from its parts (its extras already checked); by default the plain function."""
+        return run_parts(parts, x, None, args, kwargs)
+
+    def run_add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
+        """Unit k known as the addition h + r of two tensors computed from its input x."""
+        return h + r
+
+    def on_enter(self, k: int, x: Tensor) -> None:
+        """Unit k's input x exists now, before anything uses it."""
+
+    def unit_name(self, k: int) -> str:
+        """Unit k's name, for messages."""
+        return f"#{k}"
 
 
-PLAIN: Runner = _Plain()
+PLAIN: Runner = Runner()   # the runner without a tracer: the module's own function, nothing recorded
+
+
+def check_extras(name: str, parts: Parts, args: tuple, kwargs: dict) -> None:
+    """Refuse, by name, extra call arguments that the unit's declared branch does not take."""
+    fn = parts.branch
+    bad = _untaken(fn, len(args), tuple(kwargs))
+    if not bad:
+        return
+    what = ", ".join(bad)
+    kw = next((k for k in kwargs if f"keyword argument {k!r}" in bad), "mask")
+    desc = type(fn).__name__ if isinstance(fn, torch.nn.Module) else getattr(fn, "__qualname__", repr(fn))
+    from gradflow.errors import GradflowError
+    raise GradflowError(
+        f"unit {name!r} is called with {what}, which its declared branch ({desc}) does not take. "
+        f"Declare parts whose branch takes it, e.g. parts=lambda m: Parts(branch=lambda z, {kw}=None: ..., "
+        f"shortcut=...), or a Block whose forward(run, x, {kw}=None) passes it where the module's own "
+        "forward does (gradflow.tracing.parts)")
+
+
+def _untaken(fn, n_args: int, kw: tuple) -> list:
+    """The extra arguments (beyond the branch's input) that ``fn``'s signature cannot take."""
+    key = (n_args, kw)
+    try:
+        cache = _TAKES.setdefault(fn, {})
+    except TypeError:       # not weak-referenceable (a bound method): look it up each time
+        cache = {}
+    if key in cache:
+        return cache[key]
+    try:
+        # a module's own signature is __call__'s (*args, **kwargs): read its forward's
+        params = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn).parameters.values()
+    except (TypeError, ValueError):       # no signature to read (a builtin): let the call speak
+        cache[key] = []
+        return []
+    kinds = {p.kind for p in params}
+    bad = []
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        n_pos = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        bad += [f"positional argument {i + 2}" for i in range(max(0, n_args + 1 - n_pos))]
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        bad += [f"keyword argument {k!r}" for k in kw if k not in names]
+    cache[key] = bad
+    return bad
+
+
+_TAKES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass

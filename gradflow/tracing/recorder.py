@@ -67,7 +67,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from gradflow.errors import GradflowError
-from gradflow.tracing.parts import PLAIN, forward_runs_parts, run_parts
+from gradflow.tracing.parts import Runner, forward_runs_parts, run_parts
 from gradflow.tracing import stats
 from gradflow.tracing.check import Uncopyable, compare, describe, reference_output
 from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
@@ -760,16 +760,20 @@ def _refuse_nested(model: nn.Module) -> None:
             "leave it before starting another")
 
 
-class _Run:
+class _Run(Runner):
     """The runner a block's forward calls while traced (see :mod:`gradflow.tracing.parts`)."""
 
     def __init__(self, tracer: Tracer, group: _Group):
         self.tracer, self.group = tracer, group
 
-    def unit(self, k: int, parts, x: Tensor, *args, **kwargs) -> Tensor:
+    def unit_name(self, k: int) -> str:
+        infos = self.group.infos
+        return infos[k].name if k < len(infos) else f"{infos[0].module_name or infos[0].name}#{k}"
+
+    def run_unit(self, k: int, parts, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         tr = self.tracer
         if k >= len(self.group.infos) or not isinstance(x, Tensor):
-            return PLAIN.unit(k, parts, x, *args, **kwargs)
+            return super().run_unit(k, parts, x, args, kwargs)
         call = tr._new_call(self.group.infos[k], self.group, parts, args)
         if self.group.params[k] is None:
             self.group.params[k] = _params(parts.owned_modules())
@@ -785,14 +789,18 @@ class _Run:
         tr._after_unit(call, x, out)
         return out
 
-    def enter(self, k: int, x: Tensor) -> None:
+    def on_enter(self, k: int, x: Tensor) -> None:
         if k < len(self.group.infos):
             self.tracer._enter(x)
 
-    def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
+    def run_add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
         tr = self.tracer
         if k >= len(self.group.infos):
             return h + r
+        if not all(isinstance(t, Tensor) for t in (x, h, r)):
+            raise GradflowError(f"unit {self.unit_name(k)!r}: its input, shortcut and branch must be tensors, "
+                                f"got {type(x).__name__}, {type(h).__name__}, {type(r).__name__}; declare its "
+                                "parts (units=[...], parts=...) so gradflow knows which tensor is x_l")
         call = tr._new_call(self.group.infos[k], self.group, None, ())
         tr._claim(call, x)
         identity = h is x

@@ -61,8 +61,8 @@ def _stack(ts: list, dev) -> torch.Tensor:
 
 def pack(rows: list, scalars: list, host: bool = True) -> Packed:
     """Per-sample reductions (``rows``: name -> [B] per row) and one-number ones (``scalars``: 0-d)
-    as one float32 tensor, copied to the host without waiting (read it with :func:`unpack`);
-    ``host=False`` leaves it on the device (a process group gathers it there first).
+    as one float32 tensor (float64 when any is), copied to the host without waiting (read it with
+    :func:`unpack`); ``host=False`` leaves it on the device (a process group gathers it there first).
 
     A few stacks and one copy per micro-batch, whatever the number of units: the hooks'
     small tensors are let go here, and a CUDA step is not synchronised by recording.
@@ -77,7 +77,9 @@ def pack(rows: list, scalars: list, host: bool = True) -> Packed:
         dev = parts[0].device if parts else next(iter(scols.values()))[1][0].device
         parts = [p.flatten() for p in parts] + [_stack(ts, dev).reshape(-1) for _, ts in scols.values()]
         parts = [p if p.device == dev else p.to(dev) for p in parts]
-        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).float()
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]   # cat promotes: float64 stays
+        if flat.dtype != torch.float64:
+            flat = flat.float()
         event = None
         if not host:
             out = flat

@@ -117,10 +117,18 @@ class TableWriter:
             return
         want = [c for c in m.calls if c.expects_grad]
         for p in m.done:
-            got = sum(1 for c in want if p in c.bwd)
-            if got < len(want):
-                self._warn("partial", f"step {m.step} (micro {m.micro}): backward pass {p} reached "
-                           f"dE/dx_l at {got} of {len(want)} units; the others' gradient columns are NaN")
+            missed = [c for c in want if p not in c.bwd]
+            if missed:
+                names = _names(missed)
+                self._warn(f"partial:{names}", f"step {m.step} (micro {m.micro}): backward pass {p} did not "
+                           f"reach unit(s) {names}: the loss does not depend on their output (or only "
+                           "through a detached tensor), so their gradient columns are NaN")
+        off = [c for c in m.calls if not c.expects_grad]
+        if off and m.phase == "train":
+            names = _names(off)
+            self._warn(f"nograd:{names}", f"step {m.step} (micro {m.micro}): unit(s) {names} ran without "
+                       "autograd (their input and output do not both require grad, or they ran under "
+                       "no_grad), so their gradient columns are NaN")
 
     def _all(self, which: int) -> pd.DataFrame:
         frames = [f[which] for f in self._frames]
@@ -286,3 +294,7 @@ def _numel(shape: str) -> int:
     return int(np.prod([int(v) for v in shape.split("x")])) if shape else 1
 
 
+def _names(calls: list, most: int = 8) -> str:
+    """Unit names for a message: index and name, the first ``most`` of them."""
+    out = [f"{c.index} ({c.info.name})" for c in calls[:most]]
+    return ", ".join(out) + (f" and {len(calls) - most} more" if len(calls) > most else "")

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from gradflow.errors import GradflowError
-from gradflow.tracing.parts import Parts, patched_forwards, run_parts
+from gradflow.tracing.parts import Parts, Runner, patched_forwards, run_parts
 from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
 from gradflow.tracing.paths.carrier import PathCarrier, PathStack, UnitGraph, is_plain_sum, n_paths, stack_rows
 
@@ -85,13 +85,16 @@ def _recording_parts(parts: Parts, rec: dict) -> Parts:
                  preact=parts.preact, shortcut_preact=parts.shortcut_preact)
 
 
-class _Runner:
+class _Runner(Runner):
     """What a unit module's block calls for each of its units (see :mod:`gradflow.tracing.parts`): run and record."""
 
     def __init__(self, infos: list, calls: list, gate_rerun: bool = False):
         self.infos, self.calls, self.gate_rerun = infos, calls, gate_rerun
 
-    def unit(self, k: int, parts: Parts, x: Tensor, *args, **kwargs) -> Tensor:
+    def unit_name(self, k: int) -> str:
+        return self._info(k).name
+
+    def run_unit(self, k: int, parts: Parts, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if torch.is_grad_enabled() and isinstance(x, Tensor) and not x.requires_grad:
             x = x.detach().requires_grad_()   # e.g. a frozen stem: dE/dx_0 must exist
         rec: dict = {}
@@ -112,7 +115,7 @@ class _Runner:
         self.calls.append(_Rec(self._info(k), x, out, rec["h"], rec["r"], None if plain else rec.get("xc"), plain))
         return out
 
-    def add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
+    def run_add(self, k: int, x: Tensor, h: Tensor, r: Tensor) -> Tensor:
         """A unit known as an addition h + r of two tensors computed from x (found by torch.fx)."""
         h = h.view_as(h)        # a node of its own, even when h is x itself
         out = h + r
