@@ -142,3 +142,22 @@ def test_hugging_face(name, cfg):
 def test_sweep_is_as_wide_as_promised():
     assert len(TIMM_FAST) + len(TIMM_SLOW) + len(TV_FAST) + len(TV_SLOW) >= 60
     assert len(HF_FAST) + len(HF_SLOW) >= 25
+
+
+@slow
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.bfloat16, 5e-2)], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "gpt2"])
+def test_other_dtypes(name, dtype, rtol):
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model, kwargs = _hf(name, HF_FAST["gpt2"])
+        args, out_of = (), _hidden
+    else:
+        model, kwargs, args, out_of = _timm(name, 32), {}, (torch.randn(2, 3, 32, 32, dtype=dtype),), (lambda o: o)
+    model = model.to(dtype)
+    try:
+        check_network(model, args, kwargs, out_of=out_of, rtol=rtol)
+    except RuntimeError as e:
+        if "Double" in str(e) or "BFloat16" in str(e) or "dtype" in str(e):
+            pytest.xfail(f"the recorder's reductions do not take {dtype} yet (tracing/stats.py): {e}")
+        raise
