@@ -79,7 +79,8 @@ class UnitInfo:
     @property
     def split(self) -> bool:
         """Whether the direct/residual split is available for this unit."""
-        return self.parts is not None or (self.found == "run" and self.role == "depth")
+        return self.parts is not None or (self.found == "run" and self.role == "depth"
+                                          and not self.note.startswith("no split"))
 
 
 def _kind(m: nn.Module) -> str:

@@ -80,6 +80,7 @@ class Watch(TorchFunctionMode):
         self._calls: dict = {}
         self._pending: dict = {}                # k -> x_l taken at its unit's entry
         self._entered = False
+        self.no_split = ""                      # why the split is not made, if it is not
 
     # -- attach ------------------------------------------------------------------------
 
@@ -147,6 +148,17 @@ class Watch(TorchFunctionMode):
         depth = [f for f in depth if f not in folded]
         units = [by_found[id(f)] for f in depth]
         assign_stages(units)
+        k = _chain_break(depth)
+        self.no_split = ""
+        if k is not None:
+            self.no_split = (f"no split: the direct term of eq. (5) is a product along one chain of units, and "
+                             f"unit {units[k].name!r} takes its input from the outputs of several earlier units "
+                             "(a tree or dual-path network: DLA, DPN)")
+            for u in units:
+                u.note = self.no_split
+            if tr.split:
+                warnings.warn(f"gradflow.trace: {type(model).__name__}: {self.no_split}; the split columns "
+                              "are not made", RuntimeWarning, stacklevel=3)
         self.units = list(zip(units, depth))
         self._sites(d, depth)
         tr._add_run_units(units)
@@ -266,7 +278,31 @@ class Watch(TorchFunctionMode):
         tr._tap(call, x=x_val, z=x_val, s_in=x_val, h=h if f.fork == "input" else x, r=r_val, y=out,
                 coef=1.0, out=out)
         call.identity_shortcut = f.fork != "input"
+        if self.no_split:
+            call.h_edge = None      # the carry stops at every unit (see _chain_break)
         tr._after_unit(call, x, out)
+
+
+def _chain_break(depth: list, budget: int = 20000) -> Optional[int]:
+    """The first depth unit whose input is computed from an earlier unit's output other than the
+    previous one's, without going through the previous one (None: the units form one chain)."""
+    from gradflow.tracing.runtime import _seq
+    if len(depth) < 3:
+        return None
+    floor = _seq(depth[0].exit.ny)
+    for k in range(2, len(depth)):
+        block, earlier = depth[k - 1].exit.ny, {depth[j].exit.ny for j in range(k - 1)}
+        seen, todo = set(), [depth[k].x_node]
+        while todo and len(seen) < budget:
+            n = todo.pop()
+            if n is None or n is block or n in seen:
+                continue
+            if n in earlier:
+                return k
+            seen.add(n)
+            if type(n).__name__ != "AccumulateGrad" and _seq(n) >= floor:
+                todo.extend(c for c, _ in n.next_functions if c is not None)
+    return None
 
 
 def _batch(f: Found):
