@@ -38,21 +38,29 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> Discovery:
     """Run ``model`` once on copies of ``args``/``kwargs`` under :class:`Discovery`, leaving no trace.
 
     Gradients are on (the graph is what tells a residual addition), floating
-    inputs are made leaves that require grad, buffers and the RNG are restored.
+    inputs are made leaves that require grad, frozen parameters require grad for
+    this forward only (it has no backward), buffers and the RNG are restored.
     """
-    if not any(p.requires_grad for p in model.parameters()):
+    if not any(True for _ in model.parameters()):
         raise GradflowError(
-            f"{type(model).__name__} has no parameter that requires grad: units are found at run time "
-            "as additions whose branch is learned (the autograd graph shows parameters between x_l and "
-            "the sum). Trace it with its parameters trainable (model.requires_grad_()) or declare the "
-            "units (trace(model, units='blocks.*'))")
+            f"{type(model).__name__} has no parameters: units are found at run time as additions whose "
+            "branch is learned (parameters between x_l and the sum). Declare its units "
+            "(trace(model, units='blocks.*', parts={...}))")
     leaves, _ = tree_flatten((args, kwargs))
     device = next((t.device for t in leaves if isinstance(t, Tensor)), torch.device("cpu"))
     a, k = tree_map(_copy_arg, (tuple(args), dict(kwargs)))
     a, k = tree_map(_leaf, (a, k))
-    d = Discovery(model)
-    with untouched(model, device), torch.enable_grad(), d:
-        d.run(*a, **k)
+    # frozen parameters show in this forward's graph too (no backward runs through it)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        d = Discovery(model)
+        with untouched(model, device), torch.enable_grad(), d:
+            d.run(*a, **k)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     name_found(d.found)
     return d
 
