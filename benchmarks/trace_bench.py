@@ -14,6 +14,13 @@ glibc's mmap threshold fixed so that it is the peak of the live tensors;
 
     python benchmarks/trace_bench.py                       # resnet164, resnet1001, torchvision resnet50
     python benchmarks/trace_bench.py --models resnet20 --batch 16 --repeats 3
+    python benchmarks/trace_bench.py --models hf:gpt_neox timm:vit_tiny_patch16_224 --batch 4
+
+``hf:<arch>`` is a Hugging Face decoder from a config (12 layers, d=256, sequence 128;
+GPT-NeoX has no adapter, so its units are found as it runs), ``timm:<name>`` a timm
+model (``pretrained=False``, 224x224). For the models in ``--discovery`` the one-off
+discovery forward (:mod:`gradflow.tracing.runtime`) is timed against a plain forward
+(goal: <= 3x).
 
 Measured figures, on an idle machine (time ratios, peak-memory ratios from fresh
 processes, and ``tb/split``, the TensorBoard sink's cost on resnet164)::
@@ -59,12 +66,67 @@ TB_MODE = "split_tb"
 
 
 def build(name: str, device: str):
+    """The model and its default input size (image side, or sequence length for ``hf:``)."""
     import gradflow
     torch.manual_seed(0)
     if name.startswith("torchvision:"):
         import torchvision
         return getattr(torchvision.models, name.split(":", 1)[1])(num_classes=10).to(device), 160
+    if name.startswith("timm:"):
+        import timm
+        return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=10).to(device), 224
+    if name.startswith("hf:"):
+        return HFDecoder(name.split(":", 1)[1]).to(device), 128
     return gradflow.create_model(name).to(device), 32
+
+
+class HFDecoder(torch.nn.Module):
+    """A Hugging Face decoder from a config (12 layers, d=256), classifying from its last token.
+
+    GPT-NeoX by default: no adapter knows it, so its units are found as it runs.
+    """
+
+    def __init__(self, arch: str = "gpt_neox"):
+        super().__init__()
+        import transformers
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.AutoConfig.for_model(arch, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+                                                intermediate_size=1024, vocab_size=1000, max_position_embeddings=512)
+        self.body = transformers.AutoModel.from_config(cfg)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, ids):
+        return self.head(self.body(input_ids=ids).last_hidden_state[:, -1])
+
+
+def inputs(name: str, batch: int, size: int, device: str):
+    """A batch for ``name``: images, or token ids of length ``size`` for ``hf:``; and labels."""
+    if name.startswith("hf:"):
+        x = torch.randint(0, 1000, (batch, size), device=device)
+    else:
+        x = torch.randn(batch, 3, size, size, device=device)
+    return x, torch.randint(0, 10, (batch,), device=device)
+
+
+def discovery_ratio(name: str, batch: int, repeats: int, device: str, clock=time.perf_counter,
+                    image_size: int = 0) -> float:
+    """The one-off discovery forward (units found as the network runs) over a plain forward."""
+    from gradflow.tracing.watch import discover
+    model, size = build(name, device)
+    x, _ = inputs(name, batch, image_size or size, device)
+    plain, disc = [], []
+    model(x)
+    for _ in range(repeats):
+        sync(device)
+        t0 = clock()
+        model(x)
+        sync(device)
+        plain.append(clock() - t0)
+        t0 = clock()
+        discover(model, (x,), {})
+        sync(device)
+        disc.append(clock() - t0)
+    return statistics.median(disc) / statistics.median(plain)
 
 
 class Stepper:
@@ -115,9 +177,7 @@ def time_modes(name: str, batch: int, repeats: int, device: str, modes, log_dir:
     a row with its trace attached (as in training), and added back per step.
     """
     model, size = build(name, device)
-    size = image_size or size
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x, y = inputs(name, batch, image_size or size, device)
     steps = {m: Stepper(model, x, y, m, log_dir) for m in modes}
     times = {m: [] for m in modes}
     for m in modes:  # warm up (the traced modes check their parts here)
@@ -185,9 +245,7 @@ def _rss_bytes() -> int:
 def memory_child(name: str, batch: int, mode: str, device: str, image_size: int = 0) -> int:
     """Bytes one step of ``mode`` adds on top of the built model (run in a fresh process)."""
     model, size = build(name, device)
-    size = image_size or size
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x, y = inputs(name, batch, image_size or size, device)
     st = Stepper(model, x[:1], y[:1], mode, "")
     st()                                     # kernels loaded, parts checked, at batch 1
     st.x, st.y = x, y                        # the same trace goes on, as in training
@@ -241,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--tensorboard", nargs="*", default=["resnet164"],
                    help="models also timed with the split streamed to TensorBoard every step")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--discovery", nargs="*", default=["hf:gpt_neox", "timm:vit_tiny_patch16_224"],
+                   help="models whose one-off discovery forward is also timed, against a plain forward")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -275,12 +335,17 @@ def main(argv=None) -> int:
         if mem:
             row.update(mem_plain_mb=mem["plain"] / 2**20, mem_stats_ratio=mem["stats"] / mem["plain"],
                        mem_split_ratio=mem["split"] / mem["plain"])
+        if name in a.discovery and not a.no_time:
+            row["discovery_over_forward"] = discovery_ratio(name, a.batch, a.repeats, a.device, CLOCKS[a.clock],
+                                                            a.image_size)
         rows.append(row)
         print(f"{name:24s} {t['plain']:8.3f} {row['time_stats_ratio']:8.3f} {row['time_split_ratio']:8.3f} "
               + (f"{row['mem_plain_mb']:13.1f} {row['mem_stats_ratio']:8.3f} {row['mem_split_ratio']:8.3f}"
                  if mem else f"{'':13s} {'':8s} {'':8s}")
               + (f" {row['time_tb_over_split']:9.3f}" if TB_MODE in t else f" {'':9s}")
-              + ("" if a.no_time else "  " + "/".join(f"{1e3 * t['gc_' + m]:.0f}" for m in MODES)), flush=True)
+              + ("" if a.no_time else "  " + "/".join(f"{1e3 * t['gc_' + m]:.0f}" for m in MODES))
+              + (f"  discovery {row['discovery_over_forward']:.2f}x a forward" if "discovery_over_forward" in row
+                 else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -235,7 +235,8 @@ def test_user_network_declared_by_module_list():
 def test_network_without_units_gets_a_clear_error():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
     with pytest.raises(gradflow.GradflowError, match="no residual unit found"):
-        gradflow.trace(m)
+        with gradflow.trace(m):     # found (or not) as it runs, on the first forward
+            m(torch.randn(1, 3, 8, 8))
     with pytest.raises(gradflow.GradflowError, match="matches no module"):
         gradflow.trace(MyNet(), units="nothing.*")
 

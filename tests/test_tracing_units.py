@@ -121,7 +121,7 @@ def test_fx_failure_reason_is_shown():
             return x
 
     with pytest.raises(gradflow.GradflowError, match="torch.fx could not read this model: .*control flow"):
-        gradflow.trace(Branchy())
+        gradflow.trace(Branchy(), units="fx")
 
 
 # --- extra call arguments, the unit protocol, several units in one module ------------------------
@@ -269,9 +269,10 @@ def test_units_table_lists_how_each_unit_was_found():
     x, _ = data(shape=(5, 8))
     t = gradflow.units(m, example=x)
     text = str(t)
-    assert text.splitlines()[0].split() == ["name", "kind", "stage", "found", "split", "x_shape"]
-    assert "blocks.1.mlp" in text and " fx " in text and "5x8" in text and "4 units, 4 with" in text
-    assert list(t.frame()["found"]) == ["fx"] * 4
+    assert text.splitlines()[0].split() == ["name", "kind", "stage", "found", "role", "split", "x_shape"]
+    assert "blocks.1.mlp" in text and " run " in text and "5x8" in text and "4 units, 4 with" in text
+    assert list(t.frame()["found"]) == ["run"] * 4
+    assert list(gradflow.units(m, example=x, units="fx").frame()["found"]) == ["fx"] * 4
     z = gradflow.create_model("resnet20")
     with gradflow.trace(z) as tr:
         pass
@@ -446,7 +447,7 @@ def test_second_fx_unit_that_overwrites_its_input_is_measured_at_the_input_it_wa
     x1.register_hook(lambda t: g.__setitem__("x1", t))
     out = m.head(x1 * 1.0 + blk.b(x1.relu_()))
     F.cross_entropy(out, y).backward()
-    with gradflow.trace(m) as tr:
+    with gradflow.trace(m, units="fx") as tr:
         F.cross_entropy(m(x), y).backward()
     assert [i.found for i in tr.infos] == ["fx", "fx"]
     s = tr.samples.sort_values(["unit", "sample"])

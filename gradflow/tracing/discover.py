@@ -4,9 +4,11 @@ Order of preference: modules that follow the unit protocol (a ``parts()``
 method and a ``stage``: gradflow's own units, see :mod:`gradflow.tracing.parts`) and
 blocks with a registered adapter (torchvision, timm, ...), found by class;
 units the user declares (a name pattern or a list of modules, optionally with
-their parts); and, for any other network whose code torch.fx can trace, the
-modules in which a residual addition happens, with their parts read from the
-graph (:mod:`gradflow.tracing.fxgraph`).
+their parts); and, for any other network, the residual additions seen as it
+runs, judged by the autograd graph of that forward (:mod:`.runtime`; the
+tracer does this on its first forward, :func:`find_units` on ``example=``).
+torch.fx (``units="fx"``, and declared units without parts) reads parts from
+the code where it can (:mod:`gradflow.tracing.fxgraph`).
 
 One module may hold several units (a transformer block: attention, then MLP);
 each is a :class:`UnitInfo` of its own, named ``<module>.<slot>``, sharing the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -45,7 +47,13 @@ class UnitInfo:
     which this unit is number ``slot``. ``scalar_coef`` is the closed-form
     coefficient of h (1 for a plain sum, lambda for constant scaling) or None
     where it depends on the data. ``found``: ``zoo`` (the unit protocol),
-    ``adapter``, ``declared`` or ``fx``.
+    ``adapter``, ``declared``, ``fx`` or ``run`` (seen as the network ran:
+    :mod:`.runtime`). ``role``: ``depth`` (a unit of the depth sequence),
+    ``sub-unit`` (a residual addition inside another unit's branch), ``sum``
+    (a parallel branch sum with no identity operand) or ``folded`` (a unit
+    whose input's first dimension is not the batch: MobileViT folds patches
+    into it); only depth units are recorded. ``site``: for units found at run time, where the addition
+    happens (:class:`~gradflow.tracing.runtime.Site`).
     """
 
     name: str
@@ -61,6 +69,8 @@ class UnitInfo:
     x_shape: str = ""              # the input's shape (without the batch), once traced
     owned: tuple = field(default=(), repr=False)  # modules/parameters of this unit (weight quantities)
     module_name: str = ""          # the module's path (the unit's name without its slot)
+    role: str = "depth"            # "depth", "sub-unit" or "sum" (see above)
+    site: Any = field(default=None, repr=False)  # run-time units: where the addition happens
 
     def __post_init__(self) -> None:
         if not self.module_name and self.slot == 0:
@@ -69,7 +79,8 @@ class UnitInfo:
     @property
     def split(self) -> bool:
         """Whether the direct/residual split is available for this unit."""
-        return self.parts is not None
+        return self.parts is not None or (self.found == "run" and self.role == "depth"
+                                          and not self.note.startswith("no split"))
 
 
 def _kind(m: nn.Module) -> str:
@@ -140,44 +151,75 @@ def _declared_parts(m: nn.Module, spec: PartsSpec) -> Optional[Callable[[], Unio
     return build
 
 
-def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None) -> list[UnitInfo]:
+def find_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
+               example: Any = None) -> list[UnitInfo]:
     """The residual units of ``model``, in module order, each with name, stage and parts.
 
     Args:
         model: any ``nn.Module``.
         units: None (find them), a pattern on module names (``"layer*.*"``; ``*``
             stays within one dotted segment, ``**`` crosses them), a list of
-            modules, or ``"fx"`` (find residual additions by tracing the code
-            with torch.fx).
+            modules, ``"fx"`` (find residual additions by reading the code with
+            torch.fx) or ``"run"`` (find them as the network runs, even where
+            its blocks are known by class).
         parts: for declared units, a dict of submodule names (``{"shortcut":
             "downsample", "branch": "residual"}``) or a function ``module ->
             Parts | Block``. Declared units without parts get theirs from
             torch.fx where it can read them.
+        example: an input (a tensor, a tuple of positional arguments, or a dict
+            of keyword arguments) to run once, for a network whose units are
+            found as it runs; the model's buffers and the RNG are left as they were.
     Returns:
-        The units, in module order.
+        The units, in module order (found at run time: in call order, depth units only;
+        :func:`gradflow.units` lists sub-units and sums too).
+    """
+    found, runtime = plan_units(model, units, parts)
+    if not runtime:
+        return found
+    if example is not None:
+        from gradflow.tracing.listing import units as listed
+        return [u for u in listed(model, example=example, units=units, parts=parts) if u.role == "depth"]
+    if units is None:   # nothing to run: read the code, where torch.fx can
+        found, reason = _find_fx(model)
+        if found:
+            assign_stages(found)
+            return found
+    raise GradflowError(
+        f"the units of {type(model).__name__} are found as it runs (no block is known by class and "
+        "none is declared), and there is no example to run"
+        + (f"; torch.fx cannot read it either ({reason})" if units is None and reason else "")
+        + ": give example= (an input to run once), or trace it (the tracer finds them on its first "
+        "forward), or declare them: units='blocks.*', parts={'shortcut': ..., 'branch': ...}")
+
+
+def plan_units(model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None) -> tuple[list, bool]:
+    """The units known without running the model, and whether the rest must be found as it runs.
+
+    Returns ``(units, False)`` for units known by class, declared or read by
+    torch.fx, ``([], True)`` when the units are found on the first forward.
     """
     if hasattr(model, "_orig_mod"):
         raise GradflowError("this model is torch.compile'd: trace the original module "
                             "(model._orig_mod) instead; hooks do not survive compilation")
+    if isinstance(units, str) and units == "run":
+        return [], True
     named = list(model.named_modules())
-    reason = ""
     if units is None:
         found = _find_known(named)
         if not found:
-            found, reason = _find_fx(model)
+            return [], True
     elif isinstance(units, str) and units == "fx":
         found, reason = _find_fx(model)
+        if not found:
+            why = f" torch.fx could not read this model: {reason}." if reason else ""
+            raise GradflowError(
+                f"no residual unit found by torch.fx in {type(model).__name__}.{why} Leave units= out "
+                "(units are then found as the network runs) or declare them: trace(model, "
+                "units='blocks.*') or units=[...], with parts={'shortcut': ..., 'branch': ...}")
     else:
         found = _find_declared(model, named, units, parts)
-    if not found:
-        why = f" torch.fx could not read this model: {reason}." if reason else ""
-        raise GradflowError(
-            f"no residual unit found in {type(model).__name__}: gradflow knows its own units, "
-            "torchvision's and timm's ResNet blocks, registered adapters, and residual additions "
-            f"torch.fx can trace.{why} Declare yours: trace(model, units='blocks.*') or units=[...], "
-            "with parts={'shortcut': ..., 'branch': ...} for the direct/residual split")
-    _assign_stages(found)
-    return found
+    assign_stages(found)
+    return found, False
 
 
 def _find_declared(model, named, units, parts) -> list[UnitInfo]:
@@ -276,7 +318,7 @@ def _find_fx(model: nn.Module) -> tuple[list[UnitInfo], str]:
 _STAGE = re.compile(r"(?:^|\.)(?:layer|stages?)[._]?(\d+)")
 
 
-def _assign_stages(units: list[UnitInfo]) -> None:
+def assign_stages(units: list[UnitInfo]) -> None:
     """Provisional stage numbers from the units' names (``layer3.1`` -> 2); fixed ones are kept."""
     if all(u.stage is not None for u in units):
         return

@@ -1,8 +1,11 @@
 """``gradflow.units(model)``: a short table of the residual units found, like torchinfo's.
 
 One line per unit: name, kind, stage, how it was found (``zoo`` for the unit
-protocol, ``adapter``, ``declared``, ``fx``), whether the direct/residual split
-is available (and why not), and the input shape once the model has run (give
+protocol, ``adapter``, ``declared``, ``fx``, ``run`` for seen as the network
+ran), its role (``depth``: a unit of the depth sequence; ``sub-unit``: a
+residual addition inside another unit's branch; ``sum``: a parallel branch
+sum with no identity operand), whether the direct/residual split is available
+(and why not), and the input shape once the model has run (give
 ``example=`` to run it once, under ``no_grad``, in its current mode, with its
 buffers and the random stream left as they were). No module reprs.
 """
@@ -14,7 +17,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-COLUMNS = ("name", "kind", "stage", "found", "split", "x_shape")
+from gradflow.errors import GradflowError
+
+COLUMNS = ("name", "kind", "stage", "found", "role", "split", "x_shape")
 
 
 class UnitList(list):
@@ -31,7 +36,7 @@ class UnitList(list):
 
 
 def _row(u) -> dict:
-    return dict(name=u.name, kind=_short(u.kind), stage=u.stage, found=u.found,
+    return dict(name=u.name, kind=_short(u.kind), stage=u.stage, found=u.found, role=u.role,
                 split="yes" if u.split else "no", x_shape=u.x_shape or "?", note=u.note)
 
 
@@ -40,6 +45,14 @@ def _short(kind: str) -> str:
         if kind.startswith(prefix):
             return kind[len(prefix):]
     return kind
+
+
+def _call_args(example: Any) -> tuple:
+    if isinstance(example, tuple):
+        return example, {}
+    if isinstance(example, dict):
+        return (), dict(example)
+    return (example,), {}
 
 
 def unit_table(units) -> str:
@@ -54,7 +67,9 @@ def unit_table(units) -> str:
     notes = sorted({r["note"] for r in rows if r["note"]})
     out += [f"note: {n}" for n in notes]
     splits = sum(1 for r in rows if r["split"] == "yes")
-    out.append(f"{len(rows)} units, {splits} with the direct/residual split")
+    depth = sum(1 for r in rows if r["role"] == "depth")
+    extra = f" ({depth} on the depth path)" if depth != len(rows) else ""
+    out.append(f"{len(rows)} units{extra}, {splits} with the direct/residual split")
     return "\n".join(out)
 
 
@@ -63,9 +78,11 @@ def units(model: nn.Module, example: Optional[Any] = None, units: Any = None, pa
 
     Args:
         model: any network.
-        example: an input (a tensor, or a tuple of positional arguments) to run
-            once under ``no_grad`` so the input shapes and shape-based stages are
-            known; the model's buffers and the RNG are left as they were.
+        example: an input (a tensor, a tuple of positional arguments or a dict
+            of keyword arguments) to run once under ``no_grad`` so the input
+            shapes and shape-based stages are known (and, for a network whose
+            units are found as it runs, the units themselves: that one forward
+            has gradients on); the model's buffers and the RNG are left as they were.
         units: as for :func:`gradflow.trace`.
         parts: as for :func:`gradflow.trace`.
     Returns:
@@ -75,8 +92,15 @@ def units(model: nn.Module, example: Optional[Any] = None, units: Any = None, pa
     tr = Tracer(model, units=units, parts=parts, split=False, quantities=("cheap",), check=False)
     if example is not None:
         from gradflow.tracing.check import untouched
-        args = example if isinstance(example, tuple) else (example,)
-        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        args, kwargs = _call_args(example)
+        dev = next((a.device for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)),
+                   torch.device("cpu"))
         with untouched(model, dev), torch.no_grad(), tr:
-            model(*args)
+            model(*args, **kwargs)
+    if tr._watch is not None:
+        if example is None:
+            raise GradflowError(
+                f"the units of {type(model).__name__} are found as it runs (no block is known by class "
+                "and none is declared): give example= (an input to run once)")
+        return UnitList(tr._watch.listed)
     return UnitList(tr.infos)

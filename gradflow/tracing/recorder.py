@@ -70,7 +70,7 @@ from gradflow.errors import GradflowError
 from gradflow.tracing.parts import Runner, forward_runs_parts, run_parts
 from gradflow.tracing import stats
 from gradflow.tracing.check import Uncopyable, compare, describe, reference_output
-from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, find_units
+from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, plan_units
 from gradflow.tracing.quantities import Backward, Forward, Quantity, Weights, resolve
 from gradflow.tracing.paths.carrier import PathTracker
 from gradflow.tracing.schedule import as_schedule
@@ -169,7 +169,12 @@ class Tracer(TableWriter, DirectCarrier):
             raise GradflowError(f"history={history!r}: give None (keep every step) or a count >= 0")
         self.model = model
         _refuse_nested(model)
-        self.infos = find_units(model, units, parts)
+        self.infos, runtime = plan_units(model, units, parts)
+        self._watch = None          # units found as the model runs (on its first forward)
+        self._run_groups: dict = {}
+        if runtime:
+            from gradflow.tracing.watch import Watch
+            self._watch = Watch(self)
         self.split = split
         self._paths = None if paths is None or paths is False else PathTracker(None if paths is True else paths)
         if self._paths is not None and not split:
@@ -254,11 +259,14 @@ class Tracer(TableWriter, DirectCarrier):
         self._groups = []
         by_module: dict = {}
         for info in self.infos:
-            by_module.setdefault(id(info.module), []).append(info)
+            if info.found != "run":
+                by_module.setdefault(id(info.module), []).append(info)
         for infos in by_module.values():
             group = _Group(infos[0].module, sorted(infos, key=lambda i: i.slot))
             self._groups.append(group)
             self._patch(group)
+        if self._watch is not None:
+            self._watch.attach()
         for s in self.sinks:
             if hasattr(s, "open"):
                 s.open(self)
@@ -270,6 +278,8 @@ class Tracer(TableWriter, DirectCarrier):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._watch is not None:
+            self._watch.detach()
         for obj, name, had, old in reversed(self._patched):
             if had:
                 setattr(obj, name, old)
@@ -309,6 +319,15 @@ class Tracer(TableWriter, DirectCarrier):
             return tracer._run_module(group, original, args, kwargs)
 
         module.forward = types.MethodType(forward, module)
+
+    def _add_run_units(self, infos: list) -> None:
+        """Units found as the model ran: they are watched, not patched; groups hold their parameters."""
+        self.infos = list(infos)
+        self._run_groups = {}
+        for info in infos:
+            group = _Group(info.module, [info])
+            self._groups.append(group)
+            self._run_groups[id(info)] = group
 
     def _recomputed(self, group: _Group) -> None:
         """A unit re-run inside a backward pass: activation checkpointing recomputing its forward.
@@ -578,7 +597,10 @@ class Tracer(TableWriter, DirectCarrier):
             call.x_edge = e.edge if e is not None and e.edge is not None else get_gradient_edge(x)
             call.out_edge = get_gradient_edge(out)
             prev = m.calls[-2] if len(m.calls) > 1 else None
-            if prev is not None and prev.out_edge is not None and x is not prev_out:
+            # ops between the two units; an in-place op (a ReLU) on the previous output leaves it the
+            # same tensor, with another graph node
+            if prev is not None and prev.out_edge is not None and (x is not prev_out
+                                                                   or call.x_edge != prev.out_edge):
                 call.link_edges = (call.x_edge, prev.out_edge)
         if e is not None and e.cell is not None:
             e.cell[0] = call      # the hook taken at entry: dE/dx_l of x_l as it came in
@@ -596,6 +618,14 @@ class Tracer(TableWriter, DirectCarrier):
     def _hook_top(self, m: Micro) -> None:
         call, out = m.top_pending
         m.top_pending = None
+        edge = call.out_edge
+        if edge is not None and out.requires_grad and get_gradient_edge(out) != edge:
+            # the output was changed in place since the unit made it (a ReLU(inplace=True)):
+            # dE/dx_L is the gradient at the unit's own output, taken at its graph node
+            nr = edge.output_nr
+            m.top_handle = edge.node.register_prehook(
+                lambda gs, c=call: None if gs[nr] is None else self._on_top_grad(c, gs[nr]))
+            return
         m.top_handle = out.register_hook(lambda g, c=call: self._on_top_grad(c, g))
 
     # -- backward -----------------------------------------------------------------------
