@@ -12,7 +12,9 @@ import gradflow
 from gradflow.experiments.lesion import error_rate, lesion_study, removed, residual_blocks
 from gradflow.tracing.parts import PLAIN, Runner
 from gradflow.tracing.paths import path_components, sample_paths
-from tracing_helpers import ResMLP, grads_at_inputs, one_thread  # noqa: F401
+from tracing_helpers import ResMLP, grads_at_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def mlp(seed=0, n=4):

@@ -288,7 +288,8 @@ def test_report_post_activation_and_lambda_and_gate_verdicts_are_claims():
 
 def test_report_without_a_split_says_so_and_nothing_about_cancelling():
     from gradflow.probe import trace_once
-    from gradflow.probe.report import format_report, variant_report
+    from gradflow.probe.report import variant_report
+    from gradflow.probe.text import format_report
     from gradflow.probe.run import VariantResult
     built = build_model("resnet20", {}, seed=0)
     traced = trace_once(built.module, synthetic(4, 1, 32, seed=0), seed=0, split=False)
@@ -328,7 +329,8 @@ class _MLP(torch.nn.Module):
 
 def test_report_fx_found_units_speak_only_of_what_was_recorded():
     from gradflow.probe import trace_once
-    from gradflow.probe.report import format_report, variant_report
+    from gradflow.probe.report import variant_report
+    from gradflow.probe.text import format_report
     from gradflow.probe.run import VariantResult
     torch.manual_seed(0)
     traced = trace_once(_MLP(), synthetic(4, 1, 8, seed=0), seed=0)

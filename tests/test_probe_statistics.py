@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from gradflow.probe import ProbeConfig, build_model, synthetic
-from gradflow.probe.report import format_report, variant_report
+from gradflow.probe.report import variant_report
+from gradflow.probe.text import format_report
 from gradflow.probe.run import probe_model
 
 

@@ -7,7 +7,9 @@ import torch.nn as nn
 
 import gradflow
 from gradflow.tracing.parts import Parts
-from tracing_helpers import grads_at_inputs, one_thread, per_sample_norm  # noqa: F401
+from tracing_helpers import grads_at_inputs, per_sample_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 class MaskedBlock(nn.Module):

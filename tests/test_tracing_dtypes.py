@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import gradflow
-from tracing_helpers import one_thread, per_sample_norm, unit_inputs_and_grads, zoo_direct  # noqa: F401
+from tracing_helpers import per_sample_norm, unit_inputs_and_grads, zoo_direct
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def batch(dtype, n=4, seed=1):

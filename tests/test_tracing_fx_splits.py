@@ -1,4 +1,5 @@
 """torch.fx units in code that splits tensors (chunk, split, tensor_split) or reads their shapes:
+
 every unit's input is a tensor, sums of two pieces of one tensor are not units (said once), and
 dE/dx_l matches plain autograd at each unit's input."""
 import warnings
@@ -8,7 +9,9 @@ import torch
 import torch.nn as nn
 
 import gradflow
-from tracing_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
 
 
 def _module_tensors(model, x):

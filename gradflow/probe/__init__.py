@@ -13,7 +13,7 @@ from gradflow.utils.lazy import lazy_exports
 _EXPORTS = {
     **{n: "config" for n in ("COMPARE_SETS", "TABLE1", "TABLE2", "ProbeConfig", "parse_compare", "parse_option")},
     "cifar_test": "inputs", "synthetic": "inputs", "build_model": "models",
-    "prepare_out": "output", "write_outputs": "output", "format_report": "report", "report_dict": "report",
+    "prepare_out": "output", "write_outputs": "output", "format_report": "text", "report_dict": "report",
     **{n: "run" for n in ("ProbeResult", "VariantResult", "resolve_device", "run_probe")},
     **{n: "step" for n in ("Traced", "borrowed", "trace_at_init", "trace_once")},
 }

@@ -428,6 +428,3 @@ def _num(x: Any) -> Any:
         return float(x)
     except (TypeError, ValueError):
         return x
-
-
-from gradflow.probe.text import format_report  # noqa: E402,F401  (the text report; re-exported)
