@@ -158,6 +158,10 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     data = DeviceCifar(_load_data(cfg, d), dev, cfg.seed, cfg.train_subset, cfg.test_subset)
     ipe = data.iters_per_epoch(cfg.batch_size)
     sched = lr_schedule(cfg, ipe)
+    if sched.warmup_iters >= sched.stop > 0 and sched.warmup_lr != sched.lr:
+        say(d, f"note: the run stops at iteration {sched.stop}, inside the {sched.warmup_iters}-iteration "
+               f"warm-up: it trains at the warm-up lr {sched.warmup_lr:g} throughout, never at lr {sched.lr:g}; "
+               f"pass a --stop beyond {sched.warmup_iters} or --warmup-iters 0")
     options = _model_options(cfg, data.num_classes)
     torch.manual_seed(cfg.seed)
     eager = create_model(cfg.model, **options).to(dev)
