@@ -180,3 +180,18 @@ def test_a_checkpoint_whose_content_does_not_fit_is_one_line_exit_2(data, tmp_pa
                                  env=ENV, capture_output=True, text=True, timeout=120)
             assert out.returncode == 2 and "does not fit its model" in out.stderr, out.stderr[-1500:]
             assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_train_says_a_run_inside_the_warm_up_and_why_it_exits_1(data, tmp_path, capsys):
+    from gradflow.cli.train import get_args_parser, main
+    args = get_args_parser().parse_args(
+        ["--model", "resnet20", "--data", str(data), "--no-verify", "--device", "cpu", "--batch-size", "4",
+         "--stop", "4", "--warmup-iters", "400", "--milestones", "", "--log-every", "2", "--eval-every", "4",
+         "--fail-error", "0", "--amp", "none", "--out-dir", str(tmp_path), "--run-name", "run",
+         "--no-progress"])
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "inside the 400-iteration warm-up" in err
+    assert "above --fail-error 0" in err and "status fail" in err
