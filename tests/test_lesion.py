@@ -146,7 +146,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, args, words):
         base[k] = str(tmp_path / v) if v.isupper() else v
     assert main([a for kv in base.items() for a in kv] + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gradflow.experiments.lesion: error:") and words in err
+    assert err.startswith("gradflow lesion: error:") and words in err
 
 
 def test_torchvision_and_timm_blocks_lose_their_branches():
