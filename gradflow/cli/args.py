@@ -206,3 +206,45 @@ def resolve_device(name: str, allowed: tuple[str, ...] = ("cpu", "cuda", "mps"))
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise GradflowError(f"device={name!r} (--device) but MPS is not available here: use --device cpu")
     return dev
+
+
+# One rule per flag that several commands take: each command checks its parsed flags through
+# check_flags, so ``--seed -1`` or ``--batch 0`` is refused in the same words everywhere.
+FLAGS = {
+    "seed": Number(0, SEED_MAX, integer=True, hint="a seed is a non-negative integer"),
+    "batch": Number(1, 2 ** 20, integer=True, hint="the number of images per traced batch"),
+    "batch_size": Number(1, 2 ** 20, integer=True),
+    "deep_batch": Number(1, 2 ** 20, integer=True, hint="the number of images per ResNet-1001 trace"),
+    "k_step": Number(1, 10 ** 6, integer=True, hint="1 draws every path length"),
+    "samples": Number(1, 10 ** 7, integer=True),
+    "draws": Number(1, 10 ** 6, integer=True),
+    "test_images": Number(0, 10 ** 7, integer=True, hint="0 means the whole test set"),
+    "jobs": Number(1, 4096, integer=True, hint="concurrent runs on the CPU"),
+}
+
+
+def check_flags(args: argparse.Namespace, out_flags: tuple[str, ...] = ("out",)) -> None:
+    """Check every flag of ``args`` that :data:`FLAGS` has a rule for, and the output folders.
+
+    Raises a GradflowError naming the flag, the value and what is allowed.
+    """
+    values = {k: v for k, v in vars(args).items() if k in FLAGS and v is not None}
+    check_numbers(values, FLAGS)
+    for name in out_flags:
+        value = getattr(args, name, None)
+        if value is not None:
+            check_out_dir(value, flag(name))
+
+
+def check_out_dir(path: Any, name: str = "--out") -> None:
+    """An output folder must be named and must not lie inside a file (checked before anything is made)."""
+    from pathlib import Path
+    if not str(path).strip():
+        raise GradflowError(f"{name} {str(path)!r} is empty: name the output folder (e.g. {name} figures)")
+    p = Path(path)
+    for where in (p, *p.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise GradflowError(f"{name} {str(path)!r}: {where} is a file, not a folder: pass a folder "
+                                    "path that is not inside a file")
+            return

@@ -158,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = " ".join(shlex.quote(c) for c in ["python", "-m", "gradflow", "experiment", *argv])
     try:
         from gradflow.experiments import command_for, device_slots, execute
+        from gradflow.cli.args import check_flags
+        check_flags(args, out_flags=("out", "figures_out"))
         scale, rows, specs, exp_dir = _plan(args)
         for r in rows:
             if r.missing:
@@ -166,10 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _report(args, scale, rows, specs, exp_dir, command)
             return 0
         data = _needs_data(args)
+        slots = device_slots(args.gpus, args.jobs)    # checked before commands are printed, too
+        if args.device is not None:
+            from gradflow.cli.args import resolve_device
+            resolve_device(args.device)
         if args.print_commands:
             for spec in specs:
                 print(_self_command(args, argv, spec.key))
-            print(f"# then: {command} --collect", file=sys.stderr)
+            collect = [a for a in argv if a != "--print-commands"] + ["--collect"]
+            print(f"# then: {shlex.join(['python', '-m', 'gradflow', 'experiment', *collect])}", file=sys.stderr)
             return 0
         if args.run:
             specs = [s for s in specs if s.key == args.run]
@@ -177,7 +184,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise GradflowError(f"--run {args.run!r} is not a run of this sweep: see --print-commands")
         for s in specs:
             command_for(s, scale, data, args.verify)   # folder mismatches fail before anything runs
-        slots = device_slots(args.gpus, args.jobs)
         if args.threads:
             slots = [{**s, "OMP_NUM_THREADS": str(args.threads)} for s in slots]
         t0 = time.perf_counter()

@@ -230,7 +230,8 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradflow figures", description=__doc__.split("\n")[0])
+    from gradflow.cli.args import Parser
+    p = Parser(prog="gradflow figures", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="figures", help="output folder (default figures/)")
     p.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"],
                    help="file formats (default png)")
@@ -250,10 +251,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import matplotlib
     matplotlib.use("Agg")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from gradflow.cli.args import check_flags
+    from gradflow.errors import GradflowError
     args = get_args_parser().parse_args(argv)
-    specs = figure_specs(args.deep_batch)
-    if args.only:
-        specs = [s for s in specs if any(fnmatch.fnmatch(s.name, pat) for pat in args.only)]
+    try:
+        check_flags(args)
+        specs = figure_specs(args.deep_batch)
+        if args.only:
+            unmatched = [pat for pat in args.only if not any(fnmatch.fnmatch(s.name, pat) for s in specs)]
+            if unmatched:
+                raise GradflowError(f"--only {' '.join(unmatched)} matches no figure: see --list for the names")
+            specs = [s for s in specs if any(fnmatch.fnmatch(s.name, pat) for pat in args.only)]
+    except GradflowError as e:
+        print(f"gradflow figures: error: {e}", file=sys.stderr)
+        return 2
     if args.list:
         for s in specs:
             print(f"{s.name:36s} {s.what}")

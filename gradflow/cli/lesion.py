@@ -23,8 +23,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def get_args_parser():
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m gradflow lesion",
+    from gradflow.cli.args import Parser
+    p = Parser(prog="python -m gradflow lesion",
                                 description="Veit et al.'s lesion study on a trained checkpoint: test error "
                                             "with units' branches removed and units reordered.")
     p.add_argument("--checkpoint", required=True, help="a gradflow run folder or its checkpoint.pt")
@@ -51,6 +51,11 @@ def run_cli(args) -> dict:
     from gradflow.runs.checkpoint import load_checkpoint
     from gradflow.cli.args import resolve_device
     from gradflow.utils.io import atomic_write
+    from gradflow.cli.args import check_flags
+    check_flags(args)
+    if args.synthetic and args.data:
+        raise GradflowError(f"--synthetic and --data {args.data}: pass one of them (the generated data or "
+                            "the CIFAR folder)")
     if args.draws < 1 or args.batch_size < 1 or args.test_images < 0:
         raise GradflowError(f"--draws {args.draws}, --batch-size {args.batch_size}, --test-images "
                             f"{args.test_images}: draws and batch size must be >= 1, test images >= 0")

@@ -39,7 +39,8 @@ from gradflow.plot import (contribution_by_length, contribution_over_training, g
 # --- command line: compute and write figures/ ----------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gradflow paths", description=__doc__.split("\n")[0])
+    from gradflow.cli.args import Parser
+    p = Parser(prog="python -m gradflow paths", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet110", help="a registered model, measured at init")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=20, help="Veit's sampled paths per k (he used 1,000)")
@@ -67,7 +68,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from gradflow.tracing.paths import path_components, sample_paths
     from gradflow.utils.provenance import code_version, hardware
     matplotlib.use("Agg")
+    from gradflow.cli.args import check_flags
     args = get_args_parser().parse_args(argv)
+    try:
+        check_flags(args)
+    except GradflowError as e:
+        print(f"gradflow paths: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     code = code_version()

@@ -143,6 +143,12 @@ def main(args: argparse.Namespace) -> int:
               "--resume continues from the last checkpoint", file=sys.stderr)
         return _cli.EXIT_CRASHED
     if os.environ.get("RANK", "0") == "0":
+        if outcome.status == "fail":
+            from gradflow.training.steps import last_test_error
+            err = last_test_error(outcome.run_dir)
+            shown = f"{err:.4f}" if isinstance(err, float) else "unknown"
+            print(f"gradflow train: the run finished with test error {shown}, above --fail-error "
+                  f"{config.fail_error:g}: status fail, exit 1", file=sys.stderr)
         print(f"gradflow train: run folder {outcome.run_dir}")
     return outcome.exit_code
 

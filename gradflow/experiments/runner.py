@@ -248,6 +248,12 @@ def device_slots(gpus: Optional[str], jobs: int) -> list[dict]:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if not ids or not all(g.isdigit() for g in ids):
             raise GradflowError(f"--gpus {gpus!r} is not 'auto', 'none' or a list like 0,1,2")
+        import torch
+        n = torch.cuda.device_count()
+        absent = [g for g in ids if int(g) >= n]
+        if absent:
+            raise GradflowError(f"--gpus {gpus!r}: this machine has {n} visible CUDA device(s), so GPU "
+                                f"{', '.join(absent)} is not there: pass ids below {n}, or --gpus none for the CPU")
         return [{"CUDA_VISIBLE_DEVICES": g} for g in ids]
     if jobs < 1:
         raise GradflowError(f"--jobs {jobs!r} must be >= 1 (concurrent runs on the CPU)")

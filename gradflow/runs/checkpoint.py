@@ -40,7 +40,7 @@ from gradflow.models.registry import create_model
 
 FORMAT = "gradflow-checkpoint/1"
 
-__all__ = ["FORMAT", "digest", "read_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "digest", "misfit", "read_checkpoint", "load_checkpoint"]
 
 
 def digest(payload: dict[str, Any]) -> str:
@@ -135,11 +135,23 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[nn.Mod
             ``torch.load(weights_only=True)``: it never runs code.
     """
     ckpt = read_checkpoint(path, map_location)
-    model = create_model(ckpt["model"], **ckpt["options"])
-    model.load_state_dict(ckpt["model_state"])
+    try:
+        model = create_model(ckpt["model"], **ckpt["options"])
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, GradflowError) as e:
+        raise GradflowError(misfit(path, e)) from None
     model.to(map_location if map_location is not None else "cpu").eval()
     info = {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer")}
     return model, info
+
+def misfit(path: str | Path, e: BaseException) -> str:
+    """The one message for a checkpoint whose digest holds but whose content does not fit its model."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    first = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else
+             (lines[0] if lines else type(e).__name__))
+    return (f"checkpoint {path} does not fit its model: {first[:200]}; it was written for other options or "
+            "edited. Pass the run folder it came from, or train again")
+
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then os.replace.

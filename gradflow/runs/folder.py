@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from gradflow.errors import GradflowError
+from gradflow.runs.layout import FILES
 
 try:
     import fcntl
@@ -22,7 +23,7 @@ except ImportError:  # Windows: no flock
     fcntl = None  # type: ignore[assignment]
 
 FINAL = ("ok", "fail", "diverged")   # statuses of a run that ended; it is never started over
-RUN_FILES = ("log.jsonl", "log.csv", "probe.csv", "status.json")
+RUN_FILES = tuple(FILES.values())   # what starting over removes: every file the trainer writes
 
 
 class RunLock:
@@ -119,8 +120,9 @@ def read_status(run_dir: Path) -> dict:
 def open_fresh(out_dir: str, name: str) -> tuple[Path, RunLock, list[str]]:
     """Create and lock ``out_dir/name`` for a new run: (folder, lock, notes for the user).
 
-    A folder that holds a run killed before its first checkpoint (config.json, no
-    checkpoint.pt, not finished, nobody training) is started over; any other
+    A folder that holds a run killed before its first checkpoint (no checkpoint.pt,
+    not finished, nobody training, nothing in it but the trainer's own files: it may
+    have been killed before config.json was written) is started over; any other
     existing folder is refused with the way to continue it.
     """
     path = Path(out_dir) / name
@@ -136,8 +138,8 @@ def open_fresh(out_dir: str, name: str) -> tuple[Path, RunLock, list[str]]:
                             "pass a writable --out-dir") from None
     if not created:
         status = read_status(path).get("status")
-        restartable = (path.is_dir() and (path / "config.json").is_file()
-                       and not (path / "checkpoint.pt").exists() and status not in FINAL)
+        restartable = (path.is_dir() and not (path / FILES["checkpoint"]).exists()
+                       and status not in FINAL and only_run_files(path))
         if not restartable:
             raise GradflowError(f"run folder {path} already exists: pass --resume {path} to continue it, "
                                 "or another --run-name")
@@ -154,6 +156,12 @@ def open_fresh(out_dir: str, name: str) -> tuple[Path, RunLock, list[str]]:
                      f"{status or 'unknown'}): starting it over" + (f"; removed {', '.join(gone)}" if gone else ""))
     notes += _temporaries_note(path)
     return path, lock, notes
+
+
+def only_run_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but what the trainer writes (its files, .lock, temporaries)."""
+    return all(p.name in RUN_FILES or p.name == ".lock" or (p.name.startswith(".") and p.name.endswith(".tmp"))
+               for p in Path(run_dir).iterdir())
 
 
 def open_existing(run_dir: Path) -> tuple[RunLock, list[str]]:

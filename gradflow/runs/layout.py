@@ -30,11 +30,16 @@ from typing import Any
 
 from gradflow.errors import GradflowError
 
+# Every file the trainer writes in a run folder, by role: the one list of them (starting over removes
+# them all; the folder's lock is ``.lock``, interrupted atomic writes leave ``.<name>.*.tmp``).
+FILES = {"config": "config.json", "log": "log.jsonl", "log_csv": "log.csv", "checkpoint": "checkpoint.pt",
+         "status": "status.json", "probe": "probe.csv", "paths": "paths.csv"}
+
 COLUMNS = ("iteration", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
            "images_per_s", "wall_time")
 TIMING = ("images_per_s", "wall_time")  # the columns that differ between identical runs
 
-__all__ = ["COLUMNS", "TIMING", "read_log"]
+__all__ = ["COLUMNS", "FILES", "TIMING", "read_log"]
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -43,7 +48,7 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     A half-written last line (a run killed mid-append) is skipped with a warning;
     a damaged line elsewhere is a GradflowError naming it.
     """
-    path = Path(run_dir) / "log.jsonl"
+    path = Path(run_dir) / FILES["log"]
     if not path.exists():
         return []
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from gradflow.errors import GradflowError
 from gradflow.utils.io import atomic_write, atomic_write_text, json_safe, json_text
 from gradflow.utils.provenance import code_version  # noqa: F401  (moved down: the probe and the figures record it too)
-from gradflow.runs.layout import COLUMNS, TIMING, read_log  # noqa: F401  (re-exported: the format and its reader)
+from gradflow.runs.layout import COLUMNS, FILES, TIMING, read_log  # noqa: F401  (re-exported: the format and its reader)
 
 
 def default_name(model: str, dataset: str, preset: Optional[str]) -> str:
@@ -59,9 +59,9 @@ class RunLog:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.jsonl, self.csv = self.run_dir / "log.jsonl", self.run_dir / "log.csv"
-        self.probe = self.run_dir / "probe.csv"
-        self.paths = self.run_dir / "paths.csv"
+        self.jsonl, self.csv = self.run_dir / FILES["log"], self.run_dir / FILES["log_csv"]
+        self.probe = self.run_dir / FILES["probe"]
+        self.paths = self.run_dir / FILES["paths"]
         self.rows, self.probe_rows, self.paths_rows = 0, 0, 0
 
     def append(self, row: dict[str, Any]) -> None:

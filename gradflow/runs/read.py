@@ -112,7 +112,17 @@ def read_run(run_dir: str | Path, label: Optional[str] = None) -> Run:
 
     def _json(name: str) -> dict:
         f = path / name
-        return json.loads(f.read_text()) if f.exists() and f.stat().st_size else {}
+        if not (f.exists() and f.stat().st_size):
+            return {}
+        try:
+            obj = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise GradflowError(f"{f} is damaged ({type(e).__name__}: {str(e)[:80]}): resume the run "
+                                "(gradflow train --resume rewrites it from the checkpoint) or leave the "
+                                "folder out") from None
+        if not isinstance(obj, dict):
+            raise GradflowError(f"{f} is not a JSON object: resume the run or leave the folder out")
+        return obj
 
     label = label or path.name
     log, probe = read_log_table(path), read_probe(path)

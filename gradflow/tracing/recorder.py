@@ -243,6 +243,23 @@ class Tracer(TableWriter, DirectCarrier):
             return self
         _refuse_nested(self.model)
         self._ranks = ranks_for(self)   # under a process group; refuses what cannot run there
+        opened = []
+        try:
+            self._attach(opened)
+        except BaseException:
+            # a hook, a patch or a sink's open() failed partway: leave the model as it was
+            self._unpatch()
+            for s in reversed(opened):
+                if hasattr(s, "close"):
+                    try:
+                        s.close()
+                    except Exception:  # noqa: BLE001  (the first error is the one to see)
+                        pass
+            raise
+        self._attached = True
+        return self
+
+    def _attach(self, opened: list) -> None:
         mods = [self.model] + [i.module for i in self.infos]
         for m in mods:
             _ACTIVE[id(m)] = self
@@ -270,11 +287,22 @@ class Tracer(TableWriter, DirectCarrier):
         for s in self.sinks:
             if hasattr(s, "open"):
                 s.open(self)
-        self._attached = True
-        return self
+            opened.append(s)
 
     def detach(self) -> None:
         """Remove every hook and restore every patched forward; write the pending steps."""
+        self._unpatch()
+        was = self._attached
+        self._attached = False
+        self._write([m for m in self._open], final=True)
+        self._micro = None
+        if was:
+            for s in self.sinks:
+                if hasattr(s, "close"):
+                    s.close()
+
+    def _unpatch(self) -> None:
+        """Remove the hooks, restore the patched attributes, release the modules."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -289,14 +317,6 @@ class Tracer(TableWriter, DirectCarrier):
         for m in [self.model] + [i.module for i in self.infos]:
             if _ACTIVE.get(id(m)) is self:
                 del _ACTIVE[id(m)]
-        was = self._attached
-        self._attached = False
-        self._write([m for m in self._open], final=True)
-        self._micro = None
-        if was:
-            for s in self.sinks:
-                if hasattr(s, "close"):
-                    s.close()
 
     def _save_attr(self, obj, name: str) -> None:
         had = name in obj.__dict__

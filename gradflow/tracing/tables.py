@@ -128,7 +128,11 @@ def unscale(raw: dict, rows: slice, scale: float) -> None:
 def units_table(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES, B: int = 0) -> pd.DataFrame:
     """One row per entry of ``meta``: its identification, then each quantity's batch mean and spread."""
     units = pd.DataFrame(meta)
-    units["batch"] = B
+    empty = any(np.ndim(a) == 2 and not np.shape(a)[1] for a in q.values())
+    if empty:
+        warnings.warn("the traced batch held 0 samples: each unit's row has batch 0 and NaN for every "
+                      "quantity; trace a batch of at least one sample", stacklevel=2)
+    units["batch"] = 0 if empty else B
     if "x_rms" in q:  # Var over every element of the batch (equal counts per sample)
         units["x_var"] = np.mean(q["x_rms"] ** 2, axis=1) - np.mean(q["x_mean"], axis=1) ** 2
     names = [n for n in columns if n in q and n != "cancel"]
@@ -138,7 +142,8 @@ def units_table(meta: list[dict], q: dict[str, np.ndarray], columns=QUANTITIES, 
             warnings.simplefilter("ignore", RuntimeWarning)
             v = np.stack([q[n] for n in names])                       # [quantities, rows, B]
             mean, std = np.mean(v, axis=2), np.std(v, axis=2)
-            qs = np.quantile(v, [0.05, 0.5, 0.95], axis=2)            # one sort for all of them
+            qs = (np.quantile(v, [0.05, 0.5, 0.95], axis=2)           # one sort for all of them
+                  if v.shape[2] else np.full((3,) + v.shape[:2], np.nan))
         for j, name in enumerate(names):
             cols[name], cols[name + "_std"] = mean[j], std[j]
             cols[name + "_q05"], cols[name + "_q50"], cols[name + "_q95"] = qs[0, j], qs[1, j], qs[2, j]

@@ -43,7 +43,10 @@ def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
     if bad:
         raise GradflowError(f"a resumed run keeps its recipe; cannot change {', '.join(bad)} "
                             f"(only {', '.join(RESUMABLE)}): start a new run instead")
-    path = Path(run)
+    path = run_folder(run)
+    if path.is_dir() and not (path / "checkpoint.pt").exists() and not (path / "config.json").is_file():
+        raise GradflowError(f"--resume {run}: the run stopped before it began (no config.json, no checkpoint): "
+                            "start it again with the same command, without --resume (that takes the folder over)")
     if path.is_dir() and not (path / "checkpoint.pt").exists() and (path / "config.json").is_file():
         # killed before its first checkpoint: the run starts over from its saved config
         try:
@@ -54,6 +57,24 @@ def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
     else:
         saved = read_checkpoint(run)["config"]
     return make_config(saved, **{"halt_at": None, **changes})
+
+
+def run_folder(resume: str | Path) -> Path:
+    """The run folder ``--resume`` names (a folder, or the checkpoint.pt inside one); else a GradflowError.
+
+    A checkpoint file outside a run folder is refused: resuming writes the folder's
+    lock, status and logs beside the checkpoint.
+    """
+    path = Path(resume)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise GradflowError(f"--resume {resume}: no such run folder")
+    if not (path.parent / "config.json").exists():
+        raise GradflowError(f"--resume {resume}: a checkpoint outside a run folder (no config.json beside it); "
+                            "pass the run folder it belongs to, or load its weights with "
+                            "gradflow.load_checkpoint and start a new run")
+    return path.parent
 
 
 def _model_options(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -155,6 +176,10 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     data = DeviceCifar(_load_data(cfg, d), dev, cfg.seed, cfg.train_subset, cfg.test_subset)
     ipe = data.iters_per_epoch(cfg.batch_size)
     sched = lr_schedule(cfg, ipe)
+    if sched.warmup_iters >= sched.stop > 0 and sched.warmup_lr != sched.lr:
+        say(d, f"note: the run stops at iteration {sched.stop}, inside the {sched.warmup_iters}-iteration "
+               f"warm-up: it trains at the warm-up lr {sched.warmup_lr:g} throughout, never at lr {sched.lr:g}; "
+               f"pass a --stop beyond {sched.warmup_iters} or --warmup-iters 0")
     options = _model_options(cfg, data.num_classes)
     torch.manual_seed(cfg.seed)
     eager = create_model(cfg.model, **options).to(dev)
@@ -181,7 +206,7 @@ def _open_folder(cfg: TrainConfig, resume, d: distributed.Dist, dev: torch.devic
                 name = cfg.run_name or default_name(cfg.model, cfg.dataset, cfg.preset)
                 run_dir, lock, notes = open_fresh(cfg.out_dir, name)
             else:
-                run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+                run_dir = run_folder(resume)
                 lock, notes = open_existing(run_dir)
         except GradflowError as e:
             err = str(e)

@@ -26,9 +26,10 @@ from gradflow.cli import args as cli
 from gradflow.data.cifar import DeviceCifar
 from gradflow.errors import GradflowError
 from gradflow.training import distributed
-from gradflow.runs.checkpoint import rng_state, save_checkpoint, set_rng_state
+from gradflow.runs.checkpoint import misfit, rng_state, save_checkpoint, set_rng_state
 from gradflow.training.config import TrainConfig
 from gradflow.training.precision import BF16, FP32, choose_amp
+from gradflow.runs.layout import FILES
 from gradflow.runs.log import RunLog, code_version, read_log, write_json
 from gradflow.training.signals import Interrupted, StopFlag, stop_on_signals
 
@@ -83,6 +84,25 @@ def first_nonfinite(model: nn.Module) -> Optional[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"{kind} {name}"
     return None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file as a dict ({} when missing, damaged or not an object)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Each parameter's saved momentum buffer has the parameter's shape (else the first step fails)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                raise ValueError(f"optimizer momentum buffer of shape {tuple(getattr(buf, 'shape', ()))} "
+                                 f"for a parameter of shape {tuple(p.shape)}")
 
 
 def last_test_error(run_dir: Path) -> Optional[float]:
@@ -181,11 +201,15 @@ class Steps:
     def _restore(self, ckpt: dict) -> float:
         """Load the checkpoint's state and cut the logs back to it; returns the seconds trained so far."""
         d, cfg = self.d, self.cfg
-        self.eager.load_state_dict(ckpt["model_state"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.step = self.saved_step = ckpt["step"]
-        self.acc = torch.tensor(ckpt["log_acc"], device=self.dev, dtype=torch.float64) * (d.rank == 0)
-        set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
+        try:
+            self.eager.load_state_dict(ckpt["model_state"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.step = self.saved_step = int(ckpt["step"])
+            self.acc = torch.tensor(ckpt["log_acc"], device=self.dev, dtype=torch.float64) * (d.rank == 0)
+            set_rng_state(ckpt["rng"][d.rank % len(ckpt["rng"])])
+            check_optimizer_state(self.opt)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+            raise GradflowError(misfit(self.run_dir / FILES["checkpoint"], e)) from None
         wall0 = ckpt.get("wall_time")
         if self.log:
             for note in self.log.restore(self.step, ckpt.get("log_rows"), ckpt.get("probe_rows"),
@@ -195,7 +219,12 @@ class Steps:
             if wall0 is None:  # checkpoints from before gradflow saved it: the last logged time
                 wall0 = next((r["wall_time"] for r in reversed(read_log(self.run_dir)) if r.get("wall_time")), 0.0)
             old_stop = ckpt["config"].get("stop")
-            if cfg.stop != old_stop:
+            if not isinstance(_read_json(self.run_dir / FILES["config"]).get("config"), dict):
+                say(d, f"{self.run_dir / FILES['config']} was missing or damaged: rewritten from the checkpoint")
+                write_json(self.run_dir / FILES["config"], {
+                    "config": cfg.as_dict(), "code": ckpt.get("code", self.code), "world_size": d.world,
+                    "device": str(self.dev), "precision": self.precision()})
+            elif cfg.stop != old_stop:
                 say(d, f"--stop changed on resume: {old_stop} -> {cfg.stop} (config.json updated)")
                 path = self.run_dir / "config.json"
                 saved = json.loads(path.read_text()) if path.exists() else {}
