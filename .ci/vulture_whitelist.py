@@ -40,3 +40,15 @@ exception
 
 # Owned by another change in flight (gradflow/tracing/stats.py): dead, to delete there.
 dot                        # gradflow.tracing.stats.dot
+
+# Registered entry points: found by name through the registry (create_model), never called directly.
+resnet20; resnet32; resnet44; resnet56; resnet110; resnet164; resnet1001; resnet1202  # noqa
+plain20; plain32; plain44; plain56; plain110  # noqa
+gpt_tiny; gpt_small; gpt_medium; vit_cifar_tiny; vit_cifar_small  # noqa
+
+# Read by the tests and documented: public names and counters.
+mahonian           # gradflow.experiments.stats: the ordering test's exact distribution (tests check it)
+MF_EXPONENT        # gradflow.theory.total: the mean-field exponent, documented in docs/theory.md
+_.collectives      # the gather's collective count (tests and benchmarks/ddp_bench.py read it)
+PLAIN              # gradflow.tracing.parts: the runner without a tracer (documented there)
+exit_shortcut      # a run-time unit site's field (dataclass field, part of the recorded site)

@@ -313,8 +313,8 @@ class Discovery(TorchFunctionMode):
         if ev.owner_input is None:
             return
         x, nx = ev.owner_input
-        ra, la, ga, pa, fa = walk(ev.na, nx, self.params)
-        rb, lb, gb, pb, fb = walk(ev.nb, nx, self.params)
+        ra, _, ga, pa, fa = walk(ev.na, nx, self.params)
+        rb, _, gb, pb, fb = walk(ev.nb, nx, self.params)
         if not (ra and rb) or (ga & gb) & (fa | fb):
             return      # not both from x, or they part after a learned step they share (two heads)
         # a side is learned by parameters of its own: q * cos + rotate(q) * sin shares q's
