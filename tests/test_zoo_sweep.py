@@ -19,7 +19,9 @@ import torch
 
 from zoo_check import check_network
 
+# the wide sweep: opt-in (python -m pytest -m sweep), not in the default run; see docs/discovery.md
 slow = pytest.mark.slow
+sweep = [pytest.mark.slow, pytest.mark.sweep]
 
 # name -> image size (timm models built with img_size= where they take it)
 TIMM_FAST = {"vit_tiny_patch16_224": 32, "convnextv2_atto": 32, "resnet18": 32}
@@ -83,7 +85,7 @@ _VISION = {"vit", "deit", "beit", "dinov2", "swin", "convnext"}
 
 def _cases(fast: dict, slow_: dict) -> list:
     return [pytest.param(n, s, id=n) for n, s in fast.items()] + \
-        [pytest.param(n, s, id=n, marks=slow) for n, s in slow_.items()]
+        [pytest.param(n, s, id=n, marks=sweep) for n, s in slow_.items()]
 
 
 def _timm(name: str, size: int):
