@@ -8,6 +8,7 @@ the mean over its own samples, so its dE/dx_l are ``world`` times the global-mea
 ratios, activations, weight-gradient norms (DDP and FSDP2 average the ranks' gradients)
 and update ratios are compared as they are.
 """
+import gc
 import os
 import socket
 
@@ -116,6 +117,8 @@ def _entry(rank, port, case, out, args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         globals()[case](rank, out, *args)
+        gc.collect()        # a DDP reducer freed after the group is gone aborts the process
+        dist.barrier()      # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

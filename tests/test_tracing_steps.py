@@ -195,13 +195,16 @@ def test_what_cannot_be_recorded_is_said_once():
     assert sum("no backward" in str(r.message) for r in w) == 1
     assert tr.units["grad_norm"].isna().all() if "grad_norm" in tr.units else True
     # a backward from an intermediate output reaches only the units before it
-    with pytest.warns(RuntimeWarning, match=r"did not reach unit\(s\) 2 \(blocks.2\): the loss does not depend"):
+    with pytest.warns(RuntimeWarning, match=r"did not reach unit\(s\) 2 \(blocks.2\): the loss does not depend") as w:
         with gradflow.trace(m) as tr:
             mid = []
             hook = m.blocks[0].register_forward_hook(lambda mod, a, o: mid.append(o))
             m(x)
             hook.remove()
-            mid[0].sum().backward()
+            mid[-1].sum().backward()
+    # the hook also saw the discovery forward (units found at run time), and that is said
+    assert len(mid) == 2
+    assert sum("runs the forward hooks on 1 module(s) (blocks.0)" in str(r.message) for r in w) == 1
     # a second backward through a graph whose rows were already written
     with pytest.warns(RuntimeWarning, match="after its rows were written"):
         with gradflow.trace(m) as tr:

@@ -212,8 +212,17 @@ def test_smoke_without_data_runs_on_generated_data_and_says_so(tmp_path, capsys)
 
 def test_a_taken_run_name_is_refused(data, tmp_path):
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")      # not a file the trainer writes
     with pytest.raises(GradflowError, match="already exists.*--resume"):
         train(small(data, tmp_path))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_run_folder_is_used_and_said(data, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    run = train(small(data, tmp_path, stop=2))
+    assert (run / "checkpoint.pt").exists()
+    assert "exists and holds no run file" in capsys.readouterr().err
 
 
 def test_resume_refuses_to_change_the_recipe(data, tmp_path):

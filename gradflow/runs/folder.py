@@ -152,8 +152,11 @@ def open_fresh(out_dir: str, name: str) -> tuple[Path, RunLock, list[str]]:
         gone = [n for n in RUN_FILES if (path / n).exists()]
         for n in gone:
             (path / n).unlink()
-        notes.append(f"{path} holds a run that stopped before its first checkpoint (status "
-                     f"{status or 'unknown'}): starting it over" + (f"; removed {', '.join(gone)}" if gone else ""))
+        if gone:
+            notes.append(f"{path} holds a run that stopped before its first checkpoint (status "
+                         f"{status or 'unknown'}): starting it over; removed {', '.join(gone)}")
+        else:
+            notes.append(f"{path} exists and holds no run file: the run starts in it")
     notes += _temporaries_note(path)
     return path, lock, notes
 

@@ -171,6 +171,7 @@ class Tracer(TableWriter, DirectCarrier):
         _refuse_nested(model)
         self.infos, runtime = plan_units(model, units, parts)
         self._watch = None          # units found as the model runs (on its first forward)
+        self._active: list = []     # the modules this tracer records (another trace of them is refused)
         self._run_groups: dict = {}
         if runtime:
             from gradflow.tracing.watch import Watch
@@ -260,8 +261,10 @@ class Tracer(TableWriter, DirectCarrier):
         return self
 
     def _attach(self, opened: list) -> None:
-        mods = [self.model] + [i.module for i in self.infos]
-        for m in mods:
+        # units found at run time may lie anywhere in the model: all of it is recorded
+        self._active = list(self.model.modules()) if self._watch is not None else \
+            [self.model] + [i.module for i in self.infos]
+        for m in self._active:
             _ACTIVE[id(m)] = self
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward_end, always_call=True))
@@ -314,7 +317,7 @@ class Tracer(TableWriter, DirectCarrier):
             else:
                 delattr(obj, name)
         self._patched.clear()
-        for m in [self.model] + [i.module for i in self.infos]:
+        for m in self._active:
             if _ACTIVE.get(id(m)) is self:
                 del _ACTIVE[id(m)]
 

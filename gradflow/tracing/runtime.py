@@ -233,6 +233,14 @@ class Discovery(TorchFunctionMode):
         self._by_exit.clear()
         return super().__exit__(*exc)
 
+    def release(self) -> None:
+        """Let go of the discovery forward's tensors and graph: what was found keeps only where and what."""
+        for ev in self.events:
+            ev.a = ev.b = ev.na = ev.nb = ev.y = ev.ny = ev.owner_input = None
+        for f in self.found:
+            f.x_node = None
+        self._made.clear()
+
     def _pre(self, path):
         def hook(module, args):
             k = self._calls.get(path, 0)

@@ -46,6 +46,7 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> Discovery:
             f"{type(model).__name__} has no parameters: units are found at run time as additions whose "
             "branch is learned (parameters between x_l and the sum). Declare its units "
             "(trace(model, units='blocks.*', parts={...}))")
+    _say_hooks(model)
     leaves, _ = tree_flatten((args, kwargs))
     device = next((t.device for t in leaves if isinstance(t, Tensor)), torch.device("cpu"))
     a, k = tree_map(_copy_arg, (tuple(args), dict(kwargs)))
@@ -63,6 +64,23 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> Discovery:
             p.requires_grad_(False)
     name_found(d.found)
     return d
+
+
+def _say_hooks(model: nn.Module) -> None:
+    """Say once that the discovery forward runs the forward hooks a user put on the model's modules."""
+    hooked = [n for n, m in model.named_modules()
+              if n and (m._forward_hooks or m._forward_pre_hooks)]
+    glob = nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        hooked.insert(0, "(global module hooks)")
+    if hooked:
+        warnings.warn(
+            f"gradflow.trace: units of {type(model).__name__} are found on a discovery forward, run once "
+            "before the first traced forward on copies of its arguments; it runs the forward hooks on "
+            f"{len(hooked)} module(s) ({', '.join(hooked[:4])}{', ...' if len(hooked) > 4 else ''}), so a "
+            "hook that records what it sees sees that forward first. Declare the units "
+            "(trace(model, units='blocks.*')) to trace without a discovery forward",
+            RuntimeWarning, stacklevel=4)
 
 
 def _leaf(t: Any) -> Any:
@@ -169,6 +187,7 @@ class Watch(TorchFunctionMode):
                               "are not made", RuntimeWarning, stacklevel=3)
         self.units = list(zip(units, depth))
         self._sites(d, depth)
+        d.release()
         tr._add_run_units(units)
         self._hook_owners()
 
