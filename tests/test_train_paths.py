@@ -78,3 +78,17 @@ def test_pathplots_draws_a_run(whole, tmp_path, capsys):
     (bare / "config.json").write_text("{}")
     assert main(["--run", str(bare), "--out", str(tmp_path)]) == 2
     assert "--probe-paths" in capsys.readouterr().err
+
+
+def test_paths_of_a_trained_checkpoint_are_named_by_its_run_and_say_its_error(whole, data, tmp_path, capsys):
+    import json
+    from gradflow.cli.paths import main
+    status = json.loads((whole.path / "status.json").read_text())
+    assert main(["--checkpoint", str(whole.path / "checkpoint.pt"), "--data", str(data), "--batch", "4",
+                 "--samples", "2", "--k-step", "4", "--out", str(tmp_path)]) == 0
+    caption = (tmp_path / "paths_run_spectrum.txt").read_text()
+    assert f"test error {100 * status['test_error']:.1f}%" in caption
+    assert "8 iterations" in caption
+    assert main(["--checkpoint", str(whole.path / "checkpoint.pt"), "--data", str(data), "--batch", "4",
+                 "--samples", "2", "--k-step", "4", "--model", "resnet110", "--out", str(tmp_path)]) == 0
+    assert "--model resnet110 is not used" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from gradflow.plot import (contribution_by_length, contribution_over_training, g
 def get_args_parser() -> argparse.ArgumentParser:
     from gradflow.cli.args import Parser
     p = Parser(prog="python -m gradflow paths", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet110", help="a registered model, measured at init")
+    p.add_argument("--model", help="a registered model, measured at init (default resnet110)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=20, help="Veit's sampled paths per k (he used 1,000)")
     p.add_argument("--k-step", type=int, default=1, help="sample every k-step-th path length")
@@ -119,11 +119,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ns = argparse.Namespace(synthetic=False, data=args.data, no_verify=True, test_images=args.batch,
                                     batch_size=args.batch)
             x, y = cifar_test_batches(info, ns, torch.device("cpu"))[0][0]
-            name = Path(args.checkpoint).resolve().name
+            ckpt = Path(args.checkpoint).resolve()
+            from gradflow.runs.folder import read_status
+            status = read_status(ckpt.parent)
+            # a run folder's checkpoint.pt is named by its run; its final test error, where the
+            # status is of this very checkpoint, says how well trained the network is
+            name = ckpt.parent.name if ckpt.name == "checkpoint.pt" else ckpt.stem
+            err = status.get("test_error") if status.get("iteration") == info.get("step") else None
             made = (f"the trained run {args.checkpoint} ({info.get('model')} {info.get('options')}, "
-                    f"{info.get('step')} iterations), its first {args.batch} test images, train mode "
-                    "(BN batch statistics), mean cross-entropy")
+                    f"{info.get('step')} iterations"
+                    + (f", test error {100 * err:.1f}%" if isinstance(err, (int, float)) else
+                       ", test error not recorded for this checkpoint")
+                    + f"), its first {args.batch} test images, train mode (BN batch statistics), mean cross-entropy")
+            if args.model is not None:
+                print(f"gradflow paths: --model {args.model} is not used: the network is the checkpoint's "
+                      f"({info.get('model')})", file=sys.stderr)
         else:
+            args.model = args.model or "resnet110"
             model = create_model(args.model)
             g = torch.Generator().manual_seed(args.seed)
             x = torch.randn(args.batch, 3, 32, 32, generator=g)
