@@ -136,3 +136,12 @@ def test_gradflow_train_is_the_function_after_every_submodule_is_imported():
         except ImportError as e:        # an optional dependency (transformers, lightning) missing here
             assert "gradflow" not in str(e), e
     assert gradflow.train is the_function and callable(gradflow.train)
+
+
+def test_train_refuses_synthetic_with_data(capsys, tmp_path):
+    """--synthetic used to train on generated data and ignore --data without a word."""
+    from gradflow.cli import train as train_cli
+    argv = ["--synthetic", "--data", str(tmp_path), "--stop", "2", "--out-dir", str(tmp_path / "runs")]
+    assert _rc(train_cli.cli, argv) == 2
+    _one_line(capsys, ["--synthetic", "--data", "one of them"])
+    assert not (tmp_path / "runs").exists()

@@ -138,6 +138,27 @@ def test_a_flipped_byte_in_a_weight_tensor_is_refused(tmp_path):
 
 # --- 10. data that is not CIFAR's uint8 images ------------------------------------------------------
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_an_empty_cifar_file_is_said_to_be_empty_not_crafted(tmp_path, protocol):
+    """An empty uint8 array pickles through bytes() (protocol 2) or numpy's _frombuffer (5)."""
+    write_cifar(tmp_path, "cifar10", (np.zeros((10, 3, 32, 32), np.uint8), np.zeros(10, int)),
+                (np.zeros((5, 3, 32, 32), np.uint8), np.zeros(5, int)))
+    blob = pickle.dumps({"data": np.zeros((0, 3072), np.uint8), "labels": []}, protocol=protocol)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    with pytest.raises(GradflowError, match=r"'test_batch' .* holds no images \(data is \[0, 3072\]\)") as e:
+        load_cifar("cifar10", tmp_path, verify=False)
+    assert "crafted" not in str(e.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_cifar_file_pickled_with_any_protocol_loads_exactly(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 3072), dtype=np.uint8)
+    blob = pickle.dumps({"data": x, "labels": [1, 2, 3, 4, 5]}, protocol=protocol)
+    from gradflow.data.cifar import read_cifar_file
+    images, labels = read_cifar_file(blob, "test_batch", "labels", tmp_path)
+    assert np.array_equal(images.numpy().reshape(5, 3072), x) and labels.tolist() == [1, 2, 3, 4, 5]
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int16])
 def test_images_that_are_not_uint8_rows_are_refused_not_cast(tmp_path, dtype):
     write_cifar(tmp_path, "cifar10", (np.zeros((10, 3, 32, 32), np.uint8), np.zeros(10, int)),

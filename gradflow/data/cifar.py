@@ -141,10 +141,14 @@ def load_cifar(dataset: str, root: str | Path, download: bool = False,
 
 # The globals the CIFAR python release's pickles name: numpy's array reconstructors
 # (numpy 1 and 2 spell the module differently) and, in protocol-2 pickles made by
-# Python 3, _codecs.encode for bytes. Nothing else may be called while unpickling.
+# Python 3, _codecs.encode for bytes; an empty array's bytes pickle as bytes() (spelt
+# __builtin__.bytes in protocol 2), and numpy writes arrays through _frombuffer in
+# protocol 5. Each builds data from data; nothing else may be called while unpickling.
 ALLOWED_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("__builtin__", "bytes"), ("builtins", "bytes"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 })
 
 
@@ -211,6 +215,10 @@ def read_cifar_file(blob: bytes, name: str, label_key: str, where: Path | str) -
             f"{name!r} in {where} holds images of dtype {dtype} and shape {shape}; the CIFAR python "
             "release holds uint8 [N, 3072] (values 0-255, red then green then blue plane per row). "
             "Nothing is cast silently: re-pack the images as uint8 rows (gradflow.data.cifar.write_cifar)")
+    if len(x) == 0:
+        raise GradflowError(f"{name!r} in {where} is a CIFAR python file that holds no images (data is "
+                            "[0, 3072]); the release's files hold 10,000 each: replace it with the official "
+                            "file, or re-pack your images (gradflow.data.cifar.write_cifar)")
     try:
         y = np.asarray(d[label_key], dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as e:

@@ -100,6 +100,9 @@ class TrainConfig:
              "a folder name (an empty --out-dir would write into the current folder)"),
             (self.synthetic or (isinstance(self.data, str) and self.data.strip() != ""), "data",
              "a CIFAR folder (or leave --data out and pass --synthetic for generated data)"),
+            (not self.synthetic or self.data == "data", "data",
+             "left out with --synthetic (the generated data is used, so --data would be ignored): pass one "
+             "of them"),
             (self.run_name is None or _single_segment(self.run_name), "run_name",
              "a single folder name inside --out-dir (no '/', '..' or absolute path)"),
             (not self.probe_paths or self.probe_every > 0, "probe_paths",
