@@ -6,6 +6,7 @@ installed, the test registers this interpreter's ipykernel for the current user
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -49,3 +50,23 @@ def test_notebook_runs(path, kernel, tmp_path):
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on the first failing cell
     assert time.perf_counter() - start < 180, f"{path.name} took over 3 minutes"
+    blank = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and makes_a_figure(c.source)
+             and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert not blank, f"{path.name}: cells {blank} make a figure but show none (end the cell with `fig`)"
+
+
+FIGURE = re.compile(r"^\s*fig\s*=|display\((plot|fig|report)\b", re.M)
+
+
+def makes_a_figure(source: str) -> bool:
+    """A cell that makes a figure: it assigns ``fig = ...`` or displays a plot."""
+    return bool(FIGURE.search(source))
+
+
+def test_the_figure_rule_sees_the_cells_that_make_figures():
+    assert makes_a_figure("x = 1\nfig = plot.gradient_depth(units)\n")
+    assert makes_a_figure("for r in runs:\n    display(plot.gradient_flow_over_training(r.probe))")
+    assert not makes_a_figure("rates = plot.decay_rate_table(units)\nrates")
+    figure_cells = sum(makes_a_figure(c.source) for p in NOTEBOOKS
+                       for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code")
+    assert figure_cells >= len(NOTEBOOKS)     # every notebook draws something
