@@ -60,6 +60,16 @@ def test_nothing_below_the_trainer_imports_it():
     assert not bad, "\n".join(bad)
 
 
+def test_no_library_package_imports_the_command_lines():
+    """gradflow.cli parses flags and prints; the library below it (the trainer included) never imports it."""
+    entry_points = {ROOT / "__main__.py", *ROOT.glob("*/__main__.py")}   # `python -m gradflow.probe` is a CLI
+    files = [f for f in sorted(ROOT.rglob("*.py")) if "cli" not in f.relative_to(ROOT).parts[:1]
+             and f not in entry_points]
+    assert len(files) > 60 and ROOT / "training" / "steps.py" in files
+    bad = [f"{f.relative_to(ROOT.parent)}:{line} imports {name}" for f in files for line, name in imported(f)
+           if name == "gradflow.cli" or name.startswith("gradflow.cli.")]
+    assert not bad, "\n".join(bad)
+
 
 def test_tracing_knows_units_by_protocol_and_calls_theory_late():
     # tracing never imports the zoo (units are found by protocol) and imports theory only inside a

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 import torch
 
-from gradflow.utils.io import atomic_write, atomic_write_text
+from gradflow.utils.io import atomic_write_text
 from gradflow.models.paper import paper_rows
 from gradflow.utils.provenance import code_version, hardware
 
@@ -147,16 +147,6 @@ def trace_at_init(config: Config, batch: int, seed: int) -> tuple[pd.DataFrame, 
     return traced.units, traced.samples
 
 
-def _save(fig, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
-    paths = []
-    for fmt in formats:
-        meta = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
-        path = out / f"{name}.{fmt}"
-        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=200, metadata=meta))  # whole: constrained layout
-        paths.append(path)
-    return paths
-
-
 def _caption(lines: list[str], common: list[str]) -> str:
     return "\n".join(lines + common) + "\n"
 
@@ -173,6 +163,7 @@ def _common(command: str) -> list[str]:
 def run_figures(specs: Sequence[FigureSpec], out: Path, formats: Sequence[str], batch: int, seed: int,
                 command: str, log=print) -> list[Path]:
     """Trace what the specs need (each configuration once per batch size), draw, write files."""
+    from gradflow.plot.style import save_figure
     out.mkdir(parents=True, exist_ok=True)
     traces: dict[tuple, tuple] = {}  # (model, options, batch) -> (units, samples): each traced once
     common = _common(command)
@@ -184,7 +175,7 @@ def run_figures(specs: Sequence[FigureSpec], out: Path, formats: Sequence[str], 
             if (c.model, c.options, b) not in traces:
                 traces[(c.model, c.options, b)] = trace_at_init(c, b, seed)
         fig = spec.draw({c: traces[(c.model, c.options, b)] for c in spec.configs})
-        written += _save(fig, out, spec.name, formats)
+        written += save_figure(fig, out, spec.name, formats)
         caption = [f"{spec.name}: {spec.what}.",
                    f"made at initialisation (no training), seed {seed}, batch {b}: {INPUT}.",
                    "configurations:"] + [f"  {c.describe()}" for c in spec.configs]
@@ -197,6 +188,7 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
                          log=print) -> list[Path]:
     """Training curves of all runs, and gradient flow over training of each run with probe records."""
     from gradflow import plot
+    from gradflow.plot.style import save_figure
     from gradflow.runs.read import logs, read_runs
     runs = read_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +203,7 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
 
     written = []
     fig = plot.training_curves(logs(runs))
-    written += _save(fig, out, "training_curves", formats)
+    written += save_figure(fig, out, "training_curves", formats)
     atomic_write_text(out / "training_curves.txt", _caption(
         ["training_curves: training loss (dashed, left axis) and test error (solid, right axis) against "
          "iterations, from real trainer runs (paper Fig. 1 / 6 style).", "runs:"]
@@ -221,7 +213,7 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
             continue
         name = f"{r.label}_gradient_flow".replace(" ", "_")
         fig = plot.gradient_flow_over_training(r.probe, title=f"Gradient flow over training: {r.label}")
-        written += _save(fig, out, name, formats)
+        written += save_figure(fig, out, name, formats)
         atomic_write_text(out / f"{name}.txt", _caption(
             [f"{name}: log10 gradient ratio per unit over training (probe.csv, --probe-every) and the "
              "fitted decay rate per probed iteration.", "run:", about(r)], common))

@@ -79,7 +79,8 @@ def run(args, command: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import pandas as pd
-    from gradflow.cli.figures import _common, _save
+    from gradflow.cli.figures import _common
+    from gradflow.plot.style import save_figure
     from gradflow.trainability import (laptop_outcome, laptop_runs, measure_variants, paper_outcome,
                                        rank_check, variants)
     from gradflow.trainability import report
@@ -142,7 +143,7 @@ def run(args, command: str) -> list[Path]:
     written += [out / "trainability_check.csv", out / "trainability_check.md"]
     fig = report.figure(preds, outcomes, table, runs, title="Predicted rank (one traced step at init) "
                         "against final test error; bars: range over seeds")
-    written += _save(fig, out, "trainability", args.format)
+    written += save_figure(fig, out, "trainability", args.format)
     atomic_write_text(out / "trainability.txt", "\n".join(
         ["trainability: one panel per (outcome, predictor); x: the variant's predicted rank from its median "
          "score over init seeds (bars: its rank at each seed alone), y: its test error (laptop: median, "

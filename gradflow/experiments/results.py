@@ -197,7 +197,7 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
     import matplotlib
     matplotlib.use("Agg")
     from gradflow import plot
-    from gradflow.cli.figures import _save
+    from gradflow.plot.style import save_figure
     runs = curve_runs(rows, specs)
     written: list[Path] = []
     if not runs:
@@ -217,7 +217,7 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
                                          title=f"Training curves ({label})")
     else:
         fig = plot.training_curves(list(runs.values()), title=f"Training curves ({label})")
-    written += _save(fig, out, stem, formats)
+    written += save_figure(fig, out, stem, formats)
     seeds = sorted({s.seed for s in specs})
     atomic_write_text(out / f"{stem}.txt", caption(stem, [
         f"{stem}: training loss (dashed, left axis) and test error (solid, right axis) against iterations; "
@@ -228,7 +228,7 @@ def draw_figures(name: str, rows: list[Row], specs: list[RunSpec], scale: Scale,
             continue
         fstem = f"{name}_{scale.name}_gradient_flow_{short}"
         fig = plot.gradient_flow_over_training(run.probe, title=f"Gradient flow over training: {short} ({label})")
-        written += _save(fig, out, fstem, formats)
+        written += save_figure(fig, out, fstem, formats)
         its = sorted(run.probe["iteration"].unique())
         atomic_write_text(out / f"{fstem}.txt", caption(fstem, [
             f"{fstem}: top, log10 of the batch-mean ||dE/dx_l|| / ||dE/dx_L|| per unit at each probed "

@@ -140,3 +140,24 @@ def positive_values(y: pd.Series) -> np.ndarray:
     """Values for a log axis: non-positive ones become NaN (a gap, never a fake point)."""
     y = pd.to_numeric(y, errors="coerce").to_numpy(float)
     return np.where(y > 0, y, np.nan)
+
+
+def save_figure(fig: Figure, out, name: str, formats=("png",)) -> list:
+    """Write ``fig`` as ``out/name.<fmt>`` for each format, atomically and without a timestamp.
+
+    Args:
+        fig: the figure (constrained layout: what is saved is whole).
+        out: the folder (a ``pathlib.Path``).
+        name: the file name without its suffix.
+        formats: any of ``png``, ``pdf``, ``svg``.
+    Returns:
+        The paths written.
+    """
+    from gradflow.utils.io import atomic_write
+    paths = []
+    for fmt in formats:
+        meta = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
+        path = out / f"{name}.{fmt}"
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=200, metadata=meta))
+        paths.append(path)
+    return paths

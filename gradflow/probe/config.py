@@ -162,5 +162,5 @@ def parse_compare(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def parse_option(text: str) -> tuple[str, Any]:
     """``"scale=0.5"`` -> ("scale", 0.5): gradflow.cli.args's one KEY=VALUE parser (dashes, ``lambda``)."""
-    from gradflow.cli.args import parse_key_value
+    from gradflow.utils.checks import parse_key_value
     return parse_key_value(text, "--compare item")

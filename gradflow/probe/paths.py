@@ -29,7 +29,7 @@ def probe_paths(config, result, max_len: Optional[int] = None) -> dict:
     from gradflow.probe.inputs import cifar_test, synthetic, synthetic_tokens
     from gradflow.probe.models import build_model
     from gradflow.probe.step import borrowed
-    from gradflow.cli.args import resolve_device
+    from gradflow.utils.checks import resolve_device
     rc = result.config
     device = resolve_device(config.device)
     out: dict = {}

@@ -61,7 +61,7 @@ class ProbeResult:
 
 
 # the one device resolver lives in gradflow.cli.args (shared with the trainer); re-exported here
-from gradflow.cli.args import resolve_device  # noqa: E402
+from gradflow.utils.checks import resolve_device  # noqa: E402
 
 
 def run_probe(config: ProbeConfig) -> ProbeResult:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gradflow.cli.args import SEED_MAX, Number, check_numbers, flag
+from gradflow.utils.checks import SEED_MAX, Number, check_numbers, flag
 from gradflow.errors import GradflowError, unknown
 
 # Every numeric field's allowed range: checked in one place, with the flag's name in the message.

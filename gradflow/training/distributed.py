@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradflow.cli.args import resolve_device
+from gradflow.utils.checks import resolve_device
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from gradflow.runs.checkpoint import read_checkpoint
-from gradflow.cli.args import check_model_options
+from gradflow.utils.checks import check_model_options
 from gradflow.data.cifar import SYNTHETIC, DeviceCifar, load_cifar, synthetic_arrays
 from gradflow.errors import GradflowError
 from gradflow.models.registry import check_options, create_model

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gradflow.cli import args as cli
+from gradflow.utils import checks as cli
 from gradflow.data.cifar import DeviceCifar
 from gradflow.errors import GradflowError
 from gradflow.training import distributed
