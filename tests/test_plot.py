@@ -187,15 +187,25 @@ def test_gradient_flow_over_training_heatmap_and_rates(tmp_path):
 # --- figures whole under a plain savefig, shape-change lines, the package's lazy faces -----
 
 def _outside(fig) -> list[str]:
-    """What sticks out of the figure (what a plain savefig would clip): the drawn bounding box's overhangs."""
+    """What sticks out of the figure (what a plain savefig would clip): the drawn bounding box's overhangs.
+
+    Drawn at the screen's 100 dpi and at the 200 dpi figures are saved at: text is wider at
+    200 (hinting), and a title that fits on screen was clipped in the committed PNGs.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    bb = fig.get_tightbbox(canvas.get_renderer())    # inches, drawn artists only (titles, legends, labels)
+    sides = []
     w, h = fig.get_size_inches()
     tol = 0.02
-    return [side for side, out in (("left", bb.x0 < -tol), ("bottom", bb.y0 < -tol), ("right", bb.x1 > w + tol),
-                                   ("top", bb.y1 > h + tol)) if out]
+    for dpi in (100, 200):
+        fig.set_dpi(dpi)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        bb = fig.get_tightbbox(canvas.get_renderer())    # inches, drawn artists only (titles, legends, labels)
+        sides += [f"{side} at {dpi} dpi" for side, out in (("left", bb.x0 < -tol), ("bottom", bb.y0 < -tol),
+                                                           ("right", bb.x1 > w + tol), ("top", bb.y1 > h + tol))
+                  if out]
+    fig.set_dpi(100)
+    return sides
 
 
 def test_every_figure_is_whole_under_a_plain_savefig(traced, tmp_path):
@@ -206,7 +216,16 @@ def test_every_figure_is_whole_under_a_plain_savefig(traced, tmp_path):
             "decay_rates": plot.decay_rates(units), "activation_growth": plot.activation_growth(one),
             "cosine": plot.cosine_distribution({"identity": traced["identity"][1]}),
             "training_curves": plot.training_curves(read_runs([run])),
-            "probe_overview": plot.probe_overview(units, title="a long title " * 8)}
+            "probe_overview": plot.probe_overview(units, title="a long title " * 8),
+            # long configuration names push the axes right of the figure's centre
+            "decay_rates titled": plot.decay_rates({f"exclusive gate b=-{i} (a long label)": t for i, t in
+                                                    enumerate(units.values())},
+                                                   title="Table 1 shortcuts, ResNet-110 at init: decay rates "
+                                                   "across depth (95% CI)"),
+            "gradient_flow_over_training": plot.gradient_flow_over_training(
+                read_runs([run])[0].probe, title="Gradient flow over training: table1-exclusive-gate-b-6-seed0 "
+                "(width x0.5, 400 iterations)"),
+            "decay_rate_over_training": plot.decay_rate_over_training(read_runs([run])[0].probe)}
     for name, fig in figs.items():
         assert fig.get_layout_engine() is not None, name                  # constrained layout
         assert fig.get_figwidth() >= 5.9, (name, fig.get_size_inches())   # room for a title and a legend
@@ -243,3 +262,14 @@ def test_import_gradflow_is_light_and_its_faces_load_on_use():
             "assert 'resnet1001' in gradflow.list_models(); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_probes_figure_is_titled_with_what_was_probed():
+    from gradflow.probe.config import ProbeConfig
+    from gradflow.probe.run import run_probe
+    result = run_probe(ProbeConfig(model="resnet20", batch_size=2, options={"unit": "original"}))
+    fig = result.figure()
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "resnet20" in title and "unit=original" in title and result.inputs in title and "train mode" in title
+    assert _outside(fig) == []
+    plt.close(fig)

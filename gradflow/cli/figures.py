@@ -87,8 +87,11 @@ def figure_specs(deep_batch: int = 8) -> list[FigureSpec]:
                    "gradient norm per unit, total vs direct term vs eq. (8)", t1,
                    lambda tr: plot.gradient_depth(units(tr, t1), title="Table 1 shortcuts, ResNet-110 at "
                                                   "init: ||dE/dx_l||/||dE/dx_L||, total vs direct vs eq. (8)")),
-        FigureSpec("table1_decay_rates", "Table 1: fitted decay rate of the total gradient, the direct "
-                   "term and eq. (8)'s rate where it covers the units (log lambda; none for gates, dropout, 1x1 conv)", t1,
+        FigureSpec("table1_decay_rates", "Table 1: fitted decay rate of the total gradient and of the direct "
+                   "term, as the change of ln(ratio) per unit toward the input (> 0: it grows toward the input). "
+                   "Eq. (8)'s rate (log lambda) is drawn only where it covers the units; it covers none here: a "
+                   "ReLU follows each addition in these original units (f is not the identity), and gates, "
+                   "dropout and 1x1 convs have no closed-form lambda", t1,
                    lambda tr: plot.decay_rates(units(tr, t1), title="Table 1 shortcuts, ResNet-110 at "
                                                "init: decay rates across depth (95% CI)")),
         FigureSpec("table1_cosine", "Table 1: per-sample cosine between the direct and residual terms",

@@ -151,6 +151,8 @@ def decay_rates(units: Records, by: str = "config", title: Optional[str] = None)
                "prediction": COLOURS["predicted"]}
     markers = {"total": "o", "direct term": "s", "prediction": "x"}
     for q, sub in table.groupby("quantity", sort=False):
+        if not np.isfinite(sub["slope"].to_numpy(float)).any():
+            continue        # no unit is covered (no prediction): no empty legend entry either
         y = np.array([labels.index(c) for c in sub[by]]) + offsets[q]
         err = np.vstack([sub["slope"] - sub["ci_low"], sub["ci_high"] - sub["slope"]])
         ax.errorbar(sub["slope"].to_numpy(), y, xerr=np.nan_to_num(err), ls="none",
@@ -158,7 +160,7 @@ def decay_rates(units: Records, by: str = "config", title: Optional[str] = None)
     ax.axvline(0, color="0.5", lw=0.8)
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("fitted d log(||dE/dx_l|| / ||dE/dx_L||) per unit toward the input")
+    ax.set_xlabel("fitted d ln(||dE/dx_l|| / ||dE/dx_L||) per unit\ntoward the input (> 0: grows toward the input)")
     ax.legend(loc="best", fontsize="small")
     axes_title(ax, title or "Decay rates across depth (95% CI); prediction: log(lambda) for scaling", fig)
     return fig

@@ -173,6 +173,8 @@ def decay_rate_over_training_table(probe: pd.DataFrame, columns: Iterable[str] =
     return pd.DataFrame(rows)
 
 
+# the rates are fitted to the natural log of the ratio, counted from the output toward the input
+RATE_LABEL = "fitted d ln(ratio) per unit\ntoward the input (> 0: grows)"
 LABELS = {"grad_ratio": "total", "direct_ratio": "direct term", "ref_ratio": "identity-path reference"}
 
 
@@ -184,7 +186,7 @@ def _rates_over_training(ax, probe, columns, run):
         ax.fill_between(sub["iteration"], sub["ci_low"], sub["ci_high"], color=c, alpha=0.2, lw=0)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("decay rate\n(d log ratio / unit)")
+    ax.set_ylabel(RATE_LABEL)
     ax.legend(fontsize="small")
 
 
@@ -194,7 +196,7 @@ def decay_rate_over_training(probe: pd.DataFrame, columns: Sequence[str] = ("gra
     """Fitted change of log(ratio) per unit toward the input, at each probed iteration (95% band)."""
     fig, ax = subplots(figsize=(PANEL_W * 1.6, PANEL_H * 1.2))
     _rates_over_training(ax, probe, columns, run)
-    axes_title(ax, title or "Fitted gradient decay rate across depth, over training", fig)
+    axes_title(ax, title or "Fitted change of ln(gradient ratio) per unit toward the input, over training", fig)
     return fig
 
 

@@ -57,7 +57,15 @@ class ProbeResult:
 
     def figure(self):
         from gradflow.plot import probe_overview
-        return probe_overview({k: v.units for k, v in self.variants.items()})
+        return probe_overview({k: v.units for k, v in self.variants.items()}, title=self.title())
+
+    def title(self) -> str:
+        """What was probed, in one line: the networks (with their options), the input, the mode."""
+        def named(label: str, v: VariantResult) -> str:
+            opts = " ".join(f"{k}={val}" for k, val in sorted(v.options.items()) if f"{k}={val}" not in label)
+            return f"{label} ({opts})" if opts else label
+        nets = " vs ".join(named(k, v) for k, v in self.variants.items())
+        return f"{nets}: {self.inputs}; {self.config.get('mode', 'train')} mode"
 
 
 # the one device resolver lives in gradflow.cli.args (shared with the trainer); re-exported here
