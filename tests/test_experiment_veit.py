@@ -51,3 +51,16 @@ def test_paths_command_captions_say_whether_veit_appears(tmp_path):
     assert "Veit Fig. 6c" in text and "at initialisation (Veit's findings are about trained networks" in text
     assert "4 sampled paths per length, fewer than Veit's 1,000" in text
     assert "Veit Fig. 6b" in (tmp_path / "paths_resnet20_gradient_per_path.txt").read_text()
+
+
+def test_a_network_far_from_trained_is_not_called_a_replication():
+    n = 54
+    exact = pd.DataFrame({"unit": 0, "k": np.arange(n + 1), "proj": np.r_[0.5, 0.3, 0.2, np.zeros(n - 2)]})
+    sampled = _sampled(n, lambda k: 10.0 ** (-0.5 * k))
+    poor = path_lines(exact, sampled, n, 1000, "400 training iterations", error=56.2)
+    assert "far from trained (56.2% test error" in poor[-1] and "not a replication" in poor[-1]
+    good = path_lines(exact, sampled, n, 1000, "64k training iterations", error=6.6)
+    assert not any("far from trained" in x for x in good)
+    single = pd.DataFrame({"unit": range(3), "removable": True, "downsampling": False, "error": [57.0, 56.5, 58.0]})
+    assert "far from trained (56.2% test error" in lesion_lines(single, 56.2, "resnet110", "400 iterations")[-1]
+    assert len(lesion_lines(single.assign(error=[7.0, 6.9, 7.2]), 6.6, "resnet110", "64k iterations")) == 1

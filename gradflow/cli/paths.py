@@ -109,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "train-mode BN, mean cross-entropy"])
             return 0
         torch.manual_seed(args.seed)
+        err = None
         if args.checkpoint:
             from gradflow.runs.checkpoint import load_checkpoint
             from gradflow.experiments.lesion import cifar_test_batches
@@ -155,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
         from gradflow.experiments.veit import lesion_lines, path_lines
         trained = f"{info.get('step')} training iterations" if args.checkpoint else None
-        findings = path_lines(exact, sampled, n, args.samples, trained)
+        findings = path_lines(exact, sampled, n, args.samples, trained,
+                              100 * err if args.checkpoint and isinstance(err, (int, float)) else None)
         tag = f"paths_{name}"
         save(path_length_distribution({name: n}), f"{tag}_length_distribution",
              [f"share of the 2^{n} paths through k residual branches, C(n,k)/2^n (Veit Fig. 6a)."])

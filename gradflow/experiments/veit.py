@@ -21,6 +21,17 @@ import pandas as pd
 
 VEIT_SAMPLES = 1000     # sampled paths per length in Veit et al.
 SMALL_CHANGE = 2.0      # points of test error: "barely changes"
+VEIT_ERROR = 6.5        # % test error of Veit et al.'s CIFAR-10 ResNets (110 layers: 6.4-6.6%)
+FAR_FROM_TRAINED = 20.0  # % test error above which a network is not the trained network his findings are about
+
+
+def training_caveat(error: Optional[float]) -> list[str]:
+    """A line saying the verdicts are not a replication when the network is far from trained (error in %)."""
+    if error is None or error <= FAR_FROM_TRAINED:
+        return []
+    return [f"The network is far from trained ({error:.1f}% test error; Veit's CIFAR-10 ResNets reached about "
+            f"{VEIT_ERROR:g}%): each verdict above is about this network, not a replication of his findings "
+            "on trained networks."]
 
 
 def path_bulk(n: int, mass: float = 0.95) -> tuple[int, int]:
@@ -39,7 +50,7 @@ def path_bulk(n: int, mass: float = 0.95) -> tuple[int, int]:
 
 
 def path_lines(exact: pd.DataFrame, sampled: pd.DataFrame, n: int, samples: int,
-               trained: Optional[str] = None) -> list[str]:
+               trained: Optional[str] = None, error: Optional[float] = None) -> list[str]:
     """Lines on Fig. 6b and 6c for one network.
 
     Args:
@@ -48,6 +59,8 @@ def path_lines(exact: pd.DataFrame, sampled: pd.DataFrame, n: int, samples: int,
         n: the number of units.
         samples: sampled paths per length.
         trained: a description of the training (None: the network is at initialisation).
+        error: the trained network's test error in % (None: unknown); above
+            ``FAR_FROM_TRAINED`` the lines say the verdicts are not a replication.
     """
     from gradflow.theory.fits import fit_slope
     from gradflow.theory.paths import effective_range
@@ -78,7 +91,7 @@ def path_lines(exact: pd.DataFrame, sampled: pd.DataFrame, n: int, samples: int,
     if samples < VEIT_SAMPLES:
         out.append(f"{samples} sampled paths per length, fewer than Veit's {VEIT_SAMPLES:,}: pass --samples "
                    f"{VEIT_SAMPLES} for his estimate.")
-    return out
+    return out + (training_caveat(error) if trained else [])
 
 
 def lesion_lines(single: pd.DataFrame, baseline: float, network: str, trained: str) -> list[str]:
@@ -92,4 +105,5 @@ def lesion_lines(single: pd.DataFrame, baseline: float, network: str, trained: s
     return [f"Veit Fig. 3 (removing one non-downsampling unit barely changes the error) "
             f"{'appears' if ok else 'does NOT appear'} on {network} ({trained}): intact {baseline:.2f}%, one unit "
             f"removed: median +{float(rise.median()):.2f} points (range {float(rise.min()):+.2f} to "
-            f"{float(rise.max()):+.2f}) over {len(rest)} units; 'barely' read as at most {SMALL_CHANGE:g} points."]
+            f"{float(rise.max()):+.2f}) over {len(rest)} units; 'barely' read as at most {SMALL_CHANGE:g} points."
+            ] + training_caveat(baseline)
