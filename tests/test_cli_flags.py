@@ -97,6 +97,9 @@ def test_an_out_folder_inside_a_file_is_refused(which, a_file, capsys, tmp_path)
     (["--gpus", "xyz"], ["--gpus 'xyz'"]),
     (["--gpus", "5"], ["--gpus '5'", "visible CUDA"]),
     (["--device", "tpu"], ["device='tpu'"]),
+    (["--stop", "99999999999"], ["stop=99999999999", "--stop", "64000"]),
+    (["--seeds", "0"], ["seeds=0", "--seeds"]),
+    (["--threads", "0"], ["threads=0", "--threads"]),
 ])
 @pytest.mark.parametrize("mode", [[], ["--print-commands"]])
 def test_experiment_checks_its_flags_also_when_it_only_prints_commands(argv, words, mode, capsys, tmp_path):

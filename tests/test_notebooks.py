@@ -39,7 +39,11 @@ def test_there_are_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, kernel, tmp_path):
+def test_notebook_runs(path, kernel, tmp_path, monkeypatch):
+    # The kernel starts in a session of its own, so it competes with the other test workers as a
+    # separate scheduling group: with two OpenMP threads spin-waiting on one core, notebook 03 took
+    # 150-300 s where one thread takes 20 s. One thread per worker, as conftest pins torch.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(path, as_version=4)
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), \
         f"{path.name} needs a cell tagged 'parameters'"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from gradflow.errors import GradflowError
 from gradflow.utils.checks import (  # noqa: F401  (re-exported for the command lines)
     EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
-    FLOAT32_MAX, SEED_MAX, Number, check_model_options, check_number, check_numbers, flag,
+    FLOAT32_MAX, SEED_MAX, STOP, Number, check_model_options, check_number, check_numbers, flag,
     parse_key_value, resolve_device)
 
 
@@ -45,6 +45,9 @@ FLAGS = {
     "draws": Number(1, 10 ** 6, integer=True),
     "test_images": Number(0, 10 ** 7, integer=True, hint="0 means the whole test set"),
     "jobs": Number(1, 4096, integer=True, hint="concurrent runs on the CPU"),
+    "threads": Number(1, 4096, integer=True, hint="CPU threads per run"),
+    "seeds": Number(1, 10 ** 4, integer=True, hint="seeds per row"),
+    "stop": STOP,
 }
 
 

@@ -72,10 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _plan(args):
     from gradflow.experiments import experiment_rows, make_scale, plan, select_rows
-    if args.seeds < 1:
-        raise GradflowError(f"--seeds {args.seeds} must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise GradflowError(f"--threads {args.threads} must be >= 1")
     scale = make_scale(args.scale, args.width, args.stop, args.probe_every, args.batch_size)
     rows = select_rows(experiment_rows(args.experiment),
                        [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from gradflow.cli.args import FLOAT32_MAX, SEED_MAX, Number, Parser, check_number, check_numbers
@@ -126,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed its own one-line error (code 2) or the help (0)
         return int(e.code or 0)
+    fresh, out = False, None
     try:
         from gradflow.probe import (format_report, prepare_out, report_dict, resolve_device, run_probe,
                               write_outputs)
@@ -135,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.paths is not None and args.paths < -1:
             raise GradflowError(f"--paths {args.paths}: give a path length >= 0, or no number for all")
         resolve_device(config.device)           # fail before any work
+        fresh = not Path(config.out or config.default_out()).expanduser().exists()
         out = prepare_out(config.out or config.default_out())
         config.out = str(out)
         result = run_probe(config)
@@ -145,6 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["paths"] = probe_paths(config, result, None if args.paths == -1 else args.paths)
         write_outputs(result, report, out)
     except GradflowError as e:
+        if fresh and out is not None and not any(out.iterdir()):
+            out.rmdir()                 # a refused probe leaves no folder it made
         print(f"gradflow probe: error: {e}", file=sys.stderr)
         return 2
     if args.json:

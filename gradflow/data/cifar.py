@@ -276,10 +276,21 @@ def write_cifar(root: str | Path, dataset: str, train: tuple, test: tuple,
 
 # --- on the device: whole-batch augmentation ------------------------------------------
 
-def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of uint8 images [N, 3, H, W], in [0, 1] units: two [3] tensors."""
+def channel_stats(images: Tensor, what: str = "the images") -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 images [N, 3, H, W], in [0, 1] units: two [3] tensors.
+
+    Images constant in a channel cannot be normalised (std 0): a GradflowError says so,
+    naming ``what`` and the pixel value, before any NaN reaches a model.
+    """
     x = images.to(torch.float64) / 255.0
-    return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+    mean, std = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+    if len(images) and not bool((std > 0).all()):
+        flat = [c for c in range(len(std)) if std[c] == 0]
+        raise GradflowError(
+            f"{what} are constant in channel(s) {flat} (every pixel "
+            f"{[round(float(mean[c]) * 255) for c in flat]} of 255): that is not image data and "
+            "cannot be normalised; check --data (a blank or mis-packed file?)")
+    return mean, std
 
 
 def normalise(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -343,13 +354,7 @@ class DeviceCifar:
         self.device, self.seed, self.num_classes = device, seed, arrays.num_classes
         self.train_x, self.train_y = tx.to(device), ty.to(device)
         self.test_x, self.test_y = vx.to(device), vy.to(device)
-        mean, std = channel_stats(tx)
-        if len(tx) and not bool((std > 0).all()):
-            flat = [c for c in range(len(std)) if std[c] == 0]
-            raise GradflowError(
-                f"the training images are constant in channel(s) {flat} (every pixel "
-                f"{[round(float(mean[c]) * 255) for c in flat]} of 255): that is not image data and "
-                "cannot be normalised; check --data (a blank or mis-packed file?)")
+        mean, std = channel_stats(tx, "the training images")
         self.mean, self.std = mean.to(device), std.to(device)
         self._plan: tuple[int, EpochPlan] | None = None
 

@@ -252,7 +252,9 @@ def device_slots(gpus: Optional[str], jobs: int) -> list[dict]:
         n = torch.cuda.device_count()
         absent = [g for g in ids if int(g) >= n]
         if absent:
-            raise GradflowError(f"--gpus {gpus!r}: this machine has {n} visible CUDA device(s), so GPU "
+            raise GradflowError(f"--gpus {gpus!r}: this machine has no visible CUDA device: pass --gpus none "
+                                "(or auto) to train on the CPU" if n == 0 else
+                                f"--gpus {gpus!r}: this machine has {n} visible CUDA device(s), so GPU "
                                 f"{', '.join(absent)} is not there: pass ids below {n}, or --gpus none for the CPU")
         return [{"CUDA_VISIBLE_DEVICES": g} for g in ids]
     if jobs < 1:

@@ -61,7 +61,7 @@ def cifar_test(root: str, batch_size: int, batches: int, image_size: int) -> Inp
     if len(labels) < need:
         raise GradflowError(f"{path} holds {len(labels)} test images; --batch-size {batch_size} x "
                             f"--batches {batches} needs {need}")
-    mean, std = channel_stats(images)
+    mean, std = channel_stats(images, f"the test images in {path}")
     x = normalise(images[:need], mean, std)
     if image_size != 32:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

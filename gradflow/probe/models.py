@@ -121,3 +121,32 @@ def _from_checkpoint(path: str) -> BuiltModel:
     return BuiltModel(model, str(info.get("model")), dict(info.get("options") or {}), 32,
                       "checkpoint", keep)
 
+
+
+def refuse_input(built: BuiltModel, inputs, device: torch.device, error: BaseException) -> None:
+    """After a traced step failed: if a plain forward of one sample fails too, the input is what the model refuses.
+
+    Raises a GradflowError naming the input's shape, the model's own error and the
+    size the model was made for; returns (and the caller re-raises ``error``) when the
+    plain forward runs, since then the fault is gradflow's.
+    """
+    x = next(iter(inputs))[0][:1].to(device)
+    try:
+        with torch.no_grad():
+            built.module.to(device)(x)
+    except Exception as plain:  # noqa: BLE001  (whatever the model raises on this input)
+        text = str(plain).strip().splitlines()
+        what = "token ids" if built.tokens else "images"
+        native = _native_size(built)
+        hint = (f"pass the --image-size it was made for ({native})" if built.tokens is None and native
+                else "pass an input of the size it was made for (--image-size / --seq-len)")
+        raise GradflowError(f"{built.name} cannot take {what} of shape {list(x.shape[1:])}: a plain forward "
+                            f"fails ({type(plain).__name__}: {text[0] if text else ''}); {hint}") from error
+
+
+def _native_size(built: BuiltModel) -> Optional[int]:
+    """The image size the model was designed for: timm's pretrained_cfg, torchvision's 224, the zoo's 32."""
+    cfg = getattr(built.module, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    return {"torchvision": 224, "zoo": 32}.get(built.source)

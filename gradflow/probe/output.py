@@ -32,11 +32,11 @@ def prepare_out(out: str | Path) -> Path:
 def write_outputs(result, report: dict, out: Path) -> dict[str, str]:
     """Write the four files into ``out``; returns name -> path written."""
     paths = {k: out / v for k, v in FILES.items()}
+    fig = result.figure()   # drawn first: a figure that cannot be drawn leaves no file half the set
     try:
         atomic_write(paths["units"], lambda f: result.units.to_csv(f, index=False))
         atomic_write(paths["config"], lambda f: f.write(_json(result.config)))
         atomic_write(paths["summary"], lambda f: f.write(_json(report)))
-        fig = result.figure()
         atomic_write(paths["figure"], lambda f: fig.savefig(f, format="png", dpi=120))
     except OSError as e:
         raise GradflowError(f"cannot write into {out} ({e.strerror or e}): pass a writable --out") from None

@@ -16,8 +16,9 @@ from gradflow.theory.robust import batch_size, degenerate_samples, median_ratios
 from gradflow.theory.total import predict_total
 from gradflow.probe.config import ProbeConfig
 from gradflow.probe.inputs import Inputs, cifar_test, find_test_file, synthetic, synthetic_tokens
-from gradflow.probe.models import BuiltModel, build_model
+from gradflow.probe.models import BuiltModel, build_model, refuse_input
 from gradflow.probe.quantities import probe_quantities
+from gradflow.utils.memory import check_fits, step_estimate
 from gradflow.probe.step import trace_once, traced_step  # noqa: F401  (traced_step: re-exported, benchmarks use it)
 
 DEFAULT_BATCH_32 = 16   # resnet1001 at batch 16: benchmarks/probe_bench.py (2 CPU cores)
@@ -112,6 +113,10 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
                                 "use --image-size")
         image_size = config.image_size or built.image_size
         batch_size = config.batch_size or (DEFAULT_BATCH_32 if image_size <= 64 else DEFAULT_BATCH_LARGE)
+        shape = (batch_size, 3, image_size, image_size)
+        check_fits(step_estimate(built.module, shape, device), device,
+                   f"probing {first.model} at batch {batch_size}, {image_size}x{image_size}",
+                   "pass a smaller --batch-size or --image-size")   # before the batch is drawn
         inputs = (cifar_test(config.data, batch_size, config.batches, image_size) if config.data
                   else synthetic(batch_size, config.batches, image_size, config.seed))
     resolved = dict(config.as_dict(), batch_size=batch_size, image_size=image_size, seq_len=seq_len,
@@ -151,8 +156,14 @@ def probe_model(built: BuiltModel, inputs: Inputs, cfg: ProbeConfig, device: tor
     (the probe reads dE/dx_l only) and given back as it was found: device,
     modes, ``requires_grad``, BN running statistics and the global RNG state.
     """
-    traced = trace_once(built.module, inputs, cfg.seed, device, train=cfg.mode == "train",
-                        weight_grads=False, quantities=probe_quantities(cfg.seed))
+    try:
+        traced = trace_once(built.module, inputs, cfg.seed, device, train=cfg.mode == "train",
+                            weight_grads=False, quantities=probe_quantities(cfg.seed))
+    except GradflowError:
+        raise
+    except Exception as e:
+        refuse_input(built, inputs, device, e)   # the model itself refuses the input: say which and why
+        raise
     t0 = time.perf_counter()
     units, samples = traced.units, traced.samples
     summary = traced.tracer.summary(pool=True)   # every batch of the probe in one fit

@@ -227,6 +227,7 @@ class Tracer(TableWriter, DirectCarrier):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._raised = exc[0].__name__ if exc[0] is not None else None   # named by the NaN-rows warning
         self.detach()
 
     @property

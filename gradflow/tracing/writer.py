@@ -112,8 +112,11 @@ class TableWriter:
 
     def _check_complete(self, m: Micro) -> None:
         if not m.done:
-            self._warn("nobackward", f"step {m.step} (micro {m.micro}): no backward pass reached its "
-                       "units before its rows were written; their gradient columns are NaN")
+            raised = getattr(self, "_raised", None)
+            self._warn("nobackward", f"step {m.step} (micro {m.micro}): " + (
+                f"the traced code raised {raised} before a backward pass reached its units" if raised else
+                "no backward pass reached its units before its rows were written")
+                + "; their gradient columns are NaN")
             return
         want = [c for c in m.calls if c.expects_grad]
         for p in m.done:

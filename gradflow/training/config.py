@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gradflow.utils.checks import SEED_MAX, Number, check_numbers, flag
+from gradflow.utils.checks import SEED_MAX, STOP, Number, check_numbers, flag
 from gradflow.errors import GradflowError, unknown
 
 # Every numeric field's allowed range: checked in one place, with the flag's name in the message.
@@ -17,7 +17,7 @@ NUMBERS: dict[str, Number] = {
     "warmup_iters": Number(0, integer=True),
     "milestones": Number(0, integer=True, hint="comma-separated, e.g. 32000,48000"),
     "gamma": Number(0, low_open=True, hint="the lr factor at each milestone; the paper uses 0.1"),
-    "stop": Number(1, integer=True),
+    "stop": STOP,
     "momentum": Number(0, 1, hint="the paper uses 0.9"),
     "weight_decay": Number(0, hint="the paper uses 1e-4"),
     "seed": Number(0, SEED_MAX, integer=True),

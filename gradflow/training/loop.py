@@ -90,6 +90,25 @@ def _check_model(cfg: TrainConfig) -> None:
     check_model_options(cfg.model_options, check_options(cfg.model, cfg.model_options))
 
 
+def _check_memory(cfg: TrainConfig, d: distributed.Dist, dev: torch.device) -> None:
+    """Refuse a model or batch that cannot fit, sized on the meta device before anything is allocated.
+
+    A model that cannot be built on the meta device is not sized (its real build follows).
+    """
+    from gradflow.utils.memory import check_fits, step_estimate
+    options = _model_options(cfg, 100 if cfg.dataset == "cifar100" else 10)
+    try:
+        with torch.device("meta"):
+            meta = create_model(cfg.model, **options)
+    except Exception:  # noqa: BLE001  (an init that reads values cannot run on meta)
+        return
+    batch = max(cfg.batch_size // d.world, 1)
+    opts = " ".join(f"{k}={v}" for k, v in sorted(cfg.model_options.items()))
+    check_fits(step_estimate(meta, (batch, 3, 32, 32), dev, training=True), dev,
+               f"training {cfg.model}{f' ({opts})' if opts else ''} at batch {batch} per process",
+               "pass a smaller --batch-size or a narrower --model-opt width")
+
+
 @contextmanager
 def _backends(cfg: TrainConfig, dev: torch.device):
     """Deterministic kernels or cudnn autotuning for the run; the process's settings come back after."""
@@ -173,6 +192,7 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     if cfg.probe_every:
         from gradflow.tracing import trace  # noqa: F401  (fail now, not at the first probe)
     _check_model(cfg)
+    _check_memory(cfg, d, dev)
     data = DeviceCifar(_load_data(cfg, d), dev, cfg.seed, cfg.train_subset, cfg.test_subset)
     ipe = data.iters_per_epoch(cfg.batch_size)
     sched = lr_schedule(cfg, ipe)

@@ -68,6 +68,10 @@ class Number:
         return kind + (" " + " and ".join(parts) if parts else "")
 
 
+# a run's length: the paper trains 64,000 iterations; a billion is a typo, not a plan
+STOP = Number(1, 10 ** 9, integer=True, hint="iterations (or epochs); the paper trains 64000 iterations")
+
+
 def check_number(name: str, value: Any, rule: Number, label: Optional[str] = None) -> None:
     """Raise a GradflowError naming ``--name`` unless ``value`` obeys ``rule``. ``None`` passes (unset).
 
