@@ -100,6 +100,7 @@ def test_an_out_folder_inside_a_file_is_refused(which, a_file, capsys, tmp_path)
     (["--stop", "99999999999"], ["stop=99999999999", "--stop", "64000"]),
     (["--seeds", "0"], ["seeds=0", "--seeds"]),
     (["--threads", "0"], ["threads=0", "--threads"]),
+    (["--replicates", "0"], ["replicates=0", "--replicates"]),
 ])
 @pytest.mark.parametrize("mode", [[], ["--print-commands"]])
 def test_experiment_checks_its_flags_also_when_it_only_prints_commands(argv, words, mode, capsys, tmp_path):
@@ -109,6 +110,12 @@ def test_experiment_checks_its_flags_also_when_it_only_prints_commands(argv, wor
             pytest.skip("this machine has a GPU 5")
     assert _rc(exp_cli.main, ["table2", "--data", str(tmp_path), *argv, *mode]) == 2
     _one_line(capsys, words)
+
+
+def test_collect_without_run_folders_is_refused_not_an_empty_table(capsys, tmp_path):
+    assert _rc(exp_cli.main, ["table1", "--collect", "--out", str(tmp_path / "typo")]) == 2
+    _one_line(capsys, ["--collect", "no run folders", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_the_collect_hint_printed_after_the_commands_runs(capsys, tmp_path):

@@ -128,7 +128,7 @@ def test_a_folder_from_another_scale_is_refused(sweep, capsys):
 
 @pytest.mark.parametrize("args,words", [
     (["table9", "--data", "x"], "invalid choice"),
-    (["table2", "--seeds", "0", "--data", "."], "--seeds 0"),
+    (["table2", "--seeds", "0", "--data", "."], "seeds=0 (--seeds)"),
     (["table2", "--scale", "huge", "--data", "."], "unknown scale 'huge'"),
     (["table2", "--rows", "nope", "--data", "."], "matches no row"),
     (["table2", "--data", "/no/such/folder"], "does not exist"),

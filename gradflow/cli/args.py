@@ -48,6 +48,7 @@ FLAGS = {
     "threads": Number(1, 4096, integer=True, hint="CPU threads per run"),
     "seeds": Number(1, 10 ** 4, integer=True, hint="seeds per row"),
     "stop": STOP,
+    "replicates": Number(1, 10 ** 6, integer=True, hint="bootstrap replicates; 2000 is the default"),
 }
 
 

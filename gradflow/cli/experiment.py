@@ -161,6 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if r.missing:
                 print(f"{PROG}: {r.name} cannot run: {r.missing}", file=sys.stderr)
         if args.collect:
+            if not (exp_dir / "runs").is_dir():
+                raise GradflowError(f"--collect: no run folders at {exp_dir / 'runs'}: run the sweep first, "
+                                    "or pass the --out (and --scale) it was run with")
             _report(args, scale, rows, specs, exp_dir, command)
             return 0
         data = _needs_data(args)
