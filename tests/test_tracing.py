@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import gradflow
 from gradflow.models import SHORTCUT_TYPES, UNIT_TYPES
+from gradflow.tracing import Spectra
 from tracing_helpers import (detached_chain, per_sample_norm, timm_detached_forward,
                              torchvision_direct, unit_inputs_and_grads, zoo_direct)
 
@@ -354,7 +355,7 @@ def test_spectra_match_dense_jacobians():
     m = gradflow.create_model("resnet20", unit="original", shortcut="scale", scale=0.5)
     net = m.stages[0][:2]
     x = torch.randn(2, 16, 3, 3)
-    with gradflow.trace(net, spectra=True, spectra_iters=150) as tr:
+    with gradflow.trace(net, quantities=[Spectra(150)]) as tr:
         net(x).sum().backward()
     df = tr.units
     u = net[1]

@@ -147,7 +147,7 @@ def _traced(rank, out, wrap, depth=3, bn=False, steps=2):
     if wrap == "fsdp":      # Spectra runs units outside FSDP's all-gathers: refused at attach, by name
         from gradflow.errors import GradflowError
         with pytest.raises(GradflowError, match="Spectra quantity .* under FSDP"):
-            gradflow.trace(m, units="blocks.*", spectra=True).attach()
+            gradflow.trace(m, units="blocks.*", quantities=("full",)).attach()
     if rank == 0:
         tr.units.to_pickle(os.path.join(out, "units.pkl"))
         tr.samples.to_pickle(os.path.join(out, "samples.pkl"))

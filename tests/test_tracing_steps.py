@@ -440,3 +440,15 @@ def test_a_unit_without_parts_measures_the_weights_it_has_now():
     df = tr.units
     got = df[(df["step"] == df["step"].max()) & (df["unit"] == 0)]["weight_grad_norm"].item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_torch_without_the_graph_task_id_says_checkpointing_goes_unrecognised(monkeypatch):
+    import gradflow.tracing.recorder as rec
+    monkeypatch.setattr(rec, "_GRAPH_TASK", None)
+    monkeypatch.setattr(rec, "_GRAPH_TASK_SAID", False)
+    m = gradflow.create_model("resnet20")
+    with pytest.warns(RuntimeWarning, match="cannot tell a unit re-run by activation checkpointing") as w:
+        with gradflow.trace(m) as tr:
+            m(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert sum("activation checkpointing" in str(x.message) for x in w) == 1     # once, not per unit
+    assert tr.units["grad_norm"].notna().all()

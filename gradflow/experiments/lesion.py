@@ -102,8 +102,8 @@ class _ShortcutOnly(Runner):
 
     def run_unit(self, k: int, parts: Parts, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         z = parts.preact(x) if parts.preact is not None else x
-        s_in = z if parts.shortcut_preact else x
-        h = parts.shortcut(s_in) if parts.shortcut is not None else s_in
+        shortcut_in = z if parts.shortcut_preact else x
+        h = parts.shortcut(shortcut_in) if parts.shortcut is not None else shortcut_in
         y, _ = parts.combine(h, torch.zeros_like(h), x)
         return parts.post(y) if parts.post is not None else y
 

@@ -24,8 +24,8 @@ class DirectCarrier:
     _buffers: dict
     _busy: bool
 
-    def _residual(self, g: Tensor, d: Tensor, d_ls) -> Tensor:
-        """g - exp(d_ls) d into a buffer reused across units of the same shape.
+    def _residual(self, g: Tensor, d: Tensor, direct_log_scale) -> Tensor:
+        """g - exp(direct_log_scale) d into a buffer reused across units of the same shape.
 
         A fresh tensor per unit would cost an allocation (and, on the CPU, page
         faults) per unit; the buffers live until the end of the backward pass.
@@ -34,12 +34,12 @@ class DirectCarrier:
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = torch.empty_like(g)
-        if isinstance(d_ls, Tensor):
-            return torch.addcmul(g, d, torch.exp(d_ls).neg().to(d.dtype), out=buf)
-        return torch.sub(g, d, alpha=math.exp(d_ls), out=buf)
+        if isinstance(direct_log_scale, Tensor):
+            return torch.addcmul(g, d, torch.exp(direct_log_scale).neg().to(d.dtype), out=buf)
+        return torch.sub(g, d, alpha=math.exp(direct_log_scale), out=buf)
 
     def _carry(self, call: Call, v: Tensor, vr: Tensor, v_norm: Optional[Tensor] = None,
-               d_ls=0.0, r_ls=0.0, carries: int = 0) -> None:
+               direct_log_scale=0.0, ref_log_scale=0.0, carries: int = 0) -> None:
         """direct at unit ``call``'s input from direct at its output (and the same for ref).
 
         The vectors are carried with a log scale, renormalised every few units
@@ -64,10 +64,10 @@ class DirectCarrier:
             if carries >= _RESCALE_EVERY:
                 carries = 0
                 same = vr is v
-                v, d_ls = _rescale(v, d_ls)
-                vr, r_ls = (v, d_ls) if same else _rescale(vr, r_ls)
+                v, direct_log_scale = _rescale(v, direct_log_scale)
+                vr, ref_log_scale = (v, direct_log_scale) if same else _rescale(vr, ref_log_scale)
         call.direct, call.ref, call.direct_norm = v, vr, v_norm
-        call.d_ls, call.r_ls, call.carries = d_ls, r_ls, carries
+        call.direct_log_scale, call.ref_log_scale, call.carries = direct_log_scale, ref_log_scale, carries
 
     def _grad(self, out_edge, in_edge, v: Tensor, vr: Tensor):
         """Vector-Jacobian products of one piece of the recorded graph with v (and vr)."""

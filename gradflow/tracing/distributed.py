@@ -129,7 +129,7 @@ def ranks_for(tracer) -> Optional["Ranks"]:
     if sharded and any(isinstance(q, Spectra) for q in tracer.quantities):
         raise GradflowError(f"the Spectra quantity (sigma_unit, ...) under FSDP: it runs each unit's parts "
                             f"itself, outside the all-gather of its sharded parameters ({sharded!r}). "
-                            "Drop spectra=/the 'full' preset, or trace an unsharded copy")
+                            "Drop the Spectra quantity (the 'full' preset), or trace an unsharded copy")
     if tracer.keep:
         tracer._warn("keep_local", f"keep={list(tracer.keep)} under a process group: tr.tensors holds this "
                      "rank's own samples (they are not gathered)")

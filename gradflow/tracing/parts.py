@@ -105,7 +105,7 @@ class Parts:
 
 
 class Tap(Protocol):
-    def __call__(self, *, x: Tensor, z: Tensor, s_in: Tensor, h: Tensor, r: Tensor,
+    def __call__(self, *, x: Tensor, z: Tensor, shortcut_in: Tensor, h: Tensor, r: Tensor,
                  y: Tensor, coef, out: Tensor) -> None: ...
 
 
@@ -116,7 +116,7 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
     Args:
         parts: the unit.
         x: its input x_l.
-        tap: called once with x, z, s_in, h, r, y, coef and out.
+        tap: called once with x, z, shortcut_in, h, r, y, coef and out.
         args, kwargs: the unit's extra call arguments, passed to ``parts.branch``.
         identity_node: with a tap, make an identity shortcut's h a view of its
             input (below); False keeps h = x (a tap that never separates the two
@@ -129,11 +129,11 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
     from the residual path); without one, nothing extra is computed.
     """
     z = parts.preact(x) if parts.preact is not None else x
-    s_in = z if parts.shortcut_preact else x
+    shortcut_in = z if parts.shortcut_preact else x
     if parts.shortcut is not None:
-        h = parts.shortcut(s_in)
+        h = parts.shortcut(shortcut_in)
     else:
-        h = s_in.view_as(s_in) if tap is not None and identity_node else s_in
+        h = shortcut_in.view_as(shortcut_in) if tap is not None and identity_node else shortcut_in
     r = parts.branch(z, *args, **kwargs) if (args or kwargs) else parts.branch(z)
     y, coef = parts.combine(h, r, x)
     out = parts.post(y) if parts.post is not None else y
@@ -142,7 +142,7 @@ def run_parts(parts: Parts, x: Tensor, tap: Optional[Tap] = None, args: tuple = 
             raise RuntimeError(
                 "the unit's after-addition activation ran in place on h + F; declare "
                 "an out-of-place post (for example torch.relu) so gradflow can trace it")
-        tap(x=x, z=z, s_in=s_in, h=h, r=r, y=y, coef=coef, out=out)
+        tap(x=x, z=z, shortcut_in=shortcut_in, h=h, r=r, y=y, coef=coef, out=out)
     return out
 
 

@@ -88,10 +88,10 @@ class Backward:
     step: int
     info: Any = None
     stats: dict = field(default_factory=dict)
-    direct: Optional[Tensor] = None       # the direct term, scaled by exp(-d_ls)
-    d_ls: Any = 0.0
+    direct: Optional[Tensor] = None       # the direct term, scaled by exp(-direct_log_scale)
+    direct_log_scale: Any = 0.0
     ref: Optional[Tensor] = None          # the same with every h-coefficient set to 1
-    r_ls: Any = 0.0
+    ref_log_scale: Any = 0.0
     direct_norm: Optional[Tensor] = None  # ||direct|| per sample when already known
     residual: Any = None                  # residual() -> grad - direct, in a scratch buffer (recomputed per call)
 
@@ -213,12 +213,12 @@ class Split(Quantity):
             return {}
         d = t.direct
         s = {"direct_norm": t.direct_norm if t.direct_norm is not None else stats.norm(d),
-             "direct_log_scale": _expand(t.d_ls, t.grad)}
+             "direct_log_scale": _expand(t.direct_log_scale, t.grad)}
         res = t.residual()   # a scratch buffer: the dot below overwrites it (no temporary)
         s["residual_norm"] = stats.norm(res)
         s["dot_direct_residual"] = stats.dot_into(res, d)   # times exp(direct_log_scale)
         s["ref_norm"] = s["direct_norm"] if t.ref is d else stats.norm(t.ref)
-        s["ref_log_scale"] = _expand(t.r_ls, t.grad)
+        s["ref_log_scale"] = _expand(t.ref_log_scale, t.grad)
         return s
 
     def derive(self, q: dict, t: Derive) -> None:
@@ -382,14 +382,13 @@ PRESETS = {
 }
 
 
-def resolve(quantities: Optional[Sequence], spectra: bool = False, spectra_iters: int = 20) -> list:
+def resolve(quantities: Optional[Sequence]) -> list:
     """The tracer's quantity list: the standard set plus ``quantities``, or a named preset.
 
     Args:
         quantities: None (the standard set), Quantity objects to add to it, or a
             sequence starting with a preset name (``"cheap"``, ``"standard"``,
             ``"full"``) followed by extra Quantity objects.
-        spectra, spectra_iters: add :class:`Spectra` (the tracer's old flag).
     Returns:
         The quantities, built-ins first, in column order.
     """
@@ -406,8 +405,6 @@ def resolve(quantities: Optional[Sequence], spectra: bool = False, spectra_iters
             raise GradflowError(f"quantities=[... {q!r} ...]: give gradflow.tracing.Quantity objects "
                                 "(subclass it: columns, forward/backward/weights) or a preset name first")
     out = base + items
-    if spectra and not any(isinstance(q, Spectra) for q in out):
-        out.append(Spectra(spectra_iters))
     names = [c for q in out for c in q.columns + q.scalars]
     dup = {c for c in names if names.count(c) > 1}
     if dup:

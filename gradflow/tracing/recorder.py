@@ -135,9 +135,6 @@ class Tracer(TableWriter, DirectCarrier):
             for the others. Off by default: they cost memory.
         cancel_tol: a sample counts as "residual cancels direct" when
             ||dE/dx_l|| < cancel_tol * ||direct_l||.
-        spectra: add the Jacobian-spectra quantity (dear); the same as
-            ``quantities=("full",)``.
-        spectra_iters: power iterations per spectrum.
         optimizer: a step is then one ``optimizer.step()``; adds the update size.
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
         quantities: extra :class:`~gradflow.tracing.Quantity` objects, or a
@@ -154,7 +151,7 @@ class Tracer(TableWriter, DirectCarrier):
 
     def __init__(self, model: nn.Module, units: UnitsSpec = None, parts: PartsSpec = None,
                  split: bool = True, schedule=None, keep: Sequence[str] = (),
-                 cancel_tol: float = 0.1, spectra: bool = False, spectra_iters: int = 20,
+                 cancel_tol: float = 0.1,
                  optimizer: Optional[torch.optim.Optimizer] = None, scaler: Any = None,
                  quantities: Optional[Sequence] = None, sinks: Sequence = (),
                  history: Optional[int] = None, check: bool = True, paths: Union[bool, int, None] = None,
@@ -184,13 +181,13 @@ class Tracer(TableWriter, DirectCarrier):
         self.keep = tuple(keep)
         self.cancel_tol = cancel_tol
         self.optimizer, self.scaler = optimizer, scaler
-        self.quantities = resolve(quantities, spectra, spectra_iters)
+        self.quantities = resolve(quantities)
         self._q_fwd = [q for q in self.quantities if q.needs == "forward"]
         self._q_before = [q for q in self._q_fwd if type(q).before is not Quantity.before]
         self._q_early = [q for q in self._q_fwd if q.early]
         self._q_bwd = [q for q in self.quantities if q.needs in ("grad", "split")]
-        self._q_w = [q for q in self.quantities if q.needs == "weights"]
-        self._q_upd = [q for q in self.quantities if q.needs == "update"] if optimizer is not None else []
+        self._weight_quantities = [q for q in self.quantities if q.needs == "weights"]
+        self._update_quantities = [q for q in self.quantities if q.needs == "update"] if optimizer is not None else []
         self._columns = tuple(c for q in self.quantities for c in q.columns)
         self._scalar_cols = tuple(c for q in self.quantities for c in q.scalars)
         self.sinks = list(sinks)
@@ -426,7 +423,7 @@ class Tracer(TableWriter, DirectCarrier):
             self._begin_step(self.step + 1)
         elif self.step < 0:
             self._begin_step(0)
-        self._settle()
+        self._write_complete()
         n = self._n_micro if train else self._n_eval
         if train:
             self._n_micro += 1
@@ -449,7 +446,7 @@ class Tracer(TableWriter, DirectCarrier):
         else:
             self._open_micro()
 
-    def _settle(self) -> None:
+    def _write_complete(self) -> None:
         """Write the micro-batches that are complete (and bound how many wait)."""
         if self.optimizer is None:
             ready = [m for m in self._open if m.complete]
@@ -476,15 +473,15 @@ class Tracer(TableWriter, DirectCarrier):
     def _on_opt_pre(self, opt, args, kwargs) -> None:
         if not (self._recording and any(m.step == self.step for m in self._open)):
             return
-        self._step_w = self._weight_stats(self._q_w, None)
-        if self._q_upd:
+        self._step_w = self._weight_stats(self._weight_quantities, None)
+        if self._update_quantities:
             self._before = {id(p): p.detach().clone() for g in self._groups for ps in g.params
                             for p in ps or ()}
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
         self._updated = True
         if self._before:
-            upd = self._weight_stats(self._q_upd, self._before)
+            upd = self._weight_stats(self._update_quantities, self._before)
             for k, v in upd.items():
                 self._step_w.setdefault(k, {}).update(v)
             self._before = {}
@@ -517,7 +514,7 @@ class Tracer(TableWriter, DirectCarrier):
             first = _first_tensor(out)
             if isinstance(x0, Tensor) and isinstance(first, Tensor):
                 call = self._new_call(group.infos[0], group, None, ())
-                self._claim(call, x0)
+                self._take_entry(call, x0)
                 self._forward_stats(call, Forward(x=x0, step=self.step, info=call.info, module=group.module))
                 call.x_shape = _shape(x0)
                 self._after_unit(call, x0, first)
@@ -553,7 +550,7 @@ class Tracer(TableWriter, DirectCarrier):
     def _enter(self, x) -> Optional[_Entry]:
         """Take x_l as a unit (or a block of units) is entered: the ``early`` quantities, the
         gradient hook and the graph edge, before the unit can change x in place, and while x
-        is still in cache. A unit whose input is this very tensor claims it (``_claim``)."""
+        is still in cache. A unit whose input is this very tensor claims it (``_take_entry``)."""
         m = self._micro
         if not (self._recording and isinstance(x, Tensor)) or m is None:
             return None
@@ -576,7 +573,7 @@ class Tracer(TableWriter, DirectCarrier):
                 e.edge = get_gradient_edge(x)
         return e
 
-    def _claim(self, call: Call, x: Tensor) -> None:
+    def _take_entry(self, call: Call, x: Tensor) -> None:
         """Give ``call`` the entry taken when its input ``x`` came in (if any, and unclaimed)."""
         e = call.micro.entries.pop(id(x), None)
         if e is None or e.x is not x:
@@ -593,7 +590,7 @@ class Tracer(TableWriter, DirectCarrier):
                 for k, v in q.before(t).items():
                     (call.scalars if k in self._scalar_cols else call.fwd)[k] = v
 
-    def _tap(self, call: Call, *, x, z, s_in, h, r, y, coef, out) -> None:
+    def _tap(self, call: Call, *, x, z, shortcut_in, h, r, y, coef, out) -> None:
         call.x_shape = _shape(x)
         self._forward_stats(call, Forward(x=x, step=self.step, info=call.info, module=call.module,
                                           parts=call.parts, z=z, h=h, r=r, y=y, out=out, coef=coef,
@@ -654,7 +651,7 @@ class Tracer(TableWriter, DirectCarrier):
 
     # -- backward -----------------------------------------------------------------------
 
-    def _pass(self, m: Micro) -> Optional[int]:
+    def _backward_pass(self, m: Micro) -> Optional[int]:
         """The number of the running backward pass for micro-batch ``m`` (None: too late)."""
         if m.final:
             self._warn("late", f"a backward pass reached the units of step {m.step} (micro {m.micro}) "
@@ -673,12 +670,12 @@ class Tracer(TableWriter, DirectCarrier):
         for m in touched:
             p = m.passes[self._bw_id]
             m.done.append(p)
-            if self.optimizer is None and self._q_w:
+            if self.optimizer is None and self._weight_quantities:
                 if self._ranks is None:
-                    m.weights[p] = self._weight_stats(self._q_w, None)
+                    m.weights[p] = self._weight_stats(self._weight_quantities, None)
                 else:   # after DDP's (or FSDP's) own end-of-backward callback has reduced the gradients
                     torch.autograd.Variable._execution_engine.queue_callback(
-                        lambda m=m, p=p: m.weights.__setitem__(p, self._weight_stats(self._q_w, None)))
+                        lambda m=m, p=p: m.weights.__setitem__(p, self._weight_stats(self._weight_quantities, None)))
         self._bw_id += 1
         self._buffers.clear()
 
@@ -686,7 +683,7 @@ class Tracer(TableWriter, DirectCarrier):
         if self._busy:
             return
         m = last.micro
-        p = self._pass(m)
+        p = self._backward_pass(m)
         if p is None:
             return
         self._top_forward(m)
@@ -716,14 +713,14 @@ class Tracer(TableWriter, DirectCarrier):
     def _on_grad(self, call: Call, g: Tensor) -> None:
         if self._busy:
             return
-        p = self._pass(call.micro)
+        p = self._backward_pass(call.micro)
         if p is None:
             return
         s = call.bwd.setdefault(p, {})
         d = call.direct
-        t = Backward(grad=g, step=call.micro.step, info=call.info, stats=s, direct=d, d_ls=call.d_ls,
-                     ref=call.ref, r_ls=call.r_ls, direct_norm=call.direct_norm,
-                     residual=lambda: self._residual(g, d, call.d_ls))
+        t = Backward(grad=g, step=call.micro.step, info=call.info, stats=s, direct=d, direct_log_scale=call.direct_log_scale,
+                     ref=call.ref, ref_log_scale=call.ref_log_scale, direct_norm=call.direct_norm,
+                     residual=lambda: self._residual(g, d, call.direct_log_scale))
         for q in self._q_bwd:
             if (q.needs != "split" or d is not None) and q.should_compute(call.micro.step):
                 s.update(q.backward(t))
@@ -739,7 +736,7 @@ class Tracer(TableWriter, DirectCarrier):
         if not (self.split and d is not None):
             return
         if "direct" in self.keep:
-            self._keep(call, "direct", d * _exp(call.d_ls), p)
+            self._keep(call, "direct", d * _exp(call.direct_log_scale), p)
         if call.index > 0:
             prev = call.micro.calls[call.index - 1]
             v, vr = d, call.ref
@@ -753,7 +750,7 @@ class Tracer(TableWriter, DirectCarrier):
                     call.direct = call.ref = None
                     return
             self._carry(prev, v, vr, s.get("direct_norm") if v is d else None,
-                        call.d_ls, call.r_ls, call.carries)
+                        call.direct_log_scale, call.ref_log_scale, call.carries)
         call.direct = call.ref = None
 
     @property
@@ -832,7 +829,7 @@ class _Run(Runner):
         if self.group.params[k] is None:
             self.group.params[k] = _params(parts.owned_modules())
         tr._enter(x)
-        tr._claim(call, x)
+        tr._take_entry(call, x)
         if tr._q_before:
             tr._before_unit(call, x)
         # h = x itself unless the path split needs the identity shortcut as a node of its own
@@ -856,12 +853,12 @@ class _Run(Runner):
                                 f"got {type(x).__name__}, {type(h).__name__}, {type(r).__name__}; declare its "
                                 "parts (units=[...], parts=...) so gradflow knows which tensor is x_l")
         call = tr._new_call(self.group.infos[k], self.group, None, ())
-        tr._claim(call, x)
+        tr._take_entry(call, x)
         identity = h is x
         if identity and tr._paths is not None:
             h = x.view_as(x)
         y = h + r
-        tr._tap(call, x=x, z=x, s_in=x, h=h, r=r, y=y, coef=1.0, out=y)
+        tr._tap(call, x=x, z=x, shortcut_in=x, h=h, r=r, y=y, coef=1.0, out=y)
         call.identity_shortcut = identity
         tr._after_unit(call, x, y)
         return y
@@ -873,11 +870,24 @@ def _version(t: Tensor) -> int:
 
 
 def _in_backward() -> bool:
-    """Whether this thread is running a backward pass (a forward called from one is a recomputation)."""
+    """Whether this thread is running a backward pass (a forward called from one is a recomputation).
+
+    Read from torch's private ``_current_graph_task_id``; a torch without it cannot tell, and
+    the first unit call says so once (activation checkpointing then goes unrecognised).
+    """
+    global _GRAPH_TASK_SAID
+    if _GRAPH_TASK is None:
+        if not _GRAPH_TASK_SAID:
+            _GRAPH_TASK_SAID = True
+            warnings.warn(f"gradflow.trace: torch {torch.__version__} has no torch._C._current_graph_task_id, "
+                          "so gradflow cannot tell a unit re-run by activation checkpointing from a forward: "
+                          "checkpointed units are then recorded as if run twice", RuntimeWarning, stacklevel=3)
+        return False
     return _GRAPH_TASK() != -1
 
 
-_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+_GRAPH_TASK_SAID = False
 
 
 def _first_tensor(out):

@@ -43,8 +43,9 @@ class Call:
     ref: Optional[Tensor] = None        # the same with every h-coefficient set to 1
     link_edges: Optional[tuple] = None  # (x_edge, previous out_edge) when ops sit between units
     direct_norm: Optional[Tensor] = None  # its per-sample norm, when already known
-    d_ls: Any = 0.0                     # direct = exp(d_ls) * direct: deep products underflow float32
-    r_ls: Any = 0.0                     # the same for ref
+    # direct = exp(direct_log_scale) * direct: deep products underflow float32
+    direct_log_scale: Any = 0.0
+    ref_log_scale: Any = 0.0            # the same for ref
     carries: int = 0                    # changed carries since the last rescale
     x_shape: str = ""
     out_shape: str = ""

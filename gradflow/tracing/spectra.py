@@ -8,7 +8,7 @@ once at the recorded input: the same BN batch statistics and dropout masks for
 every product. Running statistics and the global RNG are left as they were.
 
 Cost: ``iters`` x (one jvp + one vjp) per quantity. Opt-in: the tracer's
-``spectra=True`` (the :class:`gradflow.tracing.quantities.Spectra` quantity).
+``quantities=[Spectra(iters)]`` or the ``"full"`` preset (:class:`gradflow.tracing.quantities.Spectra`).
 Tracing owns this code; :mod:`gradflow.tracing.spectra` re-exports it.
 """
 from __future__ import annotations

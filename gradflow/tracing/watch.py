@@ -301,8 +301,8 @@ class Watch(TorchFunctionMode):
         tr = self.tracer
         group = tr._run_groups[id(info)]
         call = tr._new_call(info, group, None, ())
-        tr._claim(call, x)
-        tr._tap(call, x=x_val, z=x_val, s_in=x_val, h=h if f.fork == "input" else x, r=r_val, y=out,
+        tr._take_entry(call, x)
+        tr._tap(call, x=x_val, z=x_val, shortcut_in=x_val, h=h if f.fork == "input" else x, r=r_val, y=out,
                 coef=1.0, out=out)
         call.identity_shortcut = f.fork != "input"
         if self.no_split:
