@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -240,3 +241,38 @@ def test_trained_units_and_cross_entropy_steps():
     df = tr.units
     assert sorted(df["step"].unique()) == [0, 1, 2]
     assert df[df["unit"] < 3]["grad_norm"].notna().all()
+
+
+class _CachedBias(torch.nn.Module):
+    """timm's LeViT/EfficientFormer attention in miniature: biases gathered by an index buffer,
+    cached per device in eval mode (the cache holds a tensor with a graph)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.biases = torch.nn.Parameter(torch.randn(d))
+        self.register_buffer("idx", torch.arange(d).flip(0), persistent=False)
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training:
+            b = self.biases[self.idx]
+        else:
+            b = self.cache.setdefault(str(x.device), self.biases[self.idx])
+        return x + self.lin(torch.tanh(x)) + b
+
+
+def test_the_discovery_forward_leaves_no_cache_and_bumps_no_saved_buffer():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_CachedBias(), _CachedBias()).eval()
+    ref = copy.deepcopy(net)
+    x = torch.randn(3, 6)
+    xr = x.clone().requires_grad_()
+    ref(xr).square().sum().backward()
+    xt = x.clone().requires_grad_()
+    with gradflow.trace(net, units="run") as tr:
+        net(xt).square().sum().backward()      # a cache filled by the discovery forward would fail here
+    assert torch.equal(xt.grad, xr.grad)
+    assert len(tr.infos) == 2
+    for m, r in zip(net, ref):
+        assert torch.equal(m.biases.grad, r.biases.grad)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import gradflow
+from gradflow.tracing.check import _attributes, _restore
 import zoo_oracle as oracle
 
 
@@ -57,7 +58,9 @@ def check_network(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     owners = list({id(u.module): u.module for u in depth if u.site.fork == "input"}.values())
     seen = {u.site.entry for u in listed} | {u.site.exit for u in listed}
 
+    fresh = _attributes(model)   # each run starts from the same model: caches a forward fills are undone
     tap, out_ref, inputs = oracle.run(model, call, _weight, inputs_of=owners, check=True)
+    _restore(fresh)             # (timm's eval-mode attention-bias cache would hand over a freed graph)
     missing = [k for k, d in enumerate(tap.dependent) if d and k not in seen]
     assert not missing, (f"additions {missing} of {len(tap.adds)} are residual (autograd), not found; "
                          f"shapes {[tuple(tap.adds[k][0].shape) for k in missing[:4]]}")
@@ -95,6 +98,7 @@ def check_network(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
             detach[s.exit] = 1 - s.exit_shortcut
             if s.entry != s.exit:
                 detach[s.entry] = 1 - s.shortcut
+        _restore(fresh)
         tap2, _, inputs2 = oracle.run(model, call, _weight, detach=detach, inputs_of=owners)
         for i, u in enumerate(tr.infos):
             kept = tr.tensors.get((0, i), {}).get("direct")
