@@ -100,10 +100,11 @@ def run_steps(model, xs, ys, opt, steps=2):
         opt.zero_grad()
 
 
-def reference(depth=3, bn=None, steps=2):
-    m = make(depth, nn.BatchNorm1d if bn else None)
+def reference(depth=3, bn=None, steps=2, dtype=torch.float32):
+    m = make(depth, nn.BatchNorm1d if bn else None).to(dtype)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x, y = batch()
+    x = x.to(dtype)
     with gradflow.trace(m, units="blocks.*", parts=parts(bn), optimizer=opt) as tr:
         run_steps(m, x, y, opt, steps)
     return tr.units, tr.samples
@@ -130,8 +131,8 @@ def spawn(case, tmp_path, *args):
     mp.spawn(_entry, args=(port, case, str(tmp_path), args), nprocs=WORLD)
 
 
-def _traced(rank, out, wrap, depth=3, bn=False, steps=2):
-    m = make(depth, SyncBN1d if bn else None)
+def _traced(rank, out, wrap, depth=3, bn=False, steps=2, dtype=torch.float32):
+    m = make(depth, SyncBN1d if bn else None).to(dtype)
     if wrap == "ddp":
         runner = nn.parallel.DistributedDataParallel(m)
     else:
@@ -141,7 +142,7 @@ def _traced(rank, out, wrap, depth=3, bn=False, steps=2):
         runner = fully_shard(m)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x, y = batch()
-    xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    xs, ys = x.to(dtype).chunk(WORLD)[rank], y.chunk(WORLD)[rank]
     with gradflow.trace(m, units="blocks.*", parts=parts(bn), optimizer=opt) as tr:
         run_steps(runner, xs, ys, opt, steps)
     if wrap == "fsdp":      # Spectra runs units outside FSDP's all-gathers: refused at attach, by name
@@ -153,18 +154,19 @@ def _traced(rank, out, wrap, depth=3, bn=False, steps=2):
         tr.samples.to_pickle(os.path.join(out, "samples.pkl"))
 
 
-def check(tmp_path, depth=3, bn=False):
+def check(tmp_path, depth=3, bn=False, dtype=torch.float32):
     units, samples = (pd.read_pickle(tmp_path / f"{n}.pkl") for n in ("units", "samples"))
-    ref_u, ref_s = reference(depth, bn)
+    ref_u, ref_s = reference(depth, bn, dtype=dtype)
+    rtol, atol = (1e-5, 1e-7) if dtype == torch.float32 else (1e-11, 1e-14)
     assert list(samples["rank"]) == [int(s >= 6) for s in samples["sample"]]
     assert samples[["step", "unit", "sample"]].equals(ref_s[["step", "unit", "sample"]])
     for c in SAME:
-        np.testing.assert_allclose(samples[c], ref_s[c], rtol=1e-5, atol=1e-7, err_msg=c)
+        np.testing.assert_allclose(samples[c], ref_s[c], rtol=rtol, atol=atol, err_msg=c)
     for c in GRAD:
-        np.testing.assert_allclose(samples[c], WORLD * ref_s[c], rtol=1e-5, atol=1e-7, err_msg=c)
+        np.testing.assert_allclose(samples[c], WORLD * ref_s[c], rtol=rtol, atol=atol, err_msg=c)
     assert (units["batch"] == 12).all()
     for c in ("x_norm_q50", "grad_ratio_std", "weight_grad_norm", "update_ratio"):
-        np.testing.assert_allclose(units[c], ref_u[c], rtol=1e-5, err_msg=c)
+        np.testing.assert_allclose(units[c], ref_u[c], rtol=rtol, err_msg=c)
 
 
 @pytest.mark.slow
@@ -172,6 +174,13 @@ def check(tmp_path, depth=3, bn=False):
 def test_a_layernorm_net_under_ddp_and_fsdp2_gives_the_single_process_table_of_the_global_batch(wrap, tmp_path):
     spawn("_traced", tmp_path, wrap)
     check(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_float64_net_under_ddp_keeps_float64_in_the_gathered_table(tmp_path):
+    """A closed-form check runs in float64: the gather must not round it to float32 on the way."""
+    spawn("_traced", tmp_path, "ddp", 3, False, 2, torch.float64)
+    check(tmp_path, dtype=torch.float64)
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ made with ``per_rank=True``, on every rank into its own file, with that rank's s
 The buffers must be the same length on every rank, so each carries a header (the step, its
 block count, its layout, the length it needs) and is padded to a capacity the ranks agreed:
 the first recorded step, and a step whose need grows past every earlier one (a larger
-batch), take a second collective to agree on it; every other step takes one. Every rank
+batch), take a second collective to agree on it; every other step takes one. The buffer is
+float64 where the reductions are (a float64 model), else float32. Every rank
 must record the same steps in the same order (the same forwards and backwards, as data
 parallel training does): a step whose layout differs between ranks is refused, with both.
 """
@@ -207,10 +208,13 @@ class Ranks:
         return out
 
     def _all_gather(self, mine: torch.Tensor, length: int) -> torch.Tensor:
-        buf = torch.zeros(length, dtype=torch.float32, device=mine.device)
+        # float64 stays float64 (a closed-form check's precision); every rank traces the same model,
+        # so the dtype, like the layout, is the same on every rank
+        dtype = torch.float64 if mine.dtype == torch.float64 else torch.float32
+        buf = torch.zeros(length, dtype=dtype, device=mine.device)
         n = min(length, mine.numel())
         buf[:n] = mine[:n]
-        out = torch.empty(self.world * length, dtype=torch.float32, device=mine.device)
+        out = torch.empty(self.world * length, dtype=dtype, device=mine.device)
         _gather(out, buf)
         self.collectives += 1
         return out.view(self.world, length).cpu()
