@@ -42,6 +42,13 @@ def test_a_run_that_never_learned_did_not_diverge():
     assert divergence(_log([4.6, 4.0, 3.5, 9.0, 4.6]), classes=100).diverged
 
 
+def test_an_exploded_loss_is_diverged_even_without_learning_first():
+    # the laptop dropout-shortcut row: never below chance, then 1e6-1e10 without a NaN
+    d = divergence(_log([2.31, 2.30, 5.0e3, 3.5e6, 3.9e10]))
+    assert d.diverged and d.kind == "exploded" and d.iteration == 75 and "3.9e+10" in d.text
+    assert not divergence(_log([2.31, 2.30, 200.0, 2.30])).diverged     # below 100 ln 10 = 230
+
+
 def test_status_diverged_without_a_nan_in_the_log():
     d = divergence(_log([2.3, 2.0]), status={"status": "diverged", "message": "training diverged: x; kept"})
     assert d.diverged and d.kind == "status" and "training diverged: x" in d.text

@@ -9,7 +9,8 @@ Both are flagged here, so a table never reports such a row as a network that tra
 A *spike*: a logged training loss above ``factor`` x the lowest loss logged before it and above
 the chance loss ln C, after the run had got below ``learned`` x ln C (it had learned something).
 The run *diverged* if it never came back: its last logged loss is above ``stuck`` x ln C. A spike
-it recovered from is reported as a note, not a divergence.
+it recovered from is reported as a note, not a divergence. A loss above ``EXPLODED`` x ln C (the
+laptop dropout-shortcut row reached 3.9e10 without a NaN) is a divergence whatever came before.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pandas as pd
 SPIKE_FACTOR = 1.5     # a loss 1.5x the best so far, above chance level: a spike
 LEARNED = 0.9          # the run had learned: its loss went below 0.9 ln C before the spike
 STUCK = 0.9            # its last loss is above 0.9 ln C: it never recovered
+EXPLODED = 100.0       # a loss over 100 ln C (230 on CIFAR-10): the weights blew up, learned before or not
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ def divergence(log: pd.DataFrame, classes: int = 10, status: Optional[dict] = No
     if len(loss) < 2:
         return Divergence(False)
     chance = chance_loss(classes)
+    blown = loss > EXPLODED * chance    # no network that predicts anything has such a loss
+    if blown.any():
+        i = int(np.argmax(blown))
+        return Divergence(True, "exploded", int(it[i]), f"diverged: the loss exploded at iteration {int(it[i])} "
+                          f"({loss[i]:.3g}, over {EXPLODED:g} ln {classes} = {EXPLODED * chance:.0f}; "
+                          f"peak {loss.max():.3g}), whether or not it came back")
     best = np.minimum.accumulate(loss)
     prior = np.concatenate([[np.inf], best[:-1]])          # the best loss before each row
     spikes = (loss > factor * prior) & (loss > chance) & (prior < LEARNED * chance)

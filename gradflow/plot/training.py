@@ -173,8 +173,9 @@ def decay_rate_over_training_table(probe: pd.DataFrame, columns: Iterable[str] =
     return pd.DataFrame(rows)
 
 
-# the rates are fitted to the natural log of the ratio, counted from the output toward the input
-RATE_LABEL = "fitted d ln(ratio) per unit\ntoward the input (> 0: grows)"
+# the rates are fitted to the natural log of the ratio, counted from the output toward the input,
+# with one intercept per stage (theory.fits.shape_groups): the jumps at projections are not in them
+RATE_LABEL = "d ln(ratio) per unit toward\ninput, in-stage (> 0: grows)"
 LABELS = {"grad_ratio": "total", "direct_ratio": "direct term", "ref_ratio": "identity-path reference"}
 
 
@@ -196,7 +197,7 @@ def decay_rate_over_training(probe: pd.DataFrame, columns: Sequence[str] = ("gra
     """Fitted change of log(ratio) per unit toward the input, at each probed iteration (95% band)."""
     fig, ax = subplots(figsize=(PANEL_W * 1.6, PANEL_H * 1.2))
     _rates_over_training(ax, probe, columns, run)
-    axes_title(ax, title or "Fitted change of ln(gradient ratio) per unit toward the input, over training", fig)
+    axes_title(ax, title or "Fitted change of ln(gradient ratio) per unit toward the input, within stages, over training", fig)
     return fig
 
 
