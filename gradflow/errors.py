@@ -23,3 +23,9 @@ def unknown(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     listing = ", ".join(known) if len(known) <= 40 else ", ".join(known[:40]) + ", ..."
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}")
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (library errors can run to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

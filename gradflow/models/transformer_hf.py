@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from gradflow.errors import GradflowError, unknown
+from gradflow.errors import GradflowError, first_line, unknown
 from gradflow.utils.checks import check_model_options
 
 # (heads field, width field) pairs across config classes
@@ -45,11 +45,6 @@ def _fit_heads(cfg: Any, overrides: dict, model_type: str) -> dict:
         warnings.warn(f"hf:{model_type}: {width}={d} is not divisible by the default {heads}={h}; "
                       f"using {heads}={fit} (pass {heads}=... in --hf-config to choose)", stacklevel=3)
     return changed
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def build_hf(model_type: str, overrides: dict) -> tuple[nn.Module, dict, dict]:
@@ -86,7 +81,7 @@ def build_hf(model_type: str, overrides: dict) -> tuple[nn.Module, dict, dict]:
             setattr(cfg, k, v)
         except Exception as e:  # noqa: BLE001  (transformers' strict configs raise several types)
             raise GradflowError(f"hf:{model_type} --hf-config {k}={v!r}: the config refused it "
-                                f"({type(e).__name__}: {_first_line(e)}); pass a value like its default "
+                                f"({type(e).__name__}: {first_line(e)}); pass a value like its default "
                                 f"{k}={getattr(cfg, k)!r}") from None
     used = dict(overrides, **_fit_heads(cfg, overrides, model_type))
     if hasattr(cfg, "use_cache") and "use_cache" not in overrides:
@@ -101,7 +96,7 @@ def build_hf(model_type: str, overrides: dict) -> tuple[nn.Module, dict, dict]:
                 module = auto.from_config(cfg)
             except Exception as e:  # noqa: BLE001  (transformers refuses bad configs with many types)
                 raise GradflowError(f"hf:{model_type} with {overrides}: transformers refused the config "
-                                    f"({type(e).__name__}: {_first_line(e)}); "
+                                    f"({type(e).__name__}: {first_line(e)}); "
                                     "fix the --hf-config fields") from None
             break
     else:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from gradflow.errors import GradflowError, unknown
+from gradflow.errors import GradflowError, first_line, unknown
 from gradflow.models.registry import create_model, model_inputs
 
 
@@ -135,13 +135,12 @@ def refuse_input(built: BuiltModel, inputs, device: torch.device, error: BaseExc
         with torch.no_grad():
             built.module.to(device)(x)
     except Exception as plain:  # noqa: BLE001  (whatever the model raises on this input)
-        text = str(plain).strip().splitlines()
         what = "token ids" if built.tokens else "images"
         native = _native_size(built)
         hint = (f"pass the --image-size it was made for ({native})" if built.tokens is None and native
                 else "pass an input of the size it was made for (--image-size / --seq-len)")
         raise GradflowError(f"{built.name} cannot take {what} of shape {list(x.shape[1:])}: a plain forward "
-                            f"fails ({type(plain).__name__}: {text[0] if text else ''}); {hint}") from error
+                            f"fails ({type(plain).__name__}: {first_line(plain)}); {hint}") from error
 
 
 def _native_size(built: BuiltModel) -> Optional[int]:
