@@ -19,6 +19,7 @@ import pytest
 from gradflow.data.cifar import write_cifar
 from gradflow.cli.experiment import main
 from gradflow.experiments import command_for, experiment_rows, make_scale, plan, run_state, select_rows
+from gradflow.experiments.planning import Scale
 
 SCALE = ["--scale", "laptop", "--width", "0.125", "--stop", "8", "--batch-size", "16", "--probe-every", "4"]
 
@@ -126,6 +127,22 @@ def test_a_folder_from_another_scale_is_refused(sweep, capsys):
     assert "stop=8" in err and "--out" in err and len(err.splitlines()) == 1
 
 
+def test_a_folder_from_before_the_linear_warmup_is_refused(sweep, capsys):
+    """A laptop run folder made with the held warm-up (configs written before warmup_shape existed)
+    is another recipe: collecting it beside the ramped runs would mix two recipes in one row."""
+    config = sweep["specs"][0].folder / "config.json"
+    text = config.read_text()
+    saved = json.loads(text)
+    saved["config"].pop("warmup_shape")
+    config.write_text(json.dumps(saved))
+    try:
+        assert main(sweep["args"]) == 2
+        err = capsys.readouterr().err
+        assert "warmup_shape='constant' (this experiment: 'linear')" in err and "--out" in err
+    finally:
+        config.write_text(text)
+
+
 @pytest.mark.parametrize("args,words", [
     (["table9", "--data", "x"], "invalid choice"),
     (["table2", "--seeds", "0", "--data", "."], "seeds=0 (--seeds)"),
@@ -181,17 +198,22 @@ def test_a_run_another_process_holds_is_left_to_it(tmp_path):
 
 
 def test_laptop_schedule_keeps_the_paper_shape_with_a_warmup_floor():
-    """Milestones at 50% and 75% of the run (the paper's 32k/48k of 64k); the warm-up is the paper's
-    400/64k of the run, but never under 1/8 of it (a step count the net needs, not a fraction)."""
+    """Milestones at 50% and 75% of the run (the paper's 32k/48k of 64k); the warm-up is a linear ramp
+    over 1/4 of the run (a step count the net needs, not the paper's 400/64k fraction), never longer
+    than the paper's 400, and the scale's description says it is not the paper's."""
     paper = make_scale("paper").fields()
     assert paper == {"probe_every": 4000}                  # the paper scale changes nothing but probes
     laptop = make_scale("laptop")
     f = laptop.fields()
     assert (laptop.width, f["stop"]) == (0.5, 400)
     assert f["milestones"] == (200, 300)
-    assert f["warmup_iters"] == 400 // 8
-    assert make_scale("laptop", stop=1600).fields()["warmup_iters"] == 1600 // 8
+    assert (f["warmup_iters"], f["warmup_shape"]) == (400 // 4, "linear")
+    assert "ramped linearly from 0.01 to 0.1 over 100 iterations" in laptop.describe()
+    assert make_scale("laptop", stop=1600).fields()["warmup_iters"] == 1600 // 4
     assert make_scale("laptop", stop=32000).fields()["warmup_iters"] == 400   # never longer than the paper's
+    held = Scale("laptop", 0.5, 400)                       # the constant warm-up keeps the 1/8 floor
+    assert (held.fields()["warmup_iters"], held.fields()["warmup_shape"]) == (50, "constant")
+    assert "recipe shape)" in held.describe()
 
 
 def test_several_at_a_time_start_the_deepest_runs_first(tmp_path):

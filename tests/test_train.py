@@ -13,6 +13,7 @@ from gradflow.cli.train import get_args_parser, main
 from gradflow.training import (RECIPES, TrainingDiverged, get_preset, presets, resolve, resume_config,
                                save_checkpoint, schedule, train)
 from gradflow.runs.log import COLUMNS, TIMING, read_log
+from gradflow.training.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +267,16 @@ def test_lr_schedule_is_what_the_log_shows(data, tmp_path):
     # the lr of the last iteration in each row: iterations 2, 5, 8, 11 (from 0)
     assert [r["lr"] for r in read_log(run)] == pytest.approx([0.01, 0.05, 0.005, 0.0005])
     assert not any(math.isnan(r["train_loss"]) for r in read_log(run))
+
+
+def test_a_linear_warmup_ramps_from_the_warmup_lr_to_the_lr(data, tmp_path):
+    """lr_at(i) = 0.01 + (0.1 - 0.01) i / 4 for i < 4, then the step schedule; the log shows it."""
+    run = train(small(data, tmp_path, stop=8, lr=0.1, warmup_iters=4, warmup_lr=0.01, warmup_shape="linear",
+                      milestones=(6,), log_every=1, eval_every=8, checkpoint_every=8))
+    want = [0.01 + 0.09 * i / 4 for i in range(4)] + [0.1, 0.1, 0.01, 0.01]
+    assert [r["lr"] for r in read_log(run)] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(GradflowError, match="warmup_shape='cosine'.*--warmup-shape.*'constant'"):
+        TrainConfig(warmup_shape="cosine")
 
 
 def test_probe_every_appends_per_unit_records(data, tmp_path):

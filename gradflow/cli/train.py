@@ -53,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float)
     g.add_argument("--warmup-lr", type=float)
     g.add_argument("--warmup-iters", type=int)
+    g.add_argument("--warmup-shape", choices=["constant", "linear"],
+                   help="constant (the paper's): --warmup-lr throughout the warm-up; linear: from --warmup-lr "
+                        "up to --lr")
     g.add_argument("--milestones", type=_ints, help="comma-separated, in --schedule-unit")
     g.add_argument("--gamma", type=float)
     g.add_argument("--stop", type=int, help="run length, in --schedule-unit")

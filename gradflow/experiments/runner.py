@@ -49,17 +49,21 @@ def check_folder(spec: RunSpec, scale: Scale) -> None:
     saved = _json(spec.folder / "config.json").get("config")
     if not saved:
         return
+    fields = scale.fields()
     want = {"seed": spec.seed, "model": spec.row.model, "width": scale.width, "stop": scale.stop,
-            "batch_size": scale.batch_size}
+            "batch_size": scale.batch_size, "warmup_shape": fields.get("warmup_shape", "constant")}
     have = {"seed": saved.get("seed"), "model": saved.get("model"),
             "width": float(saved.get("model_options", {}).get("width", 1.0)), "stop": saved.get("stop"),
-            "batch_size": saved.get("batch_size")}
+            "batch_size": saved.get("batch_size"), "warmup_shape": saved.get("warmup_shape", "constant")}
+    if "warmup_iters" in fields:
+        want["warmup_iters"], have["warmup_iters"] = fields["warmup_iters"], saved.get("warmup_iters")
     if saved.get("schedule_unit", "iter") != "iter":
         have["stop"] = f"{have['stop']} epochs"
     bad = [f"{k}={have[k]!r} (this experiment: {want[k]!r})" for k in want if have[k] != want[k]]
     if bad:
         raise GradflowError(f"run folder {spec.folder} was made with {', '.join(bad)}: "
-                            "pass another --out, or the --scale/--width/--stop/--batch-size it was made with")
+                            "pass another --out, or the --scale/--width/--stop/--batch-size it was made with (a "
+                            "folder from before the laptop scale's linear warm-up needs a new --out)")
 
 
 def command_for(spec: RunSpec, scale: Scale, data: str, verify: bool,

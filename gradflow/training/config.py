@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 0.1                   # the paper's base learning rate
     warmup_lr: float = 0.01           # paper: 0.01 until training error < 80%, about 400 iterations
     warmup_iters: int = 400           # iterations at warmup_lr (always counted in iterations)
+    warmup_shape: str = "constant"    # "constant": warmup_lr throughout (paper); "linear": warmup_lr -> lr
     milestones: tuple[int, ...] = (32000, 48000)  # lr *= gamma once this many schedule units are done
     gamma: float = 0.1                # "divided by 10"
     stop: int = 64000                 # length of the run, in schedule units
@@ -93,6 +94,7 @@ class TrainConfig:
         checks = [
             (self.schedule_unit in ("iter", "epoch"), "schedule_unit", "'iter' or 'epoch'"),
             (self.amp in ("auto", "bf16", "none"), "amp", "'auto', 'bf16' or 'none'"),
+            (self.warmup_shape in ("constant", "linear"), "warmup_shape", "'constant' (the paper's) or 'linear'"),
             (list(self.milestones) == sorted(self.milestones), "milestones", "increasing"),
             (not self.nesterov or self.momentum > 0, "momentum",
              "> 0 with --nesterov (Nesterov momentum needs momentum): drop --nesterov or set --momentum"),

@@ -197,8 +197,10 @@ def _train(cfg: TrainConfig, resume, d: distributed.Dist) -> RunOutcome:
     ipe = data.iters_per_epoch(cfg.batch_size)
     sched = lr_schedule(cfg, ipe)
     if sched.warmup_iters >= sched.stop > 0 and sched.warmup_lr != sched.lr:
+        how = (f"at the warm-up lr {sched.warmup_lr:g} throughout" if sched.warmup_shape == "constant" else
+               f"on the ramp from {sched.warmup_lr:g} throughout")
         say(d, f"note: the run stops at iteration {sched.stop}, inside the {sched.warmup_iters}-iteration "
-               f"warm-up: it trains at the warm-up lr {sched.warmup_lr:g} throughout, never at lr {sched.lr:g}; "
+               f"warm-up: it trains {how}, never at lr {sched.lr:g}; "
                f"pass a --stop beyond {sched.warmup_iters} or --warmup-iters 0")
     options = _model_options(cfg, data.num_classes)
     torch.manual_seed(cfg.seed)

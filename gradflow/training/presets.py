@@ -96,10 +96,13 @@ class LrSchedule:
     milestones: tuple[int, ...]
     gamma: float
     stop: int
+    warmup_shape: str = "constant"   # "linear": warmup_lr at iteration 0, rising to lr at warmup_iters
 
     def lr_at(self, it: int) -> float:
         """Learning rate of iteration ``it`` (counted from 0)."""
         if it < self.warmup_iters:
+            if self.warmup_shape == "linear":
+                return self.warmup_lr + (self.lr - self.warmup_lr) * it / self.warmup_iters
             return self.warmup_lr
         return self.lr * self.gamma ** sum(it >= m for m in self.milestones)
 
@@ -118,7 +121,7 @@ def lr_schedule(cfg: TrainConfig, iters_per_epoch: int) -> LrSchedule:
                             "lower --batch-size or use more training images")
     k = iters_per_epoch if cfg.schedule_unit == "epoch" else 1
     return LrSchedule(cfg.lr, cfg.warmup_lr, cfg.warmup_iters, tuple(m * k for m in cfg.milestones),
-                      cfg.gamma, cfg.stop * k)
+                      cfg.gamma, cfg.stop * k, cfg.warmup_shape)
 
 
 schedule = lr_schedule  # the old name, kept because tests/test_train.py imports it
