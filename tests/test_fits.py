@@ -30,11 +30,18 @@ def _leaf_output_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("name,options", [("resnet20", {}), ("resnet20", {"unit": "full_preact"}),
                                           ("resnet20", {"shortcut": "scale", "scale": 0.5})])
-def test_the_meta_forward_counts_what_a_real_forward_produces(name, options):
+def test_the_estimate_counts_what_a_real_forward_of_the_whole_batch_produces(name, options):
+    """Built: a forward of two samples, scaled to the batch; on meta: shapes alone. Both equal the
+    leaf outputs of a real forward of all six samples, and the model is left as it was."""
     model = gradflow.create_model(name, **options)
-    x = torch.randn(3, 3, 32, 32)
-    assert activation_bytes(model, x.shape) == _leaf_output_bytes(model, x)
-    assert all(p.device.type == "cpu" for p in model.parameters())   # the model itself is untouched
+    x = torch.randn(6, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = activation_bytes(model, x.shape)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics too
+    assert got == _leaf_output_bytes(model, x)
+    with torch.device("meta"):
+        ghost = gradflow.create_model(name, **options)
+    assert activation_bytes(ghost, x.shape) == _leaf_output_bytes(model, x)
 
 
 def test_a_model_built_on_meta_is_sized_without_allocating():
@@ -46,12 +53,23 @@ def test_a_model_built_on_meta_is_sized_without_allocating():
     assert activation_bytes(huge, (2, 3, 32, 32)) > 0
 
 
-def test_a_forward_that_cannot_run_on_meta_gives_no_activation_figure():
-    class ReadsValues(nn.Module):
+def test_a_forward_that_cannot_run_gives_no_activation_figure():
+    class ReadsValues(nn.Module):     # no parameters: sized on meta, where .item() raises
         def forward(self, x):
-            return x * float(x.sum())     # .item() on meta raises
+            return x * float(x.sum())
+
+    class NeedsThree(nn.Module):      # a built model whose forward refuses a sample of two
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if len(x) < 3:
+                raise ValueError("at least three samples")
+            return self.lin(x)
 
     assert activation_bytes(ReadsValues(), (2, 3)) is None
+    assert activation_bytes(NeedsThree(), (8, 3)) is None
 
 
 def test_check_fits_refuses_only_beyond_what_is_available(monkeypatch):
@@ -63,7 +81,7 @@ def test_check_fits_refuses_only_beyond_what_is_available(monkeypatch):
 
 def test_the_estimate_adds_activations_when_the_input_is_large(monkeypatch):
     model = gradflow.create_model("resnet20")
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 20 * 2 ** 20)  # 20 MiB: the meta forward runs
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 20 * 2 ** 20)  # 20 MiB: the activations are counted
     shape = (2, 3, 32, 32)
     est = step_estimate(model, shape, torch.device("cpu"), training=True)
     assert est.parts["parameters"] == 3 * parameter_bytes(model)

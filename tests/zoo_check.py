@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import gradflow
-from gradflow.tracing.check import _attributes, _restore
+from gradflow.utils.state import _attributes, _restore
 import zoo_oracle as oracle
 
 

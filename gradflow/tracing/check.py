@@ -11,7 +11,6 @@ the size of the difference. Cost: one extra forward per module per trace.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -20,62 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradflow.errors import GradflowError
-
-
-@contextmanager
-def untouched(module: nn.Module, device: torch.device):
-    """Run code without changing the module's buffers, its modules' attributes or the global RNG streams.
-
-    Only a buffer the code changed is written back: writing bumps its autograd version,
-    and an unchanged one (an index table, as timm's attention-bias indices) may already be
-    saved for the traced forward's backward, which would then refuse to run. Plain
-    attributes come back too (:func:`_attributes`): a cache the extra forward filled
-    (timm's eval-mode attention-bias cache) would otherwise hand the user's forward a
-    tensor whose graph gradflow has let go of.
-    """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    attributes = _attributes(module)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, v in saved:
-                    if not torch.equal(b, v):
-                        b.copy_(v)
-            _restore(attributes)
-
-
-_INTERNALS = frozenset(vars(nn.Module()))   # parameters, buffers, submodules, hooks, mode
-
-
-def _attributes(module: nn.Module) -> list:
-    """Each module's own attributes (not nn.Module's bookkeeping), with a shallow copy of containers."""
-    out = []
-    for m in module.modules():
-        own = {k: v for k, v in vars(m).items() if k not in _INTERNALS}
-        shallow = {k: (dict(v) if type(v) is dict else list(v) if type(v) is list else None)
-                   for k, v in own.items()}
-        out.append((m, own, shallow))
-    return out
-
-
-def _restore(attributes: list) -> None:
-    """Put back what :func:`_attributes` saw: values, container contents, no attribute added since."""
-    for m, own, shallow in attributes:
-        d = vars(m)
-        for k in [k for k in d if k not in own and k not in _INTERNALS]:
-            del d[k]
-        for k, v in own.items():
-            if d.get(k) is not v:
-                d[k] = v
-            copy_ = shallow[k]
-            if type(v) is dict and (v.keys() != copy_.keys() or any(v[i] is not copy_[i] for i in v)):
-                v.clear()
-                v.update(copy_)
-            elif type(v) is list and (len(v) != len(copy_) or any(a is not b for a, b in zip(v, copy_))):
-                v[:] = copy_
+from gradflow.utils.state import untouched
 
 
 class Uncopyable(Exception):

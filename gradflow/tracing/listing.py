@@ -91,7 +91,7 @@ def units(model: nn.Module, example: Optional[Any] = None, units: Any = None, pa
     from gradflow.tracing.recorder import Tracer
     tr = Tracer(model, units=units, parts=parts, split=False, quantities=("cheap",), check=False)
     if example is not None:
-        from gradflow.tracing.check import untouched
+        from gradflow.utils.state import untouched
         args, kwargs = _call_args(example)
         dev = next((a.device for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)),
                    torch.device("cpu"))

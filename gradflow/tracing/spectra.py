@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradflow.tracing.parts import Parts, run_parts
-from gradflow.tracing.check import untouched
+from gradflow.utils.state import untouched
 
 
 preserved_state = untouched   # buffers (BN running stats) and the RNG restored afterwards

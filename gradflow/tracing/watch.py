@@ -30,7 +30,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gradflow.errors import GradflowError
-from gradflow.tracing.check import _copy_arg, untouched
+from gradflow.tracing.check import _copy_arg
+from gradflow.utils.state import untouched
 from gradflow.tracing.runtime import ADDS, INPLACE, Discovery, Found, counted, depth_units, name_found, site
 
 

@@ -85,7 +85,7 @@ class IdentityDistance(Quantity):
         nan = {"jac_dist_identity": torch.tensor(float("nan"))}
         if t.parts is None or t.args:
             return nan
-        from gradflow.tracing.check import untouched
+        from gradflow.utils.state import untouched
         from gradflow.tracing.parts import run_parts
         x = t.x.detach().float()
         gen = torch.Generator(device=x.device)

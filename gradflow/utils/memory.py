@@ -1,12 +1,15 @@
 """Will it fit? A memory estimate made before anything large is allocated, and the one refusal.
 
 ``step_estimate(module, shape, device)`` counts parameters and the input, and
-where those could come near the free memory runs the model's forward on the
-``meta`` device (shapes only, no storage: ``torch.func.functional_call`` with
-meta stand-ins for every parameter and buffer), so a batch of 10,000 images at
-2048 px or a ResNet of width x1e6 is sized without a byte of it existing (the
-meta forward costs about as much host time as a real one: 3 s for ResNet-1001,
-hence only where it matters).
+where those could come near the free memory counts the activations too: for a
+built model, from a real forward of two samples (leaf outputs scale with the
+batch; 0.2 s for ResNet-1001 on 2 CPU cores, its buffers, attributes and RNG
+streams restored afterwards), and for a model built on the ``meta`` device (the
+trainer sizes a model before building it), from a forward on ``meta`` (shapes
+only, no storage: ``torch.func.functional_call`` with meta stand-ins for every
+parameter and buffer; seconds of host time for a thousand-layer network, since
+BatchNorm runs as a Python decomposition there). So a batch of 10,000 images at
+2048 px or a ResNet of width x1e6 is sized without a byte of it existing.
 The figure is a lower bound of what a training step holds: parameters (and, for
 training, their gradients and momentum), the input, and the output of every
 leaf module (what autograd keeps for the backward pass). ``check_fits`` compares
@@ -14,9 +17,10 @@ it with the memory this process can have (CUDA: free device memory; CPU: the
 kernel's MemAvailable and any cgroup limit) and refuses, naming both figures
 and the flag that shrinks it, only when even the lower bound does not fit.
 
-A model whose forward cannot run on ``meta`` (``.item()``, data-dependent
-shapes, custom kernels) gets no activation figure; the estimate then counts
-parameters and input only and says so in its ``parts``.
+A model whose forward cannot run that way (``.item()`` on meta, data-dependent
+shapes, custom kernels, a model that needs more than two samples) gets no
+activation figure; the estimate then counts parameters and input only and says
+so in its ``parts``.
 """
 from __future__ import annotations
 
@@ -97,14 +101,14 @@ def parameter_bytes(module: nn.Module) -> int:
 
 
 def activation_bytes(module: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Optional[int]:
-    """Bytes of every leaf module's output for one forward at ``shape``, computed on ``meta``; None if it cannot run.
+    """Bytes of every leaf module's output for one forward at ``shape``; None if it cannot run.
 
-    ``module`` may live anywhere (or on meta already): its parameters and
-    buffers are replaced by meta stand-ins for the call, nothing is copied.
+    A module with real parameters runs on two samples where it lives (the sum
+    scaled to ``shape[0]``), without changing it (:func:`gradflow.utils.state.untouched`);
+    a module on ``meta`` runs there, with meta stand-ins for its parameters and buffers.
     """
-    stand_ins = {k: torch.empty_like(t, device="meta")
-                 for k, t in [*module.named_parameters(), *module.named_buffers()]}
-    x = torch.empty(tuple(shape), dtype=dtype, device="meta")
+    tensors = [*module.parameters(), *module.buffers()]
+    on_meta = not tensors or any(t.is_meta for t in tensors)
     total = [0]
 
     def count(_m, _inp, out):
@@ -115,14 +119,25 @@ def activation_bytes(module: nn.Module, shape: Sequence[int], dtype: torch.dtype
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
-        with torch.no_grad():
-            torch.func.functional_call(module, stand_ins, (x,), strict=False)
-    except Exception:  # noqa: BLE001  (any op without a meta kernel ends the estimate, not the run)
+        if on_meta:
+            stand_ins = {k: torch.empty_like(t, device="meta")
+                         for k, t in [*module.named_parameters(), *module.named_buffers()]}
+            x = torch.empty(tuple(shape), dtype=dtype, device="meta")
+            with torch.no_grad():
+                torch.func.functional_call(module, stand_ins, (x,), strict=False)
+            return total[0]
+        from gradflow.utils.state import untouched
+        dev, few = tensors[0].device, min(int(shape[0]), 2)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn((few, *shape[1:]), generator=gen, device=dev).to(dtype)
+        with untouched(module, dev), torch.no_grad():
+            module(x)
+        return total[0] * int(shape[0]) // few
+    except Exception:  # noqa: BLE001  (a forward that cannot run this way ends the estimate, not the run)
         return None
     finally:
         for h in handles:
             h.remove()
-    return total[0]
 
 
 def check_fits(estimate: Estimate, device: torch.device, what: str, fix: str) -> None:
@@ -144,10 +159,10 @@ def step_estimate(module: nn.Module, shape: Sequence[int], device: torch.device,
                   dtype: torch.dtype = torch.float32) -> Estimate:
     """What one forward/backward of ``module`` on a batch of ``shape`` holds at least.
 
-    The meta forward (seconds for a thousand-layer network) runs only where a
-    generous bound says the step might not fit: input x leaf modules x 16 over
-    half the memory available (the activations of the zoo's ResNet-1001 are
-    7 x input x leaves). Below that the estimate counts parameters and input.
+    The activations are counted (:func:`activation_bytes`) only where a generous
+    bound says the step might not fit: input x leaf modules x 16 over half the
+    memory available (the activations of the zoo's ResNet-1001 are 7 x input x
+    leaves). Below that the estimate counts parameters and input.
     """
     params = parameter_bytes(module)
     est = Estimate({"parameters": params * (3 if training else 1), "input": tensor_bytes(shape, dtype)})
@@ -157,7 +172,8 @@ def step_estimate(module: nn.Module, shape: Sequence[int], device: torch.device,
         return est
     acts = activation_bytes(module, shape, dtype)
     if acts is None:
-        est.notes.append("activations not counted (the forward does not run on the meta device)")
+        est.notes.append("activations not counted (the model's forward did not run on a sample of two, "
+                         "or on the meta device)")
     else:
         est.parts["activations"] = acts
     return est
