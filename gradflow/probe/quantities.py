@@ -21,7 +21,7 @@ import zlib
 
 import torch
 
-from gradflow.utils.state import untouched
+from gradflow.utils.state import device_generator, untouched
 from gradflow.tracing.parts import run_parts
 from gradflow.tracing.quantities import Forward, Quantity
 
@@ -56,7 +56,7 @@ class Gain(Quantity):
         with untouched(t.module, x.device), torch.enable_grad(), \
                 torch.autocast(x.device.type, enabled=False):
             xi = x.clone().requires_grad_()
-            _device_generator(x.device).manual_seed(self.seed)  # dropout shortcuts: a mask like the traced one's
+            device_generator(x.device).manual_seed(self.seed)  # dropout shortcuts: a mask like the traced one's
             out = run_parts(t.parts, xi)
             u = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
             (v,) = torch.autograd.grad(out, xi, u)
@@ -67,15 +67,6 @@ class Gain(Quantity):
 
     def __repr__(self) -> str:
         return f"Gain(seed={self.seed})"
-
-
-def _device_generator(device: torch.device) -> torch.Generator:
-    """The default generator of ``device`` alone (``torch.manual_seed`` also seeds every lazy backend,
-    recording a stack trace each time: a second per ResNet-1001 probe)."""
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None
-                                             else torch.cuda.current_device()]
-    return torch.default_generator
 
 
 def probe_quantities(seed: int = 0) -> list:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradflow.tracing.parts import Parts, run_parts
-from gradflow.utils.state import untouched
+from gradflow.utils.state import device_generator, untouched
 
 
 preserved_state = untouched   # buffers (BN running stats) and the RNG restored afterwards
@@ -71,7 +71,7 @@ def unit_spectra(module: nn.Module, parts: Parts, x: Tensor, iters: int = 20, se
     with preserved_state(module, x.device), torch.enable_grad(), \
             torch.autocast(x.device.type, enabled=False):
         xi = x.clone().requires_grad_()
-        torch.manual_seed(seed)
+        device_generator(x.device).manual_seed(seed)
         out = run_parts(parts, xi)
         lin = _Linearised(out, xi)
         result["sigma_unit"] = top_singular_value(lin, iters, generator=gen)

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from gradflow.utils.state import untouched
+
 from gradflow.errors import GradflowError
 
 GIB = 2 ** 30
@@ -126,7 +128,6 @@ def activation_bytes(module: nn.Module, shape: Sequence[int], dtype: torch.dtype
             with torch.no_grad():
                 torch.func.functional_call(module, stand_ins, (x,), strict=False)
             return total[0]
-        from gradflow.utils.state import untouched
         dev, few = tensors[0].device, min(int(shape[0]), 2)
         gen = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn((few, *shape[1:]), generator=gen, device=dev).to(dtype)
