@@ -57,8 +57,9 @@ def test_status_diverged_without_a_nan_in_the_log():
 def _folder(spec, losses, errors, status="ok"):
     import json
     spec.folder.mkdir(parents=True)
-    cfg = {"seed": spec.seed, "model": spec.row.model, "model_options": {"width": 0.5}, "stop": 400,
-           "batch_size": 128, "dataset": "cifar10"}
+    from gradflow.experiments import make_scale
+    cfg = {**make_scale("laptop").fields(), "seed": spec.seed, "model": spec.row.model,
+           "model_options": {"width": 0.5}, "batch_size": 128, "dataset": "cifar10"}
     (spec.folder / "config.json").write_text(json.dumps({"config": cfg}))
     with open(spec.folder / "log.jsonl", "w") as f:
         for i, (l, e) in enumerate(zip(losses, errors)):

@@ -19,8 +19,8 @@ def test_more_seeds_extend_the_same_folders(tmp_path):
 def test_finished_skipped_interrupted_resumed_missing_started(tmp_path):
     scale = make_scale("laptop")
     specs = plan(_rows(), 3, tmp_path)
-    cfg = lambda s: {"config": {"seed": s.seed, "model": s.row.model, "model_options": {"width": 0.5},
-                                "stop": 400, "batch_size": 128}}
+    cfg = lambda s: {"config": {**scale.fields(), "seed": s.seed, "model": s.row.model,
+                                "model_options": {"width": 0.5}, "batch_size": 128}}
     done, halted, broken = specs[0], specs[1], specs[3]
     for s, status, ckpt in ((done, "ok", True), (halted, "interrupted", True), (broken, "running", False)):
         s.folder.mkdir(parents=True)
