@@ -173,3 +173,11 @@ def test_the_readme_lists_every_command():
     readme = (ROOT / "README.md").read_text()
     missing = [c for c in COMMANDS if f"| `{c}`" not in readme]
     assert not missing, f"README's command table lacks {missing}"
+
+
+def test_the_readme_predictions_table_is_the_one_figures_wrote():
+    # the README's claims about the zoo are figures/predictions_zoo.md, not a copy that drifts from it
+    made = (ROOT / "figures" / "predictions_zoo.md").read_text()
+    rows = [line for line in made.splitlines() if line.startswith("| ")]
+    readme = (ROOT / "README.md").read_text()
+    assert len(rows) == 7 and all(line in readme for line in rows)

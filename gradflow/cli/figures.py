@@ -224,6 +224,24 @@ def run_training_figures(run_dirs: Sequence[str], out: Path, formats: Sequence[s
     return written
 
 
+ZOO_TABLE = ("predictions_zoo", "which predictions of docs/theory.md held on the zoo, per network "
+             "(table: .csv per stage and seed, .md condensed)")
+
+
+def run_zoo_table(out: Path, seeds: Sequence[int], command: str, log=print) -> list[Path]:
+    """``predictions_zoo.csv`` (one row per network, seed, prediction, stage) and ``.md`` (the README's table)."""
+    from gradflow.probe.zoo import held_table, to_markdown, zoo_predictions
+    t0 = time.perf_counter()
+    rows = zoo_predictions(seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{ZOO_TABLE[0]}.csv", out / f"{ZOO_TABLE[0]}.md"
+    atomic_write_text(csv, rows.to_csv(index=False))
+    atomic_write_text(md, to_markdown(*held_table(rows), seeds, command) + "\n" + "\n".join(_common(command)) + "\n")
+    log(f"{ZOO_TABLE[0]}: {rows['network'].nunique()} networks x {len(seeds)} seeds, "
+        f"{time.perf_counter() - t0:.1f}s")
+    return [csv, md]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from gradflow.cli.args import Parser
     p = Parser(prog="gradflow figures", description=__doc__.split("\n")[0])
@@ -233,6 +251,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="batch of the ResNet-110/164 traces")
     p.add_argument("--deep-batch", type=int, default=8, help="batch of the ResNet-1001 traces")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zoo-seeds", type=int, default=3, metavar="N",
+                   help="seeds 0..N-1 of the predictions_zoo table (default 3)")
     p.add_argument("--only", nargs="+", metavar="PATTERN",
                    help="make only the figures whose name matches (shell patterns, e.g. 'table1_*')")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", default=[],
@@ -251,24 +271,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         check_flags(args)
+        if args.zoo_seeds < 1:
+            raise GradflowError(f"--zoo-seeds {args.zoo_seeds}: needs at least 1 seed")
         specs = figure_specs(args.deep_batch)
+        zoo = True
         if args.only:
-            unmatched = [pat for pat in args.only if not any(fnmatch.fnmatch(s.name, pat) for s in specs)]
+            names = [s.name for s in specs] + [ZOO_TABLE[0]]
+            unmatched = [pat for pat in args.only if not any(fnmatch.fnmatch(n, pat) for n in names)]
             if unmatched:
                 raise GradflowError(f"--only {' '.join(unmatched)} matches no figure: see --list for the names")
             specs = [s for s in specs if any(fnmatch.fnmatch(s.name, pat) for pat in args.only)]
+            zoo = any(fnmatch.fnmatch(ZOO_TABLE[0], pat) for pat in args.only)
     except GradflowError as e:
         print(f"gradflow figures: error: {e}", file=sys.stderr)
         return 2
     if args.list:
         for s in specs:
             print(f"{s.name:36s} {s.what}")
+        if zoo:
+            print(f"{ZOO_TABLE[0]:36s} {ZOO_TABLE[1]}")
         return 0
     command = shlex.join(["python", "-m", "gradflow", "figures", *argv])
     out = Path(args.out)
     t0 = time.perf_counter()
     if not args.no_init:
         run_figures(specs, out, args.format, args.batch, args.seed, command)
+        if zoo:
+            run_zoo_table(out, range(args.zoo_seeds), command)
     if args.runs:
         from gradflow.errors import GradflowError
         try:
