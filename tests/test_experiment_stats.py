@@ -92,8 +92,8 @@ def test_bootstrap_over_seeds_separates_clear_pairs_and_not_overlapping_ones():
     assert claim.resampled.startswith("seeds only")
     assert claim.pair_support[("a", "b")] == 1.0
     assert 0.1 < claim.pair_support[("c", "d")] < 0.7     # not established either way
-    keep, rev = claim.established()
-    assert ("a", "b") in keep and ("c", "d") not in keep + rev
+    keep, rev, tied = claim.established()
+    assert ("a", "b") in keep and ("c", "d") not in keep + rev + tied
     assert claim.kept == 5 and claim.reversed == 1
 
 
@@ -129,6 +129,16 @@ def test_near_chance_rows_tie():
     a, b = RowRuns("a", 1.0, [88.0]), RowRuns("b", 2.0, [89.5])
     claim = ordering_claim([a, b], replicates=10)
     assert (claim.kept, claim.reversed, claim.tied) == (0, 0, 1)
+
+
+def test_a_pair_tied_at_chance_in_every_replicate_is_established_tied_not_reversed():
+    from gradflow.experiments.claims import claim_lines
+    rows = [RowRuns("a", 1.0, [20.0, 21.0, 22.0]), RowRuns("b", 2.0, [88.0, 89.0, 90.0]),
+            RowRuns("c", 3.0, [89.5, 88.5, 90.0])]      # b and c: near chance in every redraw of the seeds
+    claim = ordering_claim(rows, replicates=200)
+    keep, rev, tied = claim.established()
+    assert keep == [("a", "b"), ("a", "c")] and rev == [] and tied == [("b", "c")]
+    assert "2 pair(s) kept, 0 reversed and 1 tied (both near chance)" in claim_lines({"": claim})[0]
 
 
 def test_claim_line_states_the_exact_p_and_what_was_resampled():

@@ -53,6 +53,7 @@ class Claim:
     p_method: str
     kept_interval: tuple
     pair_support: dict            # (better in the paper, worse in the paper) -> P(order holds here)
+    pair_reversed: dict           # the same pairs -> P(order reversed here); the rest of 1 is P(tied)
     resampled: str                # what the bootstrap redrew
     replicates: int
 
@@ -60,11 +61,12 @@ class Claim:
     def pairs(self) -> int:
         return self.kept + self.reversed + self.tied
 
-    def established(self) -> tuple[list, list]:
-        """Pairs whose order (kept, reversed) holds in >= 97.5% of the replicates."""
+    def established(self) -> tuple[list, list, list]:
+        """Pairs kept, reversed and tied (both near chance) in >= 97.5% of the replicates each."""
         keep = [p for p, s in self.pair_support.items() if s >= ESTABLISHED]
-        rev = [p for p, s in self.pair_support.items() if s <= 1 - ESTABLISHED]
-        return keep, rev
+        rev = [p for p, s in self.pair_reversed.items() if s >= ESTABLISHED]
+        tied = [p for p, s in self.pair_support.items() if 1 - s - self.pair_reversed[p] >= ESTABLISHED]
+        return keep, rev, tied
 
 
 def _clip(v: float, chance: float) -> float:
@@ -111,7 +113,7 @@ def ordering_claim(rows: list[RowRuns], replicates: int = 2000, seed: int = 0) -
     pairs = [(a, b) for a, b in itertools.combinations(range(len(rows)), 2) if paper[a] != paper[b]]
     pairs = [(a, b) if paper[a] < paper[b] else (b, a) for a, b in pairs]
     rng = np.random.default_rng(seed)
-    counts, hold = [], np.zeros(len(pairs))
+    counts, hold, flip = [], np.zeros(len(pairs)), np.zeros(len(pairs))
     for _ in range(replicates if (per_image or multi_seed) else 0):
         images = rng.integers(0, n_img, n_img) if per_image else None
         m = _medians(rows, rng, images)
@@ -119,11 +121,14 @@ def ordering_claim(rows: list[RowRuns], replicates: int = 2000, seed: int = 0) -
         counts.append(k)
         for j, (a, b) in enumerate(pairs):
             hold[j] += m[b] > m[a]
+            flip[j] += m[b] < m[a]
     n = len(counts)
     support = {(rows[a].row, rows[b].row): (hold[j] / n if n else float(here[b] > here[a]))
                for j, (a, b) in enumerate(pairs)}
+    against = {(rows[a].row, rows[b].row): (flip[j] / n if n else float(here[b] < here[a]))
+               for j, (a, b) in enumerate(pairs)}
     interval = percentile_interval(counts) if n else (float(kept), float(kept))
-    return Claim([r.row for r in rows], kept, rev, tied, p, how, interval, support, resampled, n)
+    return Claim([r.row for r in rows], kept, rev, tied, p, how, interval, support, against, resampled, n)
 
 
 def claim_lines(claims: dict) -> list[str]:
@@ -133,7 +138,7 @@ def claim_lines(claims: dict) -> list[str]:
         where = f" ({panel})" if panel else ""
         if c.pairs == 0:
             continue
-        keep, rev = c.established()
+        keep, rev, tied = c.established()
         lo, hi = c.kept_interval
         sig = c.p_value < 0.05
         out.append(
@@ -141,9 +146,11 @@ def claim_lines(claims: dict) -> list[str]:
             f"rows keeps as many with p = {c.p_value:.3g} ({c.p_method}): "
             + ("the agreement is unlikely by chance" if sig else "NOT distinguishable from a random ordering")
             + f". Bootstrap over {c.resampled}" + (f", {c.replicates} replicates: count in [{lo:.0f}, {hi:.0f}] "
-                                                   f"(95%); {len(keep)} pair(s) kept and {len(rev)} reversed in "
-                                                   f"at least {ESTABLISHED:.1%} of them, the other "
-                                                   f"{c.pairs - len(keep) - len(rev)} not established either way"
+                                                   f"(95%); {len(keep)} pair(s) kept, {len(rev)} reversed and "
+                                                   f"{len(tied)} tied (both near chance) in at least "
+                                                   f"{ESTABLISHED:.1%} of them each, the other "
+                                                   f"{c.pairs - len(keep) - len(rev) - len(tied)} not "
+                                                   "established either way"
                                                    if c.replicates else ": no pair is established")
             + ".")
     return out
