@@ -155,6 +155,12 @@ def test_laptop_runs_flag_diverged_runs_at_chance(tmp_path):
     assert "spike" in by_seed.loc[1, "note"]
     assert by_seed.loc[2, "diverged"] and "NaN" in by_seed.loc[2, "note"]
     assert laptop_outcome(runs)["original"] == pytest.approx([55.0, 90.0, 90.0])
+    # Table 2's ResNet-110 original at seed 0 is Table 1's identity row at seed 0: one training seed
+    _run(tmp_path / "table2-laptop" / "runs" / "table2-resnet110-original-seed0", 0, [2.2, 1.4], [0.8, 0.5])
+    runs = laptop_runs(vs, tmp_path)
+    assert len(runs) == 4 and runs["repeat"].sum() == 1
+    assert runs[runs["repeat"]].iloc[0]["row"] == "table2-resnet110-original"
+    assert laptop_outcome(runs)["original"] == pytest.approx([55.0, 90.0, 90.0])
 
 
 def _cli(*args, cwd=None):
@@ -181,8 +187,11 @@ def test_cli_from_a_predictor_table_and_runs(tmp_path):
     for i, v in enumerate(vs):
         for s in range(2):
             e = min(0.3 + 0.05 * i + 0.01 * rng.normal(), 0.85)
-            _run(tmp_path / "runs" / "table2-laptop" / "runs" / f"{v.rows[0]}-seed{s}", s,
-                 [2.0, 1.5, 1.2], [e + 0.1, e + 0.05, e])
+            folder = tmp_path / "runs" / "table2-laptop" / "runs" / f"{v.rows[0]}-seed{s}"
+            if i == len(vs) - 1:             # the worst variant diverges in both seeds: two crosses
+                _run(folder, s, [2.0, float("nan")], [e + 0.1, None], status="diverged")
+            else:
+                _run(folder, s, [2.0, 1.5, 1.2], [e + 0.1, e + 0.05, e])
     from gradflow.cli.trainability import main
     assert main(["table2", "--predictors", str(tmp_path / "p.csv"), "--runs", str(tmp_path / "runs"),
                  "--out", str(tmp_path / "out"), "--replicates", "200"]) == 0
@@ -192,6 +201,7 @@ def test_cli_from_a_predictor_table_and_runs(tmp_path):
     assert (lap["variants"] == 10).all() and (lap["spearman"] > 0.9).all()
     assert (tmp_path / "out" / "trainability.png").stat().st_size > 0
     text = (tmp_path / "out" / "trainability.txt").read_text()
+    assert "2 diverged (counted at chance error)" in text
     assert "laptop: 7 of 7 predictors" in text and "command: python -m gradflow trainability table2" in text
 
 

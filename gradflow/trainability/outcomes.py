@@ -66,7 +66,10 @@ def laptop_runs(vs: list[Variant], runs_dir: Path, scale: str = "laptop") -> pd.
 
     Returns one line per run: ``variant``, ``row``, ``seed``, ``folder``, ``error`` (% test error;
     a run that diverged counts at chance, the error of a network whose outputs are NaN or constant),
-    ``logged_error`` (its last logged one, if any), ``diverged`` (bool) and ``note``.
+    ``logged_error`` (its last logged one, if any), ``diverged`` (bool), ``note`` and ``repeat``: True
+    for a run whose variant already has a run of its seed from another row (Table 1's identity row and
+    Table 2's ResNet-110 original build one network): the same network and seed is not a new training
+    seed, so ``laptop_outcome`` counts it once.
     """
     from gradflow.experiments.results import final_error
     from gradflow.experiments.runner import run_state
@@ -89,8 +92,10 @@ def laptop_runs(vs: list[Variant], runs_dir: Path, scale: str = "laptop") -> pd.
                 lines.append(dict(variant=v.name, row=row, seed=int(m.group(1)), folder=str(folder), error=error,
                                   logged_error=logged, diverged=div.diverged, chance=chance,
                                   note=div.text))
-    return pd.DataFrame(lines, columns=["variant", "row", "seed", "folder", "error", "logged_error", "diverged",
-                                        "chance", "note"])
+    df = pd.DataFrame(lines, columns=["variant", "row", "seed", "folder", "error", "logged_error", "diverged",
+                                      "chance", "note"])
+    df["repeat"] = df.duplicated(["variant", "seed"]).astype(bool)
+    return df
 
 
 def paper_outcome(vs: list[Variant]) -> dict:
@@ -99,5 +104,6 @@ def paper_outcome(vs: list[Variant]) -> dict:
 
 
 def laptop_outcome(runs: pd.DataFrame) -> dict:
-    """{variant: [error % per finished run]}."""
+    """{variant: [error % per training seed]}: one run per seed, a repeat of a seed left out."""
+    runs = runs[~runs["repeat"]] if "repeat" in runs else runs
     return {v: g["error"].tolist() for v, g in runs.groupby("variant", sort=False)}

@@ -57,6 +57,12 @@ def lines(table: pd.DataFrame, notes: list[str], runs: Optional[pd.DataFrame]) -
                 f"{r.predictor} rho {r.spearman:.2f} [{r.spearman_low:.2f}, {r.spearman_high:.2f}] ({r.verdict})"
                 for r in bad.itertuples()))
     if runs is not None and len(runs):
+        rep = runs[runs["repeat"]]
+        if len(rep):
+            out.append(f"{len(rep)} run(s) repeat a seed of their variant from another row (the same network "
+                       "and seed), each counted once: " + "; ".join(
+                           f"{r.row} seed {r.seed}" for r in rep.itertuples()))
+            runs = runs[~runs["repeat"]]
         div = runs[runs["diverged"]]
         n = runs.groupby("variant")["seed"].nunique()
         out.append(f"laptop runs: {len(runs)} finished run(s) of {runs['variant'].nunique()} variant(s), "
@@ -99,9 +105,10 @@ def figure(predictors: pd.DataFrame, outcomes: dict, table: pd.DataFrame, runs: 
             if fail.any():
                 ax.plot(x[fail], y[fail], "v", color="C3", ms=5, label='paper "fail" (>20%)')
             if runs is not None and outcome == "laptop":
-                div = runs[runs["diverged"]]
+                div = runs[runs["diverged"] & ~runs["repeat"]]
                 for k in set(div["variant"]) & set(keys):
-                    ax.plot(x[keys.index(k)], div[div.variant == k]["error"], "x", color="C3", ms=6,
+                    err = div[div.variant == k]["error"].to_numpy(float)     # one cross per run
+                    ax.plot(np.full(len(err), x[keys.index(k)]), err, "x", color="C3", ms=6,
                             label="diverged run")
             r = table[(table.outcome == outcome) & (table.predictor == n)]
             if len(r):
