@@ -92,3 +92,43 @@ def test_paths_of_a_trained_checkpoint_are_named_by_its_run_and_say_its_error(wh
     assert main(["--checkpoint", str(whole.path / "checkpoint.pt"), "--data", str(data), "--batch", "4",
                  "--samples", "2", "--k-step", "4", "--model", "resnet110", "--out", str(tmp_path)]) == 0
     assert "--model resnet110 is not used" in capsys.readouterr().err
+
+
+def test_paths_init_is_the_network_its_trainer_built(data, tmp_path, monkeypatch):
+    """--init rebuilds the run's initialisation; checked against the very model the trainer built
+    (captured as it is created), measured by the path split on the same test images."""
+    import argparse
+    import copy
+    import torch
+    import gradflow.training.loop as loop
+    from gradflow.cli.paths import main
+    from gradflow.experiments.lesion import cifar_test_batches
+    from gradflow.runs.checkpoint import load_checkpoint
+    from gradflow.tracing.paths import path_components
+    built = []
+
+    def recording(*a, **kw):
+        m = create(*a, **kw)
+        if not any(p.is_meta for p in m.parameters()):
+            built.append(copy.deepcopy(m))
+        return m
+    create = loop.create_model
+    monkeypatch.setattr(loop, "create_model", recording)
+    run_training(cfg(data, tmp_path, run_name="seeded", seed=3, stop=4, probe_every=0, probe_paths=0))
+    monkeypatch.undo()
+    assert len(built) == 1
+    run = tmp_path / "seeded"
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--data", str(data), "--batch", "4", "--init",
+                 "--samples", "2", "--k-step", "4", "--out", str(tmp_path / "f")]) == 0
+    _, info = load_checkpoint(run)
+    ns = argparse.Namespace(synthetic=False, data=str(data), no_verify=True, test_images=4, batch_size=4)
+    x, y = cifar_test_batches(info, ns, torch.device("cpu"))[0][0]
+    want = path_components(built[0].train(), x, y=y).table
+    want = want[(want["unit"] == want["unit"].min()) & (want["k"] >= 0)].sort_values("k")
+    got = pd.read_csv(tmp_path / "f" / "paths_seeded-init.csv").sort_values("k")
+    np.testing.assert_allclose(got["norm"], want["norm"], rtol=1e-5)
+    trained = pd.read_csv(tmp_path / "f" / "paths_seeded.csv").sort_values("k")
+    assert not np.allclose(trained["norm"], got["norm"], rtol=1e-3)        # four steps moved it
+    caption = (tmp_path / "f" / "paths_seeded-init_contribution.txt").read_text()
+    assert "at initialisation" in caption and "torch.manual_seed(3)" in caption
+    assert main(["--init", "--out", str(tmp_path / "g")]) == 2                # no run to rebuild

@@ -47,6 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-step", type=int, default=1, help="sample every k-step-th path length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="measure the paths of this trained run (on its test images, train-mode BN)")
+    p.add_argument("--init", action="store_true",
+                   help="with --checkpoint: also measure the run's own initialisation (rebuilt as its trainer "
+                        "built it: torch.manual_seed(seed), then create_model) on the same images, as NAME-init")
     p.add_argument("--run", help="a run folder trained with --probe-every and --probe-paths: draw its "
                                  "paths.csv (the path-length split along training) and nothing else")
     p.add_argument("--lesion", help="a trained residual run folder: also draw the lesion curves")
@@ -108,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"data {cfg.get('data')}; the probe's batch is the training batch of that iteration, "
                   "train-mode BN, mean cross-entropy"])
             return 0
+        if args.init and not args.checkpoint:
+            raise GradflowError("--init measures a trained run's own initialisation: it needs --checkpoint RUN")
         torch.manual_seed(args.seed)
         err = None
         if args.checkpoint:
@@ -127,11 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # status is of this very checkpoint, says how well trained the network is
             name = ckpt.parent.name if ckpt.name == "checkpoint.pt" else ckpt.stem
             err = status.get("test_error") if status.get("iteration") == info.get("step") else None
+            images = f"its first {args.batch} test images, train mode (BN batch statistics), mean cross-entropy"
             made = (f"the trained run {args.checkpoint} ({info.get('model')} {info.get('options')}, "
                     f"{info.get('step')} iterations"
                     + (f", test error {100 * err:.1f}%" if isinstance(err, (int, float)) else
                        ", test error not recorded for this checkpoint")
-                    + f"), its first {args.batch} test images, train mode (BN batch statistics), mean cross-entropy")
+                    + f"), {images}")
             if args.model is not None:
                 print(f"gradflow paths: --model {args.model} is not used: the network is the checkpoint's "
                       f"({info.get('model')})", file=sys.stderr)
@@ -145,33 +151,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             made = (f"made at initialisation (He init, seed {args.seed}), batch {args.batch} of N(0,1) images "
                     f"[{args.batch}, 3, 32, 32], uniform labels, train mode (BN batch statistics), mean "
                     f"cross-entropy; create_model({args.model!r})")
-        exact = path_components(model, x, y=y).table
-        n = int(exact["n_units"].max())
-        sampled = sample_paths(model, x, y=y, ks=range(0, n + 1, args.k_step), samples=args.samples, seed=args.seed)
-        r = effective_range(exact)
-        rv = effective_range(sampled.assign(unit=0, n_units=n), column="total")
-        setup = f"{made}; n = {n} units; gradients at the first unit's input"
-        numbers = (f"exact: 90% of sum_k ||g^(k)|| on k = {r['lo']}-{r['hi']} (peak {r['peak']}, "
-                   f"{100 * r['path_share']:.3g}% of all paths); Veit's estimate: k = {rv['lo']}-{rv['hi']} "
-                   f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
-        from gradflow.experiments.veit import lesion_lines, path_lines
-        trained = f"{info.get('step')} training iterations" if args.checkpoint else None
-        findings = path_lines(exact, sampled, n, args.samples, trained,
-                              100 * err if args.checkpoint and isinstance(err, (int, float)) else None)
-        tag = f"paths_{name}"
-        save(path_length_distribution({name: n}), f"{tag}_length_distribution",
-             [f"share of the 2^{n} paths through k residual branches, C(n,k)/2^n (Veit Fig. 6a)."])
-        save(gradient_per_length(exact, sampled, name), f"{tag}_gradient_per_path",
-             ["gradient norm of one path by length k (Veit Fig. 6b): his sampling estimate "
-              f"({args.samples} sampled paths per k: k random units pass the gradient through their branch "
-              "only, the others through their shortcut only) beside the exact ||g^(k)|| / C(n,k).", setup,
-              *findings])
-        save(contribution_by_length(exact, sampled, name), f"{tag}_contribution",
-             ["gradient by path length (Veit Fig. 6c): sampled path norm x C(n,k) beside the exact ||g^(k)||, "
-              "which includes the cancellation between paths.", numbers, setup, *findings])
-        save(spectrum_by_unit(exact, name), f"{tag}_spectrum",
-             ["exact ||g_l^(k)|| / ||dE/dx_l|| for every unit l and path length k.", setup])
-        atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
+        nets = [(model, name, made, f"{info.get('step')} training iterations" if args.checkpoint else None,
+                 100 * err if args.checkpoint and isinstance(err, (int, float)) else None)]
+        if args.init:
+            torch.manual_seed(int(info["config"]["seed"]))       # as gradflow.training.loop builds it
+            init = create_model(info["model"], **info["options"]).train()
+            nets.append((init, f"{name}-init", f"the same run's network at initialisation (torch.manual_seed("
+                         f"{info['config']['seed']}), then create_model({info['model']!r}, **{info['options']}), "
+                         f"as its trainer built it), {images}",
+                         None, None))
+        for model, name, made, trained, error in nets:
+            exact = path_components(model, x, y=y).table
+            n = int(exact["n_units"].max())
+            sampled = sample_paths(model, x, y=y, ks=range(0, n + 1, args.k_step), samples=args.samples, seed=args.seed)
+            r = effective_range(exact)
+            rv = effective_range(sampled.assign(unit=0, n_units=n), column="total")
+            setup = f"{made}; n = {n} units; gradients at the first unit's input"
+            numbers = (f"exact: 90% of sum_k ||g^(k)|| on k = {r['lo']}-{r['hi']} (peak {r['peak']}, "
+                       f"{100 * r['path_share']:.3g}% of all paths); Veit's estimate: k = {rv['lo']}-{rv['hi']} "
+                       f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
+            from gradflow.experiments.veit import lesion_lines, path_lines
+            findings = path_lines(exact, sampled, n, args.samples, trained, error)
+            tag = f"paths_{name}"
+            save(path_length_distribution({name: n}), f"{tag}_length_distribution",
+                 [f"share of the 2^{n} paths through k residual branches, C(n,k)/2^n (Veit Fig. 6a)."])
+            save(gradient_per_length(exact, sampled, name), f"{tag}_gradient_per_path",
+                 ["gradient norm of one path by length k (Veit Fig. 6b): his sampling estimate "
+                  f"({args.samples} sampled paths per k: k random units pass the gradient through their branch "
+                  "only, the others through their shortcut only) beside the exact ||g^(k)|| / C(n,k).", setup,
+                  *findings])
+            save(contribution_by_length(exact, sampled, name), f"{tag}_contribution",
+                 ["gradient by path length (Veit Fig. 6c): sampled path norm x C(n,k) beside the exact ||g^(k)||, "
+                  "which includes the cancellation between paths.", numbers, setup, *findings])
+            save(spectrum_by_unit(exact, name), f"{tag}_spectrum",
+                 ["exact ||g_l^(k)|| / ||dE/dx_l|| for every unit l and path length k.", setup])
+            atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
         if args.lesion:
             from gradflow.runs.checkpoint import load_checkpoint
             from gradflow.experiments.lesion import cifar_test_batches, lesion_study, plain_blocks
