@@ -71,11 +71,12 @@ from gradflow.tracing.parts import Runner, forward_runs_parts, run_parts
 from gradflow.tracing import stats
 from gradflow.tracing.check import Uncopyable, compare, describe, reference_output
 from gradflow.tracing.discover import PartsSpec, UnitInfo, UnitsSpec, plan_units
-from gradflow.tracing.quantities import Backward, Forward, Quantity, Weights, resolve
+from gradflow.tracing.quantities import Backward, Forward, Quantity, resolve
 from gradflow.tracing.paths.carrier import PathTracker
 from gradflow.tracing.schedule import as_schedule
 from gradflow.tracing.carry import DirectCarrier, _exp
 from gradflow.tracing.records import Call, Micro, _Entry
+from gradflow.tracing.weightstats import WeightStats
 from gradflow.tracing.writer import TableWriter
 from gradflow.tracing.distributed import ranks_for
 
@@ -186,8 +187,7 @@ class Tracer(TableWriter, DirectCarrier):
         self._q_before = [q for q in self._q_fwd if type(q).before is not Quantity.before]
         self._q_early = [q for q in self._q_fwd if q.early]
         self._q_bwd = [q for q in self.quantities if q.needs in ("grad", "split")]
-        self._weight_quantities = [q for q in self.quantities if q.needs == "weights"]
-        self._update_quantities = [q for q in self.quantities if q.needs == "update"] if optimizer is not None else []
+        self._weights = WeightStats(self.quantities, optimizer is not None)
         self._columns = tuple(c for q in self.quantities for c in q.columns)
         self._scalar_cols = tuple(c for q in self.quantities for c in q.scalars)
         self.sinks = list(sinks)
@@ -211,9 +211,6 @@ class Tracer(TableWriter, DirectCarrier):
         self._groups: list[_Group] = []
         self._warned: set = set()
         self._stages_done = False
-        self._step_w: dict = {}     # optimizer mode: id(info) -> weight reductions of this step
-        self._before: dict = {}     # id(param) -> its value before the update
-        self._updated = False
         self._attached = False
         self._in_model = 0          # depth of the traced model's forward calls running now
 
@@ -377,7 +374,7 @@ class Tracer(TableWriter, DirectCarrier):
 
         def update(*args, **kwargs):
             out = original(*args, **kwargs)
-            self._close_step(skipped=not self._updated)
+            self._close_step(skipped=not self._weights.updated)
             return out
         scaler.update = update
 
@@ -387,7 +384,7 @@ class Tracer(TableWriter, DirectCarrier):
         self.step = step
         self._recording = bool(self.schedule(step))
         self._n_micro = self._n_eval = 0
-        self._step_w, self._before, self._updated = {}, {}, False
+        self._weights.reset()
 
     def _on_model_forward(self, module, args) -> None:
         self._open_micro()
@@ -471,33 +468,13 @@ class Tracer(TableWriter, DirectCarrier):
         self._begin_step(self.step + 1)
 
     def _on_opt_pre(self, opt, args, kwargs) -> None:
-        if not (self._recording and any(m.step == self.step for m in self._open)):
-            return
-        self._step_w = self._weight_stats(self._weight_quantities, None)
-        if self._update_quantities:
-            self._before = {id(p): p.detach().clone() for g in self._groups for ps in g.params
-                            for p in ps or ()}
+        if self._recording and any(m.step == self.step for m in self._open):
+            self._weights.before_update(self._groups, self.step)
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
-        self._updated = True
-        if self._before:
-            upd = self._weight_stats(self._update_quantities, self._before)
-            for k, v in upd.items():
-                self._step_w.setdefault(k, {}).update(v)
-            self._before = {}
+        self._weights.after_update(self._groups, self.step)
         if self.scaler is None:
             self._close_step()
-
-    def _weight_stats(self, qs, before: Optional[dict]) -> dict:
-        """id(info) -> the weight quantities of each unit; each quantity sees all units at once."""
-        ts = [Weights(ps, self.step, info, [before[id(p)] for p in ps] if before is not None else None)
-              for g in self._groups for info, ps in zip(g.infos, g.params) if ps is not None]
-        out: dict = {id(t.info): {} for t in ts}
-        for q in qs:
-            if q.should_compute(self.step):
-                for t, st in zip(ts, q.weights_all(ts)):
-                    out[id(t.info)].update(st)
-        return out
 
     # -- forward ----------------------------------------------------------------------
 
@@ -670,12 +647,12 @@ class Tracer(TableWriter, DirectCarrier):
         for m in touched:
             p = m.passes[self._bw_id]
             m.done.append(p)
-            if self.optimizer is None and self._weight_quantities:
+            if self.optimizer is None and self._weights.weight_quantities:
                 if self._ranks is None:
-                    m.weights[p] = self._weight_stats(self._weight_quantities, None)
+                    m.weights[p] = self._weights.measure(self._groups, self.step)
                 else:   # after DDP's (or FSDP's) own end-of-backward callback has reduced the gradients
                     torch.autograd.Variable._execution_engine.queue_callback(
-                        lambda m=m, p=p: m.weights.__setitem__(p, self._weight_stats(self._weight_quantities, None)))
+                        lambda m=m, p=p: m.weights.__setitem__(p, self._weights.measure(self._groups, self.step)))
         self._bw_id += 1
         self._buffers.clear()
 

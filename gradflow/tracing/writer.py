@@ -78,7 +78,7 @@ class TableWriter:
         none: dict = {}
         for p in passes:
             start = len(rows)
-            w = m.weights.get(p, none) if self.optimizer is None else self._step_w if m.phase == "train" else none
+            w = m.weights.get(p, none) if self.optimizer is None else self._weights.step_stats if m.phase == "train" else none
             for c in calls:   # a row's dicts in order (later ones win a name, as a merged dict would)
                 rows.append((c.fwd, c.bwd.get(p, none) if p is not None else none))
                 scalars.append((c.scalars, w.get(id(c.info), none)))
