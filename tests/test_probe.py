@@ -442,3 +442,25 @@ def test_compare_sets_come_from_the_one_paper_table():
     rows = [r for r in paper_rows("1") if not r.sweep]
     assert list(t1) == [r.label for r in rows] and len(t1) == 10
     assert {c.label for c in table_configs("1")} == {r.label for r in paper_rows("1")}
+
+
+@pytest.mark.parametrize("model, options, compared", [
+    ("resnet20", dict(unit="full_preact"), True),       # pre-activation units, BatchNorm: De & Smith's case
+    ("resnet20", dict(unit="original"), False),         # ReLU after the addition
+    ("gpt-tiny", dict(unit="pre_ln", n_layer=4), False),  # pre-activation, but LayerNorm
+])
+def test_variance_verdict_compares_de_and_smith_only_where_it_applies(model, options, compared):
+    from gradflow.probe.report import verdicts
+    extra = dict(seq_len=16) if model.startswith("gpt") else {}
+    res = run_probe(ProbeConfig(model=model, options=options, batch_size=4, progress=False, **extra))
+    v = next(iter(res.variants.values()))
+    text = verdicts(v.summary, v.units, v.analysis)["variance"]
+    if not compared:
+        assert "not compared" in text and "holds" not in text
+        return
+    # the zoo table's rule (gradflow.probe.zoo) on the same fit: a line, better than an exponential
+    from gradflow.probe.report import FIT_R2
+    fit = v.summary["variance"]
+    holds = fit["better_fit"] == "linear" and fit["linear"]["r2"] >= FIT_R2
+    assert "De & Smith 2020's line for pre-activation BN nets" in text
+    assert text.endswith("holds") == holds and text.endswith("does NOT hold") == (not holds)

@@ -353,7 +353,14 @@ def verdicts(summary: dict, units: pd.DataFrame, analysis: Optional[dict] = None
         else:
             out["variance"] = (f"Var(x_l) within stages: {v['better_fit']} fits better ({r2})" if best >= FIT_R2
                                else f"Var(x_l) within stages: neither a line nor an exponential fits ({r2})")
-        out["variance"] += "; De & Smith 2020: linear in pre-activation BN nets"
+        preact = "f_identity" in df and bool((df["f_identity"] == 1).all())
+        if preact and (analysis or {}).get("batchnorm"):
+            line = v["better_fit"] == "linear" and v["linear"]["r2"] >= FIT_R2   # the zoo table's rule
+            out["variance"] += ("; De & Smith 2020's line for pre-activation BN nets "
+                                + ("holds" if line else "does NOT hold"))
+        else:
+            out["variance"] += ("; De & Smith 2020's linear law is for pre-activation units with BatchNorm, "
+                                "which this network does not have: not compared")
     c = summary.get("cancel_frac_max") if summary else None
     if split and c is not None and math.isfinite(c):
         out["cancel"] = ("in no sample does the residual term cancel the direct one (||dE/dx_l|| >= "

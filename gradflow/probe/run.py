@@ -170,6 +170,8 @@ def probe_model(built: BuiltModel, inputs: Inputs, cfg: ProbeConfig, device: tor
     units = predict_total(median_ratios(predict_direct(units) if "direct_ratio" in units else units))
     units = _with_direct_share(units, samples)
     analysis = dict(batch=batch_size(samples), degenerate=degenerate_samples(samples, units),
+                    batchnorm=any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                  for m in built.module.modules()),
                     fits={"total": profile_fits(samples, units, "grad_norm", seed=cfg.seed)})
     timings = dict(build=build_s, steps=traced.step_s, tables=time.perf_counter() - t0)
     return VariantResult(label, built.name, built.options, built.source, units.reset_index(drop=True),
