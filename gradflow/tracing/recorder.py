@@ -76,6 +76,7 @@ from gradflow.tracing.paths.carrier import PathTracker
 from gradflow.tracing.schedule import as_schedule
 from gradflow.tracing.carry import DirectCarrier, _exp
 from gradflow.tracing.records import Call, Micro, _Entry
+from gradflow.tracing.clock import StepClock
 from gradflow.tracing.weightstats import WeightStats
 from gradflow.tracing.writer import TableWriter
 from gradflow.tracing.distributed import ranks_for
@@ -195,14 +196,9 @@ class Tracer(TableWriter, DirectCarrier):
         self.check = check
         self.gather = gather
         self._ranks = None          # under a process group: joins the ranks' rows (set at attach)
-        self.step = -1              # index of the current step
         self.tensors: dict = {}     # keep= tensors
         self._frames: deque = deque()   # (step, units, samples) of written steps
-        self._micro: Optional[Micro] = None
-        self._fresh: Optional[Micro] = None   # opened by new_micro(), not yet joined by a forward
-        self._open: list[Micro] = []    # recorded micro-batches not written yet
-        self._n_micro = self._n_eval = 0
-        self._recording = False
+        self._clock = StepClock(self.schedule, _MAX_PENDING)   # steps and micro-batches
         self._busy = False          # inside our own re-entrant autograd.grad
         self._in_bw, self._bw_id, self._touched = False, 0, []
         self._handles: list = []
@@ -292,8 +288,8 @@ class Tracer(TableWriter, DirectCarrier):
         self._unpatch()
         was = self._attached
         self._attached = False
-        self._write([m for m in self._open], final=True)
-        self._micro = None
+        self._write([m for m in self._clock.open], final=True)
+        self._clock.micro = None
         if was:
             for s in self.sinks:
                 if hasattr(s, "close"):
@@ -330,9 +326,9 @@ class Tracer(TableWriter, DirectCarrier):
             if _in_backward():          # activation checkpointing re-running the unit
                 tracer._recomputed(group)
                 return original(*args, **kwargs)
-            if tracer._micro is None:   # a unit called before any forward of the model itself
+            if tracer._clock.micro is None:   # a unit called before any forward of the model itself
                 tracer._open_micro()
-            if not tracer._recording:
+            if not tracer._clock.recording:
                 return original(*args, **kwargs)
             return tracer._run_module(group, original, args, kwargs)
 
@@ -359,7 +355,7 @@ class Tracer(TableWriter, DirectCarrier):
             return
         ids = {id(i) for i in group.infos}
         if any(not c.expects_grad and id(c.info) in ids and m.phase == "train"
-               for m in self._open for c in m.calls):
+               for m in self._clock.open for c in m.calls):
             self._warn("reentrant", f"unit {group.infos[0].name!r} ran its forward under no_grad and again "
                        "inside the backward pass (activation checkpointing with use_reentrant=True): "
                        "dE/dx_l and the split of checkpointed units (and dE/dx_L after a checkpointed last unit) "
@@ -380,10 +376,13 @@ class Tracer(TableWriter, DirectCarrier):
 
     # -- steps --------------------------------------------------------------------------
 
+    @property
+    def step(self) -> int:
+        """The index of the current step (-1 before the first)."""
+        return self._clock.step
+
     def _begin_step(self, step: int) -> None:
-        self.step = step
-        self._recording = bool(self.schedule(step))
-        self._n_micro = self._n_eval = 0
+        self._clock.begin(step)
         self._weights.reset()
 
     def _on_model_forward(self, module, args) -> None:
@@ -393,7 +392,7 @@ class Tracer(TableWriter, DirectCarrier):
     def _on_model_forward_end(self, module, args, output) -> None:
         """dE/dx_L arrives at the last unit's output: hook it once the model's forward is done."""
         self._in_model = max(0, self._in_model - 1)
-        m = self._micro
+        m = self._clock.micro
         if not self._in_model and m is not None and m.top_pending is not None:
             self._hook_top(m)
 
@@ -404,11 +403,11 @@ class Tracer(TableWriter, DirectCarrier):
         so it works whether or not the training code calls the traced module itself.
         """
         self._open_micro()
-        self._fresh = self._micro
+        self._clock.fresh = self._clock.micro
 
     def _open_micro(self) -> None:
-        m, train = self._micro, torch.is_grad_enabled()
-        fresh, self._fresh = self._fresh, None
+        m, train = self._clock.micro, torch.is_grad_enabled()
+        fresh, self._clock.fresh = self._clock.fresh, None
         if m is not None:
             m.entries.clear()      # inputs of the last forward that no unit claimed
             if m.top_pending is not None:
@@ -421,14 +420,7 @@ class Tracer(TableWriter, DirectCarrier):
         elif self.step < 0:
             self._begin_step(0)
         self._write_complete()
-        n = self._n_micro if train else self._n_eval
-        if train:
-            self._n_micro += 1
-        else:
-            self._n_eval += 1
-        self._micro = Micro(self.step, n, "train" if train else "eval")
-        if self._recording:
-            self._open.append(self._micro)
+        self._clock.new_micro(train)
 
     def next_step(self) -> None:
         """Close the current step and open the next one.
@@ -445,30 +437,24 @@ class Tracer(TableWriter, DirectCarrier):
 
     def _write_complete(self) -> None:
         """Write the micro-batches that are complete (and bound how many wait)."""
-        if self.optimizer is None:
-            ready = [m for m in self._open if m.complete]
-        else:
-            ready = [m for m in self._open if m.phase == "eval"]
-        waiting = [m for m in self._open if m not in ready]
-        if len(waiting) > _MAX_PENDING:
-            ready += waiting[:len(waiting) - _MAX_PENDING]
+        ready = self._clock.ready(per_forward=self.optimizer is None)
         if ready:
             self._write(ready, final=True)
 
     def _close_step(self, skipped: bool = False) -> None:
         """Optimizer mode: the step's update happened (or was skipped); write its rows."""
-        mine = [m for m in self._open if m.step == self.step]
+        mine = self._clock.of_step()
         for m in mine:
             m.skipped = skipped
         if skipped and mine:
             self._warn("skipped", f"step {self.step}: the optimizer's update was skipped (GradScaler "
                        "found inf/NaN gradients); its rows are kept with skipped=True")
         self._write(mine, final=True)
-        self._micro = None
+        self._clock.micro = None
         self._begin_step(self.step + 1)
 
     def _on_opt_pre(self, opt, args, kwargs) -> None:
-        if self._recording and any(m.step == self.step for m in self._open):
+        if self._clock.recording and any(m.step == self.step for m in self._clock.open):
             self._weights.before_update(self._groups, self.step)
 
     def _on_opt_post(self, opt, args, kwargs) -> None:
@@ -513,7 +499,7 @@ class Tracer(TableWriter, DirectCarrier):
         return out
 
     def _new_call(self, info: UnitInfo, group: _Group, parts, args: tuple) -> Call:
-        m = self._micro
+        m = self._clock.micro
         return Call(info, len(m.calls), m, group.module, parts, args)
 
     def _forward_stats(self, call: Call, t: Forward) -> None:
@@ -528,8 +514,8 @@ class Tracer(TableWriter, DirectCarrier):
         """Take x_l as a unit (or a block of units) is entered: the ``early`` quantities, the
         gradient hook and the graph edge, before the unit can change x in place, and while x
         is still in cache. A unit whose input is this very tensor claims it (``_take_entry``)."""
-        m = self._micro
-        if not (self._recording and isinstance(x, Tensor)) or m is None:
+        m = self._clock.micro
+        if not (self._clock.recording and isinstance(x, Tensor)) or m is None:
             return None
         e, version = m.entries.get(id(x)), _version(x)
         if e is not None and e.x is x and e.version == version:

@@ -224,7 +224,7 @@ class Watch(TorchFunctionMode):
         if not self._entered:
             self._entered = True
             self.__enter__()
-        if torch.is_grad_enabled() and self.tracer._recording:
+        if torch.is_grad_enabled() and self.tracer._clock.recording:
             return tree_map(_leaf, (tuple(args), dict(kwargs)))
         return None
 
@@ -258,7 +258,7 @@ class Watch(TorchFunctionMode):
 
     def _live(self) -> bool:
         tr = self.tracer
-        return tr._recording and tr._micro is not None
+        return tr._clock.recording and tr._clock.micro is not None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -32,8 +32,8 @@ class TableWriter:
                 if m.top_handle is not None:
                     m.top_handle.remove()
                     m.top_handle = None
-                if m in self._open:
-                    self._open.remove(m)
+                if m in self._clock.open:
+                    self._clock.open.remove(m)
             if m.calls:
                 frames.append(self._tables(m, final))
             if final:
@@ -136,7 +136,7 @@ class TableWriter:
     def _all(self, which: int) -> pd.DataFrame:
         frames = [f[which] for f in self._frames]
         if self.optimizer is None:   # complete micro-batches not written yet: shown, not closed
-            ready = [m for m in self._open if m.complete and m.calls]
+            ready = [m for m in self._clock.open if m.complete and m.calls]
             if ready and self._ranks is not None:   # joining them is a collective every rank must call
                 self._warn("unjoined", "under a process group a step's rows are shown once written (at the "
                            "next forward of the model, or when the trace detaches): joining the ranks' rows "
