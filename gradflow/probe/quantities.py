@@ -9,11 +9,13 @@
   estimate of tr(J_l J_l^T) / n_out whose relative spread is about
   sqrt(2 / n_out) (under 1% for a CIFAR feature map of a batch of 16). The
   isotropy prediction multiplies sqrt(gain_sq) along depth
-  (:func:`gradflow.theory.total.isotropy_total`). Cost: one more forward of
-  the unit and one vjp, before the traced forward; buffers and the RNG are
-  restored, so the traced step is the step it would have been.
+  (:func:`gradflow.theory.total.isotropy_total`). Cost: one vjp per unit
+  through the graph the traced forward has just recorded (``Forward.vjp``):
+  no second forward, the same BN batch statistics and dropout masks, and no
+  buffer or RNG touched.
 
-Units without callable parts, or called with extra arguments, get NaN.
+Units without callable parts, called with extra arguments, or run without
+gradients get NaN.
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ import zlib
 
 import torch
 
-from gradflow.utils.state import device_generator, untouched
-from gradflow.tracing.parts import run_parts
 from gradflow.tracing.quantities import Forward, Quantity
 
 
@@ -46,20 +46,15 @@ class Gain(Quantity):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def before(self, t: Forward) -> dict:
-        if t.parts is None or t.is_top or t.args:
+    def forward(self, t: Forward) -> dict:
+        if t.parts is None or t.is_top or t.args or t.vjp is None:
             return {}
-        x = t.x.detach()
+        out = t.out
         name = getattr(t.info, "name", "")
-        gen = torch.Generator(device=x.device)
+        gen = torch.Generator(device=out.device)
         gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        with untouched(t.module, x.device), torch.enable_grad(), \
-                torch.autocast(x.device.type, enabled=False):
-            xi = x.clone().requires_grad_()
-            device_generator(x.device).manual_seed(self.seed)  # dropout shortcuts: a mask like the traced one's
-            out = run_parts(t.parts, xi)
-            u = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-            (v,) = torch.autograd.grad(out, xi, u)
+        u = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        v = t.vjp(u)
         # norms accumulated in float64 without a float64 copy of either tensor
         num = torch.linalg.vector_norm(v, dtype=torch.float64)
         den = torch.linalg.vector_norm(u, dtype=torch.float64)

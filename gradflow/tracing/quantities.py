@@ -6,7 +6,8 @@ A :class:`Quantity` says *what* it reduces, on *which* tensor and *when*:
   unit themselves, as :class:`Spectra` does: after the forward, restoring
   buffers would break the backward);
 * ``forward(t)`` at each unit's call, with the unit's tensors (``t.x``, ``t.z``,
-  ``t.h``, ``t.r``, ``t.y``, ``t.out``, ``t.coef``; ``t.h`` is None for units
+  ``t.h``, ``t.r``, ``t.y``, ``t.out``, ``t.coef``, and ``t.vjp(u)``: J_l^T u
+  through the graph the unit just recorded; ``t.h`` is None for units
   known only by input and output, and for the ``x_L`` row, where ``t.is_top``);
   a quantity that reads only ``t.x`` says ``early = True`` and is computed as
   the unit is entered, while x_l is still in cache, instead of after its branch;
@@ -78,6 +79,8 @@ class Forward:
     args: tuple = ()
     is_top: bool = False
     stats: dict = field(default_factory=dict)   # reductions made so far for this row
+    vjp: Any = None     # u -> J_l^T u through the unit's own recorded graph (x_l -> x_{l+1}), the tracer's
+                        # hooks off; None where that graph gives no dE/dx_l (no grad, or outside a forward)
 
 
 @dataclass

@@ -555,15 +555,27 @@ class Tracer(TableWriter, DirectCarrier):
 
     def _tap(self, call: Call, *, x, z, shortcut_in, h, r, y, coef, out) -> None:
         call.x_shape = _shape(x)
+        vjp = None
+        if torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad and out.requires_grad:
+            vjp = lambda u: self._unit_vjp(out, x, u)       # noqa: E731
         self._forward_stats(call, Forward(x=x, step=self.step, info=call.info, module=call.module,
                                           parts=call.parts, z=z, h=h, r=r, y=y, out=out, coef=coef,
-                                          args=call.args))
+                                          args=call.args, vjp=vjp))
         call.coef = coef.detach() if isinstance(coef, Tensor) else float(coef)
         if torch.is_grad_enabled() and self.split and out.requires_grad:
             call.y_edge = get_gradient_edge(y) if y is not out else None
             call.h_edge = get_gradient_edge(h)
             if self._paths is not None:
                 self._paths.on_tap(call, x=x, h=h, r=r, y=y, out=out, coef=coef, parts=call.parts)
+
+    def _unit_vjp(self, out: Tensor, x: Tensor, u: Tensor) -> Tensor:
+        """J^T u of x -> out through the graph recorded so far; the tracer's own hooks stay quiet."""
+        busy, self._busy = self._busy, True
+        try:
+            (v,) = torch.autograd.grad(out, x, u, retain_graph=True, allow_unused=True)
+        finally:
+            self._busy = busy
+        return torch.zeros_like(x) if v is None else v
 
     def _after_unit(self, call: Call, x: Tensor, out: Tensor) -> None:
         m = call.micro
