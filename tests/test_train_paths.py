@@ -117,6 +117,7 @@ def test_paths_init_is_the_network_its_trainer_built(data, tmp_path, monkeypatch
     run_training(cfg(data, tmp_path, run_name="seeded", seed=3, stop=4, probe_every=0, probe_paths=0))
     monkeypatch.undo()
     assert len(built) == 1
+    fresh = copy.deepcopy(built[0])                           # BN's running stats as the trainer made them
     run = tmp_path / "seeded"
     assert main(["--checkpoint", str(run / "checkpoint.pt"), "--data", str(data), "--batch", "4", "--init",
                  "--samples", "2", "--k-step", "4", "--out", str(tmp_path / "f")]) == 0
@@ -132,3 +133,11 @@ def test_paths_init_is_the_network_its_trainer_built(data, tmp_path, monkeypatch
     caption = (tmp_path / "f" / "paths_seeded-init_contribution.txt").read_text()
     assert "at initialisation" in caption and "torch.manual_seed(3)" in caption
     assert main(["--init", "--out", str(tmp_path / "g")]) == 2                # no run to rebuild
+    from gradflow.experiments.lesion import error_rate
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--data", str(data), "--batch", "4", "--init",
+                 "--samples", "2", "--k-step", "4", "--lesion", str(run), "--out", str(tmp_path / "h")]) == 0
+    ns = argparse.Namespace(synthetic=False, data=str(data), no_verify=True, test_images=0, batch_size=500)
+    batches = cifar_test_batches(info, ns, torch.device("cpu"))[0]
+    want = error_rate(fresh, batches)                         # the trainer's own init, on every test image
+    assert f"the same network at initialisation: {want:.1f}% test error" in (
+        tmp_path / "h" / "lesion_curves.txt").read_text()

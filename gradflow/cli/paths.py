@@ -61,6 +61,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _initial(info: dict):
+    """A trained run's network at initialisation, rebuilt as :mod:`gradflow.training.loop` built it."""
+    import torch
+    from gradflow import create_model
+    torch.manual_seed(int(info["config"]["seed"]))
+    return create_model(info["model"], **info["options"])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import platform
     import torch
@@ -154,9 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nets = [(model, name, made, f"{info.get('step')} training iterations" if args.checkpoint else None,
                  100 * err if args.checkpoint and isinstance(err, (int, float)) else None)]
         if args.init:
-            torch.manual_seed(int(info["config"]["seed"]))       # as gradflow.training.loop builds it
-            init = create_model(info["model"], **info["options"]).train()
-            nets.append((init, f"{name}-init", f"the same run's network at initialisation (torch.manual_seed("
+            nets.append((_initial(info).train(), f"{name}-init", f"the same run's network at initialisation (torch.manual_seed("
                          f"{info['config']['seed']}), then create_model({info['model']!r}, **{info['options']}), "
                          f"as its trainer built it), {images}",
                          None, None))
@@ -188,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             atomic_write(out / f"{tag}.csv", lambda f: f.write(compare_table(exact, sampled).to_csv(index=False).encode()))
         if args.lesion:
             from gradflow.runs.checkpoint import load_checkpoint
-            from gradflow.experiments.lesion import cifar_test_batches, lesion_study, plain_blocks
+            from gradflow.experiments.lesion import cifar_test_batches, error_rate, lesion_study, plain_blocks
             if not args.data:
                 raise GradflowError("--lesion needs --data (the CIFAR folder of the runs' test set)")
             ns = argparse.Namespace(synthetic=False, data=args.data, no_verify=True, test_images=args.test_images,
@@ -202,6 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results.append(lesion_study(p, batches, blocks=plain_blocks(p), draws=args.draws, seed=args.seed,
                                             network=pinfo.get("model", "")))
                 runs.append(f"plain: {args.plain} (trained {pinfo.get('step')} iterations)")
+            if args.init:    # the run's network at initialisation (measured by the paths above)
+                init_err = error_rate(_initial(info), batches)   # fresh: the paths moved BN's running stats
+                classes = int(info.get("options", {}).get("num_classes", 10))
+                chance = 100.0 * (1 - 1 / classes)
+                runs.append(f"the same network at initialisation: {init_err:.1f}% test error on these images "
+                            f"(chance {chance:.0f}%); no lesion is drawn for it"
+                            + (": removing a unit from a network at chance cannot test Veit's Fig. 3"
+                               if init_err >= chance - 5 else ""))
             save(lesion_curves(results), "lesion_curves",
                  ["test error with one unit's branch removed, k random units removed "
                   f"({args.draws} draws per k) and same-stage units swapped (Veit Fig. 3, 5a, 5b).",
