@@ -39,8 +39,44 @@ def test_lesion_verdict():
                            "error": [11.0, 10.5, 40.0, 10.8, 11.2, 45.0]})
     line = lesion_lines(single, 10.0, "resnet110", "trained 400 iterations")[0]
     assert " appears" in line and "median +0.90 points" in line and "over 4 units" in line
+    assert "no interval: the per-image results were not kept" in line
     single["error"] = [20.0, 25.0, 40.0, 18.0, 30.0, 45.0]
     assert "does NOT appear" in lesion_lines(single, 10.0, "resnet110", "trained")[0]
+
+
+def _lesioned(n, base_wrong, extra, rng):
+    """Per-image correctness: the intact net wrong on the first base_wrong images; each lesion also
+    wrong on `extra` more images drawn at random from the rest."""
+    intact = np.ones(n, bool)
+    intact[:base_wrong] = False
+    out = {}
+    for u, e in enumerate(extra):
+        c = intact.copy()
+        c[base_wrong + rng.choice(n - base_wrong, size=e, replace=False)] = False
+        out[u] = c
+    return intact, out
+
+
+@pytest.mark.parametrize("extra, n, verdict", [
+    ([3, 5, 4, 6, 2], 1000, " appears"),                     # +0.2 to +0.6 points, 1,000 images
+    ([60, 70, 65, 80, 55], 1000, "does NOT appear"),          # +5.5 to +8 points
+    ([2, 1, 3, 2, 1], 100, "is not established either way"),  # +2 points on 100 images: too few
+])
+def test_lesion_verdict_holds_only_where_its_bootstrap_interval_does(extra, n, verdict):
+    rng = np.random.default_rng(0)
+    intact, lesioned = _lesioned(n, n // 2, extra, rng)
+    err = {u: 100.0 * (~c).mean() for u, c in lesioned.items()}
+    single = pd.DataFrame({"unit": list(err), "removable": True, "downsampling": False, "error": list(err.values())})
+    base = 100.0 * (~intact).mean()
+    line = lesion_lines(single, base, "net", "trained", intact, lesioned, replicates=4000)[0]
+    assert verdict in line
+    lo, hi = (float(v) for v in line.split("95% interval [")[1].split("]")[0].split(", "))
+    median = 100.0 * np.median(extra) / n                     # the rise, exactly
+    assert f"median +{median:.2f} points" in line and lo <= median <= hi
+    # the interval's width is the paired sampling error: for e of n images flipped, the rise's
+    # standard error is about 100 sqrt(e) / n points (Poisson count of the flipped images)
+    se = 100.0 * np.sqrt(np.median(extra)) / n
+    assert se < hi - lo < 6 * se
 
 
 @pytest.mark.slow

@@ -222,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"data: {described}", *runs,
                   *[f"{r.network}: intact {r.baseline:.2f}%; " + "; ".join(r.notes) for r in results],
                   *lesion_lines(results[0].single, results[0].baseline, results[0].network or "the residual net",
-                                f"trained {info.get('step')} iterations")])
+                                f"trained {info.get('step')} iterations", results[0].intact_correct,
+                                results[0].single_correct, seed=args.seed)])
             atomic_write(out / "lesion_curves.csv", lambda f: f.write(
                 pd.concat([r.table() for r in results]).to_csv(index=False).encode()))
     except GradflowError as e:

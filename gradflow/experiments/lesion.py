@@ -141,19 +141,24 @@ def reordered(blocks: Sequence[Lesionable], order: Sequence[int]):
         yield
 
 
-def error_rate(model: nn.Module, batches: Batches) -> float:
-    """Top-1 error in percent over ``batches`` of (images, labels), in eval mode without gradients."""
-    wrong = total = 0
+def correct(model: nn.Module, batches: Batches) -> np.ndarray:
+    """Per test image, whether the top-1 prediction is right (eval mode, no gradients), in batch order."""
+    out = []
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x, y in batches:
-                wrong += (model(x).argmax(1) != y).sum().item()
-                total += len(y)
+                out.append((model(x).argmax(1) == y).cpu().numpy())
     finally:
         model.train(was)
-    return 100.0 * wrong / max(total, 1)
+    return np.concatenate(out) if out else np.zeros(0, bool)
+
+
+def error_rate(model: nn.Module, batches: Batches) -> float:
+    """Top-1 error in percent over ``batches`` of (images, labels), in eval mode without gradients."""
+    right = correct(model, batches)
+    return 100.0 * float((~right).sum()) / max(len(right), 1)
 
 
 def swap_pairs(blocks: Sequence[Lesionable]) -> list[tuple[int, int]]:
@@ -182,6 +187,8 @@ class LesionResult:
     random: pd.DataFrame
     reorder: pd.DataFrame
     notes: list = field(default_factory=list)
+    intact_correct: Optional[np.ndarray] = None   # per test image: right with nothing removed
+    single_correct: dict = field(default_factory=dict)   # unit -> per test image: right with it removed
 
     def table(self) -> pd.DataFrame:
         """All rows in one table with a ``study`` column (single, random, reorder)."""
@@ -219,16 +226,18 @@ def lesion_study(model: nn.Module, batches: Batches, blocks: Optional[list[Lesio
     notes = []
     if any(b.parts is None for b in blocks) and any(b.parts is not None for b in blocks):
         notes.append("units without parts are removed by replacing them with the identity")
-    base = error_rate(model, batches)
+    intact = correct(model, batches)
+    base = 100.0 * float((~intact).sum()) / max(len(intact), 1)
     rng = np.random.default_rng(seed)
-    single_rows = []
+    single_rows, single_correct = [], {}
     if single:
         for i, b in enumerate(blocks):
             row = dict(unit=i, name=b.name, stage=b.stage, downsampling=not b.shape_preserving,
                        removable=b.removable)
             if b.removable:
                 with removed(blocks, [i]):
-                    row["error"] = error_rate(model, batches)
+                    right = single_correct[i] = correct(model, batches)
+                row["error"] = 100.0 * float((~right).sum()) / max(len(right), 1)
             else:
                 row["error"] = float("nan")
             single_rows.append(row)
@@ -259,7 +268,7 @@ def lesion_study(model: nn.Module, batches: Batches, blocks: Optional[list[Lesio
                 reorder_rows.append(dict(swaps=s, draw=d, kendall_tau=kendall_tau(order),
                                          error=error_rate(model, batches)))
     return LesionResult(network or type(model).__name__, base, pd.DataFrame(single_rows),
-                        pd.DataFrame(random_rows), pd.DataFrame(reorder_rows), notes)
+                        pd.DataFrame(random_rows), pd.DataFrame(reorder_rows), notes, intact, single_correct)
 
 
 def cifar_test_batches(info: dict, args, device) -> tuple[list, str]:

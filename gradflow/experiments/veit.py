@@ -94,16 +94,54 @@ def path_lines(exact: pd.DataFrame, sampled: pd.DataFrame, n: int, samples: int,
     return out + (training_caveat(error) if trained else [])
 
 
-def lesion_lines(single: pd.DataFrame, baseline: float, network: str, trained: str) -> list[str]:
-    """Fig. 3/5a on one network: the test error with one unit's branch removed, downsampling apart."""
+def lesion_lines(single: pd.DataFrame, baseline: float, network: str, trained: str,
+                 intact: Optional[np.ndarray] = None, lesioned: Optional[dict] = None,
+                 replicates: int = 2000, seed: int = 0) -> list[str]:
+    """Fig. 3/5a on one network: the test error with one unit's branch removed, downsampling apart.
+
+    Args:
+        single: :func:`gradflow.experiments.lesion.lesion_study`'s single-removal table.
+        baseline: the intact test error (%).
+        network, trained: what the line calls the network and its training.
+        intact, lesioned: per test image, right or not, intact and with each unit removed
+            (``LesionResult.intact_correct``, ``.single_correct``). With them the median rise
+            gets a 95% interval from a paired bootstrap over the test images (one redraw for the
+            intact net and every lesion), and the verdict holds only where the interval does.
+        replicates, seed: the bootstrap's.
+    """
     s = single[single["removable"] & single["error"].notna()]
     if s.empty:
         return [f"{network}: no unit could be removed: Veit's single-lesion finding is not tested."]
     rest = s[~s["downsampling"]]
     rise = rest["error"] - baseline
-    ok = len(rest) > 0 and float(rise.median()) <= SMALL_CHANGE
+    med = float(rise.median()) if len(rest) else float("nan")
+    units = [int(u) for u in rest["unit"]]
+    ci = (_paired_median_rise(intact, [lesioned[u] for u in units], replicates, seed)
+          if intact is not None and lesioned and units and all(u in lesioned for u in units) else None)
+    if ci is None:
+        verdict = "appears" if len(rest) and med <= SMALL_CHANGE else "does NOT appear"
+        spread = "no interval: the per-image results were not kept"
+    else:
+        lo, hi = ci
+        verdict = ("appears" if hi <= SMALL_CHANGE else "does NOT appear" if lo > SMALL_CHANGE
+                   else "is not established either way")
+        spread = (f"95% interval [{lo:+.2f}, {hi:+.2f}] from a paired bootstrap over the {len(intact)} "
+                  f"test images ({replicates} replicates)")
     return [f"Veit Fig. 3 (removing one non-downsampling unit barely changes the error) "
-            f"{'appears' if ok else 'does NOT appear'} on {network} ({trained}): intact {baseline:.2f}%, one unit "
-            f"removed: median +{float(rise.median()):.2f} points (range {float(rise.min()):+.2f} to "
+            f"{verdict} on {network} ({trained}): intact {baseline:.2f}%, one unit "
+            f"removed: median {med:+.2f} points ({spread}; range {float(rise.min()):+.2f} to "
             f"{float(rise.max()):+.2f}) over {len(rest)} units; 'barely' read as at most {SMALL_CHANGE:g} points."
             ] + training_caveat(baseline)
+
+
+def _paired_median_rise(intact: np.ndarray, lesioned: list, replicates: int, seed: int) -> tuple:
+    """95% interval of the median over units of (error with the unit removed - intact error), in
+    points, redrawing the test images with replacement (the same redraw for every network)."""
+    n = len(intact)
+    wrong = np.stack([~np.asarray(c, bool) for c in lesioned]).astype(float)        # [units, images]
+    base = (~np.asarray(intact, bool)).astype(float)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(float)  # [replicates, images]
+    rises = 100.0 * (counts @ (wrong - base).T) / n                                   # [replicates, units]
+    med = np.median(rises, axis=1)
+    return float(np.percentile(med, 2.5)), float(np.percentile(med, 97.5))
