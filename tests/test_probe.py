@@ -242,7 +242,8 @@ def test_report_identity_leads_with_the_finding_checked_by_autograd():
     res, rep, text = _report(ProbeConfig(model="resnet20", batch_size=4, seed=2, progress=False))
     lines = text.splitlines()
     assert lines[0].startswith("resnet20") and lines[1].startswith("finding: ")
-    assert text.count("by construction") == 2 and lines[2].startswith("by construction: ")  # said once, + its label
+    assert text.count("by construction") == 1 and lines[2].startswith("by construction: ")  # said once
+    assert "eq. (5)/(8) for the direct term" not in text and "\n  direct " not in text     # not again below
     assert not any(n in text for n in NEVER), text
     v = rep["variants"][0]
     assert v["equation"] == "eq. (5) at 7 of 9 units"

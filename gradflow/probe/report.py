@@ -173,8 +173,9 @@ def _stage_verdict(row: dict, split: bool) -> str:
 
 def _fit_words(fit: dict, meanfield: bool = False) -> str:
     best = fit.get("better")
+    span = f" over units {fit['units'][0]}..{fit['units'][1]}" if fit.get("units") else ""   # every input of this shape
     if best is None:
-        return f"shape: {fit['why']}"
+        return f"shape{span}: {fit['why']}"
     f = fit[best]
     ok = math.isfinite(f.get("ci_low", float("nan")))
     if best == "exponential":
@@ -184,7 +185,7 @@ def _fit_words(fit: dict, meanfield: bool = False) -> str:
         ci = f" (95% CI {f['ci_low']:+.3g}..{f['ci_high']:+.3g}, bootstrap over samples)" if ok else ""
     what = (f"x{math.exp(f['slope']):.4g} per unit toward the input{ci}" if best == "exponential" else
             f"exponent {f['slope']:+.3g} of Var(x_l){ci}" + (", against mean field's -0.5" if meanfield else ""))
-    return f"fits {'an' if best == 'exponential' else 'a'} {best} ({fit['why']}): {what}"
+    return f"{span.strip() + ' it ' if span else ''}fits {'an' if best == 'exponential' else 'a'} {best} ({fit['why']}): {what}"
 
 
 def _dev(pred: float, meas: float) -> str:
@@ -232,7 +233,7 @@ def finding(units: pd.DataFrame, stages: Optional[list[dict]] = None, at_init: b
     nproj = int(df["reshapes"].sum())
     if within and all(c > 0 and abs(math.log(c)) <= 1e-3 for c in within) and nproj:
         direct_txt = (f"the direct term {_grows(d)}, all of it at the {nproj} projection shortcut"
-                      f"{'s' * (nproj != 1)} (it is constant within every stage)")
+                      f"{'s' * (nproj != 1)}")
     else:
         direct_txt = f"the direct term {_grows(d)}"
     out["text"] = (f"{when}{total_txt}, while {direct_txt}. The direct term's share of "
@@ -341,7 +342,7 @@ def verdicts(summary: dict, units: pd.DataFrame, analysis: Optional[dict] = None
                           f"{max(d['max_ratio'] for d in deg):.3g} and would set the batch mean, so the "
                           "headline is the ratio of batch medians")
     elif n:
-        out["samples"] = f"no sample of {n} has a degenerate ||dE/dx_L|| (all within 1e-3 of the median)"
+        out["samples"] = f"no sample of {n} has a degenerate ||dE/dx_L|| (each at least 1e-3 x the batch median)"
     v = summary.get("variance") if summary else None
     if v:
         r2 = f"R^2 linear {v['linear']['r2']:.3f}, exponential {v['log']['r2']:.3f}"

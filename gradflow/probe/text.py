@@ -29,7 +29,8 @@ def _single_lines(v: dict) -> tuple[list[str], list[str]]:
         lead.append(f"by construction: {v['by_construction']}")
     if "samples" in v["verdicts"]:
         lead.append(f"samples: {v['verdicts']['samples']}")
-    lines = [f"eq. (5)/(8) for the direct term: {v['equation']}",
+    said = bool(v.get("by_construction"))       # the exact eq. (5)/(8) agreement: said once, above
+    lines = ([] if said else [f"eq. (5)/(8) for the direct term: {v['equation']}"]) + [
              "ratios: ||dE/dx_l|| / ||dE/dx_L||, ratio of batch medians; share: ||direct|| / ||dE/dx_l||; "
              "gsc: gradient scale coefficient",
              f"{'stage':<6}{'units':<10}{'x shape':<11}{'total first->last':<22}{'growth':>9}  "
@@ -47,7 +48,7 @@ def _single_lines(v: dict) -> tuple[list[str], list[str]]:
             lines.append(f"      unit {p['unit']} projects {p['from_shape']} -> {p['to_shape']}{dc}")
         lines.append(f"      {r['verdict']}")
     lines.append("network:")
-    lines += [f"  {k:<12}{t}" for k, t in v["verdicts"].items() if k != "samples"]
+    lines += [f"  {k:<12}{t}" for k, t in v["verdicts"].items() if k != "samples" and not (said and k == "direct")]
     return lead, lines
 
 
