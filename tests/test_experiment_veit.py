@@ -100,3 +100,18 @@ def test_a_network_far_from_trained_is_not_called_a_replication():
     single = pd.DataFrame({"unit": range(3), "removable": True, "downsampling": False, "error": [57.0, 56.5, 58.0]})
     assert "far from trained (56.2% test error" in lesion_lines(single, 56.2, "resnet110", "400 iterations")[-1]
     assert len(lesion_lines(single.assign(error=[7.0, 6.9, 7.2]), 6.6, "resnet110", "64k iterations")) == 1
+
+
+def test_fig6c_verdict_on_a_coarse_grid_says_what_the_grid_cannot_tell():
+    n = 54
+    exact = pd.DataFrame({"unit": 0, "k": np.arange(n + 1), "proj": np.r_[1.0, np.zeros(n)]})
+    # the total spread evenly over k = 10..22: at full resolution 90% needs k up to 21 or 22, inside
+    # the bulk (20-34) -> does NOT appear; sampled every 6th length only 12 and 18 carry it
+    flat = _sampled(n, lambda k: np.where((k >= 10) & (k <= 22), 1.0, 1e-30) /
+                    np.array([math.comb(n, int(j)) for j in k], float))
+    assert "does NOT appear" in path_lines(exact, flat, n, 1000, "trained")[1]
+    coarse = flat[flat["k"] % 6 == 0]
+    line = path_lines(exact, coarse, n, 1000, "trained")[1]
+    assert "is not established at this resolution" in line and "upper end lies in 18-23" in line
+    fast = _sampled(n, lambda k: 10.0 ** (-3.0 * k))            # all at k = 0: below the bulk on any grid
+    assert " appears" in path_lines(exact, fast[fast["k"] % 6 == 0], n, 1000, "trained")[1]
