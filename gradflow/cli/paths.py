@@ -166,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"{info['config']['seed']}), then create_model({info['model']!r}, **{info['options']}), "
                          f"as its trainer built it), {images}",
                          None, None))
+        from gradflow.experiments.veit import lesion_lines, path_lines
         for model, name, made, trained, error in nets:
             exact = path_components(model, x, y=y).table
             n = int(exact["n_units"].max())
@@ -176,7 +177,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             numbers = (f"exact: 90% of sum_k ||g^(k)|| on k = {r['lo']}-{r['hi']} (peak {r['peak']}, "
                        f"{100 * r['path_share']:.3g}% of all paths); Veit's estimate: k = {rv['lo']}-{rv['hi']} "
                        f"(peak {rv['peak']}, {100 * rv['path_share']:.3g}% of paths)")
-            from gradflow.experiments.veit import lesion_lines, path_lines
             findings = path_lines(exact, sampled, n, args.samples, trained, error)
             tag = f"paths_{name}"
             save(path_length_distribution({name: n}), f"{tag}_length_distribution",

@@ -150,5 +150,5 @@ def _paired_median_rise(intact: np.ndarray, lesioned: list, replicates: int, see
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(float)  # [replicates, images]
     rises = 100.0 * (counts @ (wrong - base).T) / n                                   # [replicates, units]
-    med = np.median(rises, axis=1)
-    return float(np.percentile(med, 2.5)), float(np.percentile(med, 97.5))
+    from gradflow.experiments.stats import percentile_interval
+    return percentile_interval(np.median(rises, axis=1))
